@@ -1,0 +1,132 @@
+"""Every artifact of the pipeline, declared once.
+
+Tables are Parquet files written and read only through :mod:`stages.io.tables`; the attention
+store is a Zarr v3 group written and read only through :mod:`stages.io.attention`. Each file
+carries ``SCHEMA_VERSION`` (Parquet: schema metadata ``aas.schema_version``; Zarr: attribute
+``schema_version``) and readers refuse a file of another version.
+
+Conventions used by all artifacts:
+- ``image_id`` is always a string (COCO's integer ids are written as decimal text); evaluators map
+  it back to the ground truth's own id.
+- Pixel coordinates are ``(x, y)`` with x to the right and y down, in pixels of the original image,
+  the centre of the top-left pixel at (0.5, 0.5) as in COCO; SAM point prompts use the same frame.
+- Character spans are ``[start, end)`` offsets into the stored ``answer`` string (Python str
+  indices, i.e. code points).
+- An ``error`` column is null on a good row and holds a human-readable reason on an error row; an
+  error row keeps ``image_id`` so that nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+VERSION_KEY = b"aas.schema_version"
+ARTIFACT_KEY = b"aas.artifact"
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={VERSION_KEY: SCHEMA_VERSION.encode(), ARTIFACT_KEY: name.encode()})
+
+
+MANIFEST = _schema(
+    "manifest",
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        # Path of the image file as the stages open it (absolute, or relative to the run's folder).
+        pa.field("file", pa.string(), nullable=False),
+        # Size read from the image header; null when the image cannot be read (see error).
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("error", pa.string()),
+    ],
+)
+
+GENERATIONS = _schema(
+    "generations",
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("answer", pa.string()),
+        # Generated token ids g_0..g_{T-1}, including a final end-of-sequence token when emitted.
+        pa.field("token_ids", pa.list_(pa.int32())),
+        # Character span [start, end) of each token in `answer` (empty span for special tokens).
+        pa.field("token_starts", pa.list_(pa.int32())),
+        pa.field("token_ends", pa.list_(pa.int32())),
+        pa.field("token_special", pa.list_(pa.bool_())),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        # Token j's attention row is attention/rows[row_offset + j] (rows of one image are contiguous).
+        pa.field("row_offset", pa.int64(), nullable=False),
+        # Feature grid (rows x columns) the attention rows are laid on.
+        pa.field("grid_h", pa.int32()),
+        pa.field("grid_w", pa.int32()),
+        # "eos" (end-of-sequence emitted), "length" (max_new_tokens reached) or "error".
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ],
+)
+
+PHRASES = _schema(
+    "phrases",
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        # 0-based index of the noun chunk in the answer; null on an error row.
+        pa.field("phrase_index", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("root", pa.string()),
+        pa.field("root_start", pa.int32()),
+        pa.field("root_end", pa.int32()),
+        pa.field("chunk_start", pa.int32()),
+        pa.field("chunk_end", pa.int32()),
+        # Indices j of the generated tokens g_j grounding this phrase (into the generation's tokens).
+        pa.field("token_indices", pa.list_(pa.int32())),
+        # Matched ground-truth category (instance segmentation only; null otherwise).
+        pa.field("category_id", pa.int64()),
+        pa.field("category_name", pa.string()),
+        pa.field("category_score", pa.float32()),
+        pa.field("error", pa.string()),
+    ],
+)
+
+MASKS = _schema(
+    "masks",
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("phrase_index", pa.int32()),
+        # Which of SAM's multimask outputs (0, 1, 2) this is.
+        pa.field("mask_index", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("category_id", pa.int64()),
+        # SAM's predicted IoU for this mask.
+        pa.field("score", pa.float32()),
+        # Point prompt in original-image pixels (x right, y down).
+        pa.field("point_x", pa.float32()),
+        pa.field("point_y", pa.float32()),
+        # COCO compressed RLE: counts as text, size = [height, width].
+        pa.field("rle_counts", pa.string()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("area", pa.int64()),
+        pa.field("error", pa.string()),
+    ],
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "manifest": MANIFEST,
+    "generations": GENERATIONS,
+    "phrases": PHRASES,
+    "masks": MASKS,
+}
+
+# Attention store: one Zarr v3 group per shard, `attention/shard-K.zarr`.
+ATTENTION_ARRAY = "rows"
+# Array `rows`: float16, shape (total_tokens_of_shard, grid_h, grid_w), dimension names below;
+# chunked and sharded along the token axis only. Row r is the attention of the query that emitted
+# one generated token over the image tokens, reduced over the chosen layers and heads (raw softmax
+# probabilities: a row sums to at most 1; no normalisation is applied).
+ATTENTION_DIMENSIONS = ("token", "y", "x")
+ATTENTION_DTYPE = "float16"
+# Group attributes: schema_version, artifact="attention", model (id or path), grid [h, w],
+# reduction {"layers": "all" | [int], "heads": "all" | [int], "statistic": "mean"}.
+ATTENTION_ATTRS = ("schema_version", "artifact", "model", "grid", "reduction")

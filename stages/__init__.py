@@ -1,0 +1,1 @@
+"""Attend-and-segment pipeline stages: importable computations called by the Snakemake rules."""

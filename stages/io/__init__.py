@@ -1,0 +1,1 @@
+"""The only readers and writers of pipeline artifacts (they enforce :mod:`schemas.artifacts`)."""

@@ -1,0 +1,82 @@
+"""Parquet tables of the pipeline (manifest, generations, phrases, masks).
+
+Every table is written with the pyarrow schema declared in :mod:`schemas.artifacts`, which carries
+the schema version; readers check the artifact name and the version before returning a DataFrame.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.artifacts import ARTIFACT_KEY, SCHEMA_VERSION, TABLES, VERSION_KEY
+from stages.io.atomic import atomic_path
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, of another schema version, or not the artifact it claims to be."""
+
+
+def schema_of(artifact: str) -> pa.Schema:
+    try:
+        return TABLES[artifact]
+    except KeyError:
+        raise ArtifactError(f"unknown artifact {artifact!r}; known: {sorted(TABLES)}") from None
+
+
+def to_arrow(rows: Iterable[Mapping[str, Any]], artifact: str) -> pa.Table:
+    """Build a table of ``artifact``'s schema from dict rows (missing keys become null)."""
+    schema = schema_of(artifact)
+    return pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
+
+
+def write_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, path: str | os.PathLike,
+                artifact: str) -> pa.Table:
+    """Write ``rows`` as ``artifact`` to ``path`` atomically and return the table written."""
+    schema = schema_of(artifact)
+    if isinstance(rows, pa.Table):
+        table = rows.select(schema.names).cast(schema)
+    elif isinstance(rows, pd.DataFrame):
+        table = pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
+    else:
+        table = to_arrow(rows, artifact)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return table
+
+
+def read_arrow(path: str | os.PathLike, artifact: str) -> pa.Table:
+    """Read ``artifact`` from ``path``, checking its name and schema version."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{artifact} file not found: {path}")
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    found = meta.get(ARTIFACT_KEY, b"").decode()
+    version = meta.get(VERSION_KEY, b"").decode()
+    if found != artifact:
+        raise ArtifactError(f"{path} holds artifact {found or '(none)'!r}, expected {artifact!r}")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema version {version or '(none)'}, this code reads version {SCHEMA_VERSION}; "
+            "rerun the stage that wrote it")
+    return table.cast(schema_of(artifact))
+
+
+def read_table(path: str | os.PathLike, artifact: str) -> pd.DataFrame:
+    """Read ``artifact`` from ``path`` into a DataFrame (list columns become numpy arrays)."""
+    return read_arrow(path, artifact).to_pandas()
+
+
+def read_tables(paths: Iterable[str | os.PathLike], artifact: str) -> pd.DataFrame:
+    """Concatenate ``artifact`` tables from several shards, in the order given."""
+    tables = [read_arrow(p, artifact) for p in paths]
+    if not tables:
+        return schema_of(artifact).empty_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
