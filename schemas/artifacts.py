@@ -8,8 +8,9 @@ carries ``SCHEMA_VERSION`` (Parquet: schema metadata ``aas.schema_version``; Zar
 Conventions used by all artifacts:
 - ``image_id`` is always a string (COCO's integer ids are written as decimal text); evaluators map
   it back to the ground truth's own id.
-- Pixel coordinates are ``(x, y)`` with x to the right and y down, in pixels of the original image,
-  the centre of the top-left pixel at (0.5, 0.5) as in COCO; SAM point prompts use the same frame.
+- Points are ``(x, y)`` = (column index, row index) of a pixel of the original image, x to the right
+  and y down, integer-valued, exactly what is passed to SAM's ``apply_coords`` (as the release does).
+  A point lies in a mask when ``mask[int(y), int(x)]`` is set.
 - Character spans are ``[start, end)`` offsets into the stored ``answer`` string (Python str
   indices, i.e. code points).
 - An ``error`` column is null on a good row and holds a human-readable reason on an error row; an
@@ -100,7 +101,7 @@ MASKS = _schema(
         pa.field("category_id", pa.int64()),
         # SAM's predicted IoU for this mask.
         pa.field("score", pa.float32()),
-        # Point prompt in original-image pixels (x right, y down).
+        # Point prompt: (column, row) of the chosen pixel of the original image.
         pa.field("point_x", pa.float32()),
         pa.field("point_y", pa.float32()),
         # COCO compressed RLE: counts as text, size = [height, width].

@@ -1,0 +1,94 @@
+"""Stage `manifest`: one row per image of a data set, with its size and its shard.
+
+The image list and its order come from :func:`stages.datasets.list_images`; image ``i`` of that
+order goes to shard ``i % shards``, so the split is deterministic and the shards differ in size by at
+most one image. Sizes are read from the image headers (no pixel decoding). An image that cannot be
+used (listed in the ground truth but missing, unreadable, empty, more than ``max_pixels`` pixels)
+becomes a row with an ``error`` and keeps its shard; a header size that differs from the size the
+ground truth declares is logged as a warning only (the header is what the pixels are).
+
+CLI::
+
+    python -m stages.manifest --config config.yaml --dataset toy_gcg --out manifest.parquet [--shards N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+from stages.config import ConfigError
+from stages.datasets import DatasetConfig, ImageEntry, dataset_config, list_images
+from stages.io.images import ImageError, image_size
+from stages.io.tables import write_table
+
+log = logging.getLogger(__name__)
+
+
+def _ground_truth_files(cfg: DatasetConfig) -> str:
+    files = [f for f in (cfg.instances, cfg.mask_gt, cfg.caption_gt) if f]
+    return ", ".join(files)
+
+
+def manifest_row(entry: ImageEntry, shard: int, cfg: DatasetConfig) -> dict[str, Any]:
+    """The manifest row of one image (see :data:`schemas.artifacts.MANIFEST`)."""
+    row: dict[str, Any] = {"image_id": entry.image_id, "file": str(entry.file), "width": None,
+                           "height": None, "shard": shard, "error": None}
+    if cfg.task != "images" and not entry.file.exists():
+        row["error"] = f"image listed in {_ground_truth_files(cfg)} not found on disk: {entry.file}"
+        return row
+    try:
+        width, height = image_size(entry.file)
+    except ImageError as exc:
+        row["error"] = str(exc)
+        return row
+    row["width"], row["height"] = width, height
+    if width < 1 or height < 1:
+        row["error"] = f"image has zero size {width} x {height}"
+    elif width * height > cfg.max_pixels:
+        row["error"] = (f"image has {width} x {height} = {width * height} pixels, "
+                        f"above max_pixels={cfg.max_pixels}")
+    elif entry.width is not None and (entry.width, entry.height) != (width, height):
+        log.warning("%s: image %s is %d x %d in its header but %d x %d in the ground truth; using the header",
+                    cfg.name, entry.file, width, height, entry.width, entry.height)
+    return row
+
+
+def run(dataset_cfg: DatasetConfig, shards: int, manifest_path: str | os.PathLike) -> pa.Table:
+    """Write the manifest of ``dataset_cfg`` to ``manifest_path`` and return the table written.
+
+    ``shards`` (>= 1) is the number of shards; row order is the data set's image order.
+    """
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ConfigError(f"shards must be a positive integer, got {shards!r}")
+    rows = [manifest_row(entry, position % shards, dataset_cfg)
+            for position, entry in enumerate(list_images(dataset_cfg))]
+    failed = sum(row["error"] is not None for row in rows)
+    log.info("%s: %d images in %d shards, %d error rows", dataset_cfg.name, len(rows), shards, failed)
+    return write_table(rows, manifest_path, "manifest")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.manifest", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="the pipeline's config.yaml")
+    parser.add_argument("--dataset", required=True, help="name of the data set in the config's `datasets`")
+    parser.add_argument("--out", required=True, type=Path, help="manifest Parquet file to write")
+    parser.add_argument("--shards", type=int, help="number of shards (default: the config's `shards`)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    datasets = config.get("datasets") or {}
+    if args.dataset not in datasets:
+        raise SystemExit(f"data set {args.dataset!r} is not in {args.config}; known: {sorted(datasets)}")
+    shards = args.shards if args.shards is not None else config.get("shards", 1)
+    run(dataset_config(args.dataset, datasets[args.dataset]), shards, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""What every workflow job does around its stage: logging into the rule's log file, thread limits."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def stage_logging(log_path: str | os.PathLike, *, threads: int = 1) -> Iterator[logging.Logger]:
+    """Send logging, warnings, stdout and stderr (progress bars) of the job to ``log_path``;
+    limit torch's intra-op threads to the job's ``threads``. A failure is logged with its traceback
+    before it propagates, so the log file always says why a job failed."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", buffering=1) as stream, contextlib.redirect_stderr(stream), \
+            contextlib.redirect_stdout(stream):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        logger = logging.getLogger("stage")
+        try:
+            yield logger
+        except BaseException:
+            logger.exception("stage failed")
+            raise
+        finally:
+            root.removeHandler(handler)
+            logging.captureWarnings(False)
+    if sys.stderr is not None:
+        sys.stderr.flush()

@@ -1,0 +1,393 @@
+"""Segment stage (GPU when present): each phrase's attention map becomes a SAM prompt, then a mask.
+
+Per image (REFERENCE.md section 3):
+
+1. rows ``A``: float32 ``(T, h, w)``, the attention rows of the image's T generated tokens, read
+   from the shard's attention store at ``row_offset .. row_offset + T``;
+2. ``A - mean_t A[t]``: the mean row over every generated token with finite values is subtracted
+   (this removes the attention sinks shared by all tokens);
+3. each phrase's rows (its ``token_indices``) are pooled into one ``(h, w)`` map, mean or max;
+4. optionally (``remove_corner``) the four corner cells are set to that map's minimum;
+5. the map is upsampled bicubically (``align_corners=False``) to the image: ``pad`` upsamples to
+   ``(L, L)`` with ``L = max(H, W)`` and keeps the centre ``H x W`` (rows from ``(L - H) // 2``,
+   columns from ``(L - W) // 2``, where LLaVA's pad-to-square put the image); ``original`` upsamples
+   straight to ``(H, W)``;
+6. SAM is prompted, one ``set_image`` and one ``predict_torch`` call for all phrases of the image:
+   ``point``: the first argmax pixel (row ``r``, column ``c``) as a positive point; or ``mask``:
+   the map as low-resolution mask logits plus a box.
+
+Point convention (:mod:`schemas.artifacts`): a point is the pixel index ``(x, y) = (c, r)`` (column,
+row) in the original image, integer-valued. That is what SAM receives (through
+``apply_coords_torch``; SAM's prompt encoder itself adds 0.5 to reach the pixel centre), as in the
+release, and what the MASKS table stores in ``point_x`` / ``point_y``.
+
+Output: the shard's MASKS table; COCO compressed RLE of each mask, SAM's predicted IoU as score.
+Error rows (``error`` set, ``image_id`` kept) for phrase or generation error rows, an unreadable image,
+attention rows with NaN/inf (a phrase using such a row; or every row of the image), a phrase with no
+tokens, and any other failure of one image: the shard always completes. A mask SAM predicts empty
+keeps all its fields (RLE, score, point) but is marked as an error row, so that evaluators skip it
+as the release does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.config import ConfigError, from_mapping
+from stages.io.attention import open_attention, read_rows
+from stages.io.images import ImageError, load_rgb_array
+from stages.io.tables import read_arrow, write_table
+
+if TYPE_CHECKING:
+    import zarr
+    from segment_anything import SamPredictor
+
+log = logging.getLogger(__name__)
+
+POOLS = ("mean", "max")
+UPSAMPLES = ("pad", "original")
+PROMPTS = ("point", "mask")
+# Probabilities are clipped to [eps, 1 - eps] before the inverse sigmoid (logits within +-6.9).
+MASK_PROMPT_EPS = 1e-3
+# Mask index kept by default: the last of SAM's three multimask outputs.
+DEFAULT_MASK_INDEX = 2
+# An empty mask is no prediction (the release skips it); its row keeps every field but is an error row.
+EMPTY_MASK_ERROR = "SAM predicted an empty mask"
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """The ``segment`` config section (see the module docstring for each step)."""
+
+    pool: str = "mean"
+    upsample: str = "pad"
+    remove_corner: bool = False
+    prompt: str = "point"
+    more_masks: bool = False
+    mask_temperature: float = 0.0002
+    box_thresh: float = 0.75
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("pool", POOLS), ("upsample", UPSAMPLES), ("prompt", PROMPTS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"segment.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not self.mask_temperature > 0:
+            raise ConfigError(f"segment.mask_temperature must be > 0, got {self.mask_temperature}")
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """The ``sam`` config section: architecture ``type`` (vit_h | vit_l | vit_b | tiny) and weights."""
+
+    type: str = "tiny"
+    checkpoint: str = "results/models/toy-sam.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention maps
+
+
+def centre_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subtract the mean of the finite rows from every row.
+
+    ``rows``: float32 ``(T, h, w)``. Returns ``(centred (T, h, w), finite (T,) bool)``, where a row
+    is finite when all its values are; non-finite rows take no part in the mean (their centred
+    values are meaningless and must not be used). With no finite row every centred value is NaN.
+    """
+    finite = torch.isfinite(rows).flatten(1).all(dim=1)
+    return rows - rows[finite].mean(dim=0), finite
+
+
+def pool_phrase(centred: torch.Tensor, token_indices: Sequence[int], pool: str) -> torch.Tensor:
+    """One phrase's map ``(h, w)``: the mean or max over its tokens' centred rows ``centred[j]``."""
+    selected = centred[list(token_indices)]
+    return selected.mean(dim=0) if pool == "mean" else selected.amax(dim=0)
+
+
+def remove_corners(phrase_map: torch.Tensor) -> torch.Tensor:
+    """A copy of ``phrase_map`` ``(h, w)`` with its four corner cells set to the map's minimum."""
+    out = phrase_map.clone()
+    out[[0, 0, -1, -1], [0, -1, 0, -1]] = phrase_map.min()
+    return out
+
+
+def upsample_map(phrase_map: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    """Bicubic upsampling of ``phrase_map`` ``(h, w)`` to the image, float32 ``(height, width)``.
+
+    ``pad``: the map covers the image padded to a centred ``L x L`` square (``L = max(height,
+    width)``); it is upsampled to ``(L, L)`` and the image's ``height x width`` window is cut out
+    (top row ``(L - height) // 2``, left column ``(L - width) // 2``). ``original``: upsampled
+    straight to ``(height, width)``. One map at a time, so memory peaks at ``L * L`` floats.
+    """
+    grid = phrase_map[None, None]
+    if mode == "original":
+        return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)[0, 0]
+    return square[top:top + height, left:left + width].contiguous()
+
+
+def argmax_pixel(image_map: torch.Tensor) -> tuple[int, int]:
+    """``(column, row)`` of the first maximum of ``image_map`` ``(H, W)`` in row-major order."""
+    flat_index = int(torch.argmax(image_map.flatten()))
+    return flat_index % image_map.shape[1], flat_index // image_map.shape[1]
+
+
+def mask_prompt(image_map: torch.Tensor, temperature: float, box_thresh: float,
+                mask_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM mask-prompt inputs from an upsampled map ``(H, W)`` in original-image pixels.
+
+    Returns ``(logits, box)``:
+    - ``logits`` float32 ``(mask_size, mask_size)``: ``logit(clip(map / temperature, eps, 1 - eps))``
+      resized bicubically to SAM's low-resolution frame (long side ``mask_size``, the short side
+      rounded as SAM's ``ResizeLongestSide``), then padded with 0 on the right/bottom (the release
+      pads with logit 0 too);
+    - ``box`` float32 ``(4,)`` XYXY in original-image pixel edges, ``[x0, y0, x1, y1)``: the bounding
+      box of the pixels where ``map / temperature > box_thresh`` (the release's absolute threshold on
+      the tempered map); the whole image when no pixel passes (the release would give a degenerate
+      [0, 0, 0, 0] box there).
+    """
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    height, width = image_map.shape
+    probabilities = (image_map / temperature).clamp(MASK_PROMPT_EPS, 1 - MASK_PROMPT_EPS)
+    logits = torch.log(probabilities / (1 - probabilities))
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, mask_size)
+    logits = F.interpolate(logits[None, None], size=(new_h, new_w), mode="bicubic", align_corners=False)[0, 0]
+    logits = F.pad(logits, (0, mask_size - new_w, 0, mask_size - new_h), value=0.0)
+
+    ys, xs = torch.nonzero(image_map / temperature > box_thresh, as_tuple=True)
+    if len(ys):
+        box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    else:
+        box = torch.tensor([0, 0, width, height], device=image_map.device)
+    return logits, box.float()
+
+
+def encode_rle(mask: np.ndarray) -> tuple[str, int]:
+    """COCO compressed RLE of a bool/uint8 ``(H, W)`` mask: ``(counts as text, area in pixels)``."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return rle["counts"].decode("ascii"), int(mask_utils.area(rle))
+
+
+# ---------------------------------------------------------------------------------------------
+# One image
+
+
+class ImageFailure(Exception):
+    """The whole image cannot be segmented; the message is the error row's reason."""
+
+
+def _error_row(image_id: str, reason: str, phrase: dict[str, Any] | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {"image_id": image_id, "error": reason}
+    if phrase is not None:
+        row.update(text=phrase["text"], category_id=phrase["category_id"])
+    return row
+
+
+def _phrase_problem(token_indices: Sequence[int] | None, finite: torch.Tensor) -> str | None:
+    if not token_indices:
+        return "phrase has no tokens"
+    out_of_range = [j for j in token_indices if not 0 <= j < len(finite)]
+    if out_of_range:
+        return f"token indices {out_of_range} outside the generation's {len(finite)} tokens"
+    non_finite = [j for j in token_indices if not bool(finite[j])]
+    if non_finite:
+        return f"attention rows of tokens {non_finite} hold NaN/inf"
+    return None
+
+
+def segment_image(cfg: SegmentConfig, predictor: SamPredictor, generation: dict[str, Any],
+                  phrases: list[dict[str, Any]], image_file: str, attention: zarr.Array,
+                  device: torch.device) -> list[dict[str, Any]]:
+    """MASKS rows of one image, in the order of its ``phrases`` (PHRASES rows as dicts).
+
+    A phrase error row, a phrase without tokens or one using a non-finite attention row gives an
+    error row; every other phrase gives one mask row (three with ``more_masks``). Raises
+    :class:`ImageFailure` when nothing of the image can be segmented.
+
+    Memory: one upsampled map (float32, at most ``max(H, W)**2``) at a time, then SAM's masks of
+    all phrases at once (bool ``(P, 3, H, W)``, as ``predict_torch`` returns them).
+    """
+    image_id = generation["image_id"]
+    num_tokens = generation["num_tokens"]
+    rows_np = read_rows(attention, generation["row_offset"], num_tokens)
+    if rows_np.shape[0] != num_tokens:
+        raise ImageFailure(f"attention store holds {rows_np.shape[0]} rows at offset "
+                           f"{generation['row_offset']}, expected {num_tokens}")
+    grid = (generation["grid_h"], generation["grid_w"])
+    if None not in grid and tuple(rows_np.shape[1:]) != grid:
+        raise ImageFailure(f"attention rows are laid on {tuple(rows_np.shape[1:])}, "
+                           f"the generation says {grid}")
+    centred, finite = centre_rows(torch.from_numpy(rows_np).to(device))
+    finite = finite.cpu()
+    if not bool(finite.any()):
+        raise ImageFailure("every attention row of the image holds NaN/inf")
+
+    rows_of_phrase: list[list[dict[str, Any]]] = [[] for _ in phrases]
+    usable = []
+    for position, phrase in enumerate(phrases):
+        problem = phrase["error"] or _phrase_problem(phrase["token_indices"], finite)
+        if problem is None:
+            usable.append(position)
+        else:
+            rows_of_phrase[position].append(_error_row(image_id, problem, phrase))
+    if not usable:
+        return [row for rows in rows_of_phrase for row in rows]
+
+    try:
+        image = load_rgb_array(image_file)
+    except ImageError as exc:
+        raise ImageFailure(str(exc)) from None
+    height, width = image.shape[:2]
+
+    points, mask_logits, boxes = [], [], []
+    for position in usable:
+        phrase = phrases[position]
+        phrase_map = pool_phrase(centred, phrase["token_indices"], cfg.pool)
+        if cfg.remove_corner:
+            phrase_map = remove_corners(phrase_map)
+        image_map = upsample_map(phrase_map, height, width, cfg.upsample)
+        if cfg.prompt == "point":
+            points.append(argmax_pixel(image_map))
+        else:
+            size = predictor.model.prompt_encoder.mask_input_size[0]
+            logits, box = mask_prompt(image_map, cfg.mask_temperature, cfg.box_thresh, size)
+            mask_logits.append(logits)
+            boxes.append(box)
+        del image_map  # free it before the next phrase's map is computed
+
+    predictor.set_image(image)
+    original_size = (height, width)
+    if cfg.prompt == "point":
+        coords = torch.tensor(points, dtype=torch.float32, device=device)[:, None, :]
+        masks, scores, _ = predictor.predict_torch(
+            point_coords=predictor.transform.apply_coords_torch(coords, original_size),
+            point_labels=torch.ones((len(points), 1), dtype=torch.int64, device=device),
+            multimask_output=True)
+    else:
+        masks, scores, _ = predictor.predict_torch(
+            point_coords=None, point_labels=None,
+            boxes=predictor.transform.apply_boxes_torch(torch.stack(boxes), original_size),
+            mask_input=torch.stack(mask_logits)[:, None], multimask_output=True)
+    mask_indices = list(range(masks.shape[1])) if cfg.more_masks else [DEFAULT_MASK_INDEX]
+    masks = masks[:, mask_indices].cpu().numpy()
+    scores = scores[:, mask_indices].float().cpu().numpy()
+
+    for p, position in enumerate(usable):
+        phrase = phrases[position]
+        point_x, point_y = points[p] if cfg.prompt == "point" else (None, None)
+        for k, mask_index in enumerate(mask_indices):
+            counts, area = encode_rle(masks[p, k])
+            rows_of_phrase[position].append({
+                "image_id": image_id, "phrase_index": phrase["phrase_index"], "mask_index": mask_index,
+                "text": phrase["text"], "category_id": phrase["category_id"], "score": float(scores[p, k]),
+                "point_x": point_x, "point_y": point_y, "rle_counts": counts, "height": height,
+                "width": width, "area": area, "error": EMPTY_MASK_ERROR if area == 0 else None})
+    return [row for rows in rows_of_phrase for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _generation_error(generation: dict[str, Any]) -> str | None:
+    if generation["error"] is not None or generation["finish_reason"] == "error":
+        return f"generation failed: {generation['error'] or '(no reason recorded)'}"
+    return None
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike,
+        generations_path: str | os.PathLike, attention_path: str | os.PathLike,
+        phrases_path: str | os.PathLike, masks_path: str | os.PathLike,
+        device: str | torch.device | None = None) -> None:
+    """Write the MASKS table of one shard.
+
+    Images are taken in the generations table's order; each good phrase row gives one mask row
+    (three with ``more_masks``), each phrase error row one error row. An image with no phrase row
+    gets one error row (its generation error when it has one); a phrase row whose image is not in
+    the generations table gets an error row. SAM runs in float32 on ``device`` (default:
+    :func:`default_device`).
+    """
+    from segment_anything import SamPredictor
+
+    from stages.models.sam import load_sam
+
+    device = torch.device(device) if device is not None else default_device()
+    manifest = {m["image_id"]: m for m in read_arrow(manifest_path, "manifest").to_pylist()}
+    generations = read_arrow(generations_path, "generations").to_pylist()
+    phrases_by_image: dict[str, list[dict[str, Any]]] = {}
+    for phrase in read_arrow(phrases_path, "phrases").to_pylist():
+        phrases_by_image.setdefault(phrase["image_id"], []).append(phrase)
+    attention = open_attention(attention_path)
+    predictor = SamPredictor(load_sam(sam_cfg.type, sam_cfg.checkpoint, device))
+
+    out: list[dict[str, Any]] = []
+    for generation in generations:
+        image_id = generation["image_id"]
+        phrases = phrases_by_image.pop(image_id, [])
+        if not phrases:
+            reason = _generation_error(generation) or "image has no row in the phrases table"
+            out.append(_error_row(image_id, reason))
+            continue
+        propagated = [_error_row(image_id, p["error"], p) for p in phrases if p["error"] is not None]
+        if len(propagated) == len(phrases):
+            out.extend(propagated)
+            continue
+        try:
+            if image_id not in manifest:
+                raise ImageFailure("image not in the manifest")
+            image_file = manifest[image_id]["file"]
+            out.extend(segment_image(cfg, predictor, generation, phrases, image_file, attention, device))
+        except ImageFailure as exc:
+            out.extend([*propagated, _error_row(image_id, str(exc))])
+        except Exception as exc:  # one image's failure (e.g. out of memory) must not lose the shard
+            log.exception("segmenting image %s failed", image_id)
+            reason = f"segmentation failed: {type(exc).__name__}: {exc}"
+            out.extend([*propagated, _error_row(image_id, reason)])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for image_id, phrases in phrases_by_image.items():
+        out.append(_error_row(image_id, "image not in the generations table"))
+    write_table(out, masks_path, "masks")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m stages.segment --manifest M --generations G --attention A --phrases P --out O``."""
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m stages.segment", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="config.yaml", help="YAML config (sections `segment` and `sam`)")
+    parser.add_argument("--manifest", required=True, help="manifest table (Parquet)")
+    parser.add_argument("--generations", required=True, help="generations table of the shard (Parquet)")
+    parser.add_argument("--attention", required=True, help="attention store of the shard (Zarr)")
+    parser.add_argument("--phrases", required=True, help="phrases table of the shard (Parquet)")
+    parser.add_argument("--out", required=True, help="masks table to write (Parquet)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    cfg = from_mapping(SegmentConfig, config.get("segment"), where="segment")
+    sam_cfg = from_mapping(SamConfig, config.get("sam"), where="sam")
+    run(cfg, sam_cfg, args.manifest, args.generations, args.attention, args.phrases, args.out, args.device)
+
+
+if __name__ == "__main__":
+    main()

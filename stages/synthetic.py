@@ -1,0 +1,438 @@
+"""The embedded toy data set: coloured shapes on textured backgrounds, with masks and captions.
+
+Everything follows from ``SyntheticConfig.seed``: image ``i`` is drawn from the random generator
+``numpy.random.default_rng([seed, i])``, so an image does not depend on how many images are made.
+Three steps per image, each usable on its own:
+
+1. :func:`generate_scene` draws a :class:`Scene` (size, background, 1-4 objects of distinct
+   shape/colour pairs, in painter's order: later objects are drawn over earlier ones);
+2. :func:`render_scene` rasterises it into an RGB image and one *visible* mask per object (what is
+   left of the object after the objects drawn later cover it);
+3. :func:`describe_scene` writes a caption naming every object once, with its attributes and some
+   relations, and returns the phrase of each object exactly as it appears in the caption.
+
+:func:`run` writes the data set in both ground-truth layouts the pipeline reads::
+
+    out_dir/images/<id>.jpg                   id = "toy_000000", "toy_000001", ...
+    out_dir/instances.json                    COCO instances: integer image ids 1.., file_name "<id>.jpg",
+                                              one category per shape
+    out_dir/val_gcg_coco_mask_gt.json         GranD-f mask file: string image ids, category_id 1
+    out_dir/val_gcg_coco_caption_gt.json      GranD-f caption file: {image_id, caption, labels}
+
+Annotations of an image are in the scene's object order in both files, and ``labels[k]`` of the
+caption file is the phrase of the image's k-th mask annotation. Masks are COCO compressed RLE with
+``area`` and ``bbox`` ([x, y, w, h], pixels).
+
+Coordinates: x to the right, y down, in pixels, the centre of the top-left pixel at (0.5, 0.5) (COCO).
+
+CLI::
+
+    python -m stages.synthetic --config config.yaml --out results/synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+from stages.config import ConfigError, from_mapping
+from stages.io.atomic import atomic_path
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
+# Saturated object colours, all far from the muted background tones below.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 30, 35), "green": (35, 160, 55), "blue": (30, 70, 215), "yellow": (245, 210, 25),
+    "orange": (245, 125, 20), "purple": (130, 45, 170), "black": (20, 20, 20),
+}
+BACKGROUND_TONES: dict[str, tuple[int, int, int]] = {
+    "grey": (150, 150, 150), "beige": (210, 198, 172), "pale blue": (172, 190, 208),
+    "light grey": (196, 196, 196), "sand": (188, 172, 140),
+}
+BACKGROUND_KINDS = ("noise", "gradient")
+NOISE_STD = 10.0
+# Radius (half the object's extent) as a fraction of the image's shorter side.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.09, 0.12), "medium": (0.14, 0.18), "large": (0.21, 0.26)}
+SIZE_WORDS: dict[str, tuple[str, ...]] = {
+    "small": ("small", "tiny"), "medium": ("",), "large": ("large", "big"),
+}
+MAX_OBJECTS = 4
+# Every object keeps at least this share of its pixels, and this many pixels, visible.
+MIN_VISIBLE_FRACTION = 0.5
+MIN_VISIBLE_PIXELS = 24
+PLACEMENT_TRIES = 20
+ROTATION_RANGE = math.radians(20)
+JPEG_QUALITY = 95
+ID_PREFIX = "toy_"
+SPLIT = "val"
+# Smallest allowed image side: there the smallest shape still covers more than MIN_VISIBLE_PIXELS,
+# so the first object of a scene always fits and no scene is empty.
+MIN_SIDE = 48
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The config's ``synthetic`` section: ``num_images`` images whose sides lie in
+    ``image_size`` = [smallest, largest] pixels, all drawn from ``seed``."""
+
+    num_images: int = 6
+    seed: int = 0
+    image_size: tuple[int, int] = (96, 160)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
+            raise ConfigError(f"synthetic.num_images must be a positive integer, got {self.num_images!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"synthetic.seed must be a non-negative integer, got {self.seed!r}")
+        sizes = tuple(self.image_size)
+        if (len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes)
+                or not MIN_SIDE <= sizes[0] <= sizes[1]):
+            raise ConfigError(f"synthetic.image_size must be [min_side, max_side] with "
+                              f"{MIN_SIDE} <= min_side <= max_side, got {self.image_size!r}")
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: a shape of a named colour and size class, centred at (cx, cy) pixels, of radius
+    ``radius`` pixels (half its extent), rotated by ``rotation`` radians (clockwise on screen)."""
+
+    shape: str
+    colour: str
+    size: str
+    cx: float
+    cy: float
+    radius: float
+    rotation: float
+
+
+@dataclass(frozen=True)
+class Background:
+    """``noise``: tone ``tones[0]`` plus Gaussian noise drawn from ``noise_seed``; ``gradient``: a
+    linear blend from ``tones[0]`` to ``tones[1]`` along the direction ``angle`` (radians)."""
+
+    kind: str
+    tones: tuple[str, str]
+    angle: float
+    noise_seed: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    """An image to draw: size in pixels, background, objects in painter's order (back to front)."""
+
+    image_id: str
+    width: int
+    height: int
+    background: Background
+    objects: tuple[ShapeObject, ...]
+
+
+@dataclass(frozen=True)
+class SyntheticPaths:
+    """Where :func:`run` wrote the data set."""
+
+    images: Path
+    instances: Path
+    mask_gt: Path
+    caption_gt: Path
+
+
+def output_paths(out_dir: str | os.PathLike) -> SyntheticPaths:
+    """Where :func:`run` writes the data set under ``out_dir``."""
+    out_dir = Path(out_dir)
+    return SyntheticPaths(images=out_dir / "images", instances=out_dir / "instances.json",
+                          mask_gt=out_dir / f"{SPLIT}_gcg_coco_mask_gt.json",
+                          caption_gt=out_dir / f"{SPLIT}_gcg_coco_caption_gt.json")
+
+
+def image_id_of(index: int) -> str:
+    """String id of image ``index``: "toy_000000", "toy_000001", ..."""
+    return f"{ID_PREFIX}{index:06d}"
+
+
+def _unit_outline(shape: str) -> np.ndarray:
+    """Outline of ``shape`` of radius 1 centred at the origin, (n, 2) float (x, y), y down."""
+    if shape == "circle":
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        return np.stack([np.cos(t), np.sin(t)], axis=1)
+    if shape == "square":
+        return np.array([[-0.8, -0.8], [0.8, -0.8], [0.8, 0.8], [-0.8, 0.8]])
+    if shape == "triangle":
+        t = np.radians([-90, 30, 150])
+        return np.stack([np.cos(t), np.sin(t)], axis=1)
+    if shape == "star":
+        t = np.radians(-90 + 36 * np.arange(10))
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+    if shape == "cross":
+        a, b = 0.3, 0.9
+        return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a],
+                         [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]])
+    if shape == "heart":
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) - 2.5
+        return np.stack([x, y], axis=1) / 16.0
+    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def shape_polygon(obj: ShapeObject) -> np.ndarray:
+    """The object's outline in image pixels, (n, 2) float (x, y), COCO pixel convention."""
+    cos, sin = math.cos(obj.rotation), math.sin(obj.rotation)
+    rotation = np.array([[cos, sin], [-sin, cos]])
+    return _unit_outline(obj.shape) @ rotation * obj.radius + np.array([obj.cx, obj.cy])
+
+
+def shape_mask(obj: ShapeObject, width: int, height: int) -> np.ndarray:
+    """The object's full (unoccluded) mask, bool (height, width)."""
+    canvas = Image.new("L", (width, height), 0)
+    # PIL puts pixel centres at integer coordinates; COCO at +0.5.
+    vertices = [(float(x) - 0.5, float(y) - 0.5) for x, y in shape_polygon(obj)]
+    ImageDraw.Draw(canvas).polygon(vertices, fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def visible_masks(full_masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Visible part of each mask when drawn in list order (later masks cover earlier ones)."""
+    if not full_masks:
+        return []
+    owner = np.full(full_masks[0].shape, -1, dtype=np.int16)
+    for index, mask in enumerate(full_masks):
+        owner[mask] = index
+    return [owner == index for index in range(len(full_masks))]
+
+
+def _visible_enough(full_masks: list[np.ndarray]) -> bool:
+    for full, visible in zip(full_masks, visible_masks(full_masks)):
+        shown = int(visible.sum())
+        if shown < MIN_VISIBLE_PIXELS or shown < MIN_VISIBLE_FRACTION * int(full.sum()):
+            return False
+    return True
+
+
+def generate_scene(rng: np.random.Generator, image_id: str, min_side: int, max_side: int) -> Scene:
+    """Draw a scene: sides in [min_side, max_side] (not square when min_side < max_side), a noise
+    or gradient background, and 1-4 objects of distinct (shape, colour) pairs, each at least
+    half visible."""
+    width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+    if width == height and min_side < max_side:
+        height = height - 1 if height > min_side else height + 1
+    tone_names = list(BACKGROUND_TONES)
+    first, second = rng.choice(len(tone_names), size=2, replace=False)
+    background = Background(kind=str(rng.choice(BACKGROUND_KINDS)),
+                            tones=(tone_names[first], tone_names[second]),
+                            angle=float(rng.uniform(0, 2 * np.pi)),
+                            noise_seed=int(rng.integers(2**32)))
+
+    pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+    wanted = int(rng.integers(1, MAX_OBJECTS + 1))
+    chosen = rng.choice(len(pairs), size=wanted, replace=False)
+    short_side = min(width, height)
+    objects: list[ShapeObject] = []
+    full_masks: list[np.ndarray] = []
+    for pair_index in chosen:
+        shape, colour = pairs[pair_index]
+        size = str(rng.choice(list(SIZES)))
+        low, high = SIZES[size]
+        radius = float(rng.uniform(low, high)) * short_side
+        rotation = 0.0 if shape == "circle" else float(rng.uniform(-ROTATION_RANGE, ROTATION_RANGE))
+        for _ in range(PLACEMENT_TRIES):
+            obj = ShapeObject(shape, colour, size, cx=float(rng.uniform(radius, width - radius)),
+                              cy=float(rng.uniform(radius, height - radius)), radius=radius,
+                              rotation=rotation)
+            mask = shape_mask(obj, width, height)
+            if _visible_enough(full_masks + [mask]):
+                objects.append(obj)
+                full_masks.append(mask)
+                break
+    return Scene(image_id, width, height, background, tuple(objects))
+
+
+def render_background(background: Background, width: int, height: int) -> np.ndarray:
+    """The background, uint8 (height, width, 3) RGB."""
+    first = np.array(BACKGROUND_TONES[background.tones[0]], dtype=np.float32)
+    if background.kind == "noise":
+        noise = np.random.default_rng(background.noise_seed).normal(0.0, NOISE_STD, size=(height, width, 1))
+        pixels = first + noise.astype(np.float32)
+    else:
+        second = np.array(BACKGROUND_TONES[background.tones[1]], dtype=np.float32)
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+        along = (xs - width / 2) * math.cos(background.angle) + (ys - height / 2) * math.sin(background.angle)
+        span = np.ptp(along) or 1.0
+        weight = ((along - along.min()) / span)[..., None]
+        pixels = first * (1 - weight) + second * weight
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def render_scene(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rasterise ``scene``: the RGB image, uint8 (height, width, 3), and the visible mask of each
+    object in ``scene.objects`` order, bool (height, width)."""
+    image = render_background(scene.background, scene.width, scene.height)
+    full_masks = [shape_mask(obj, scene.width, scene.height) for obj in scene.objects]
+    for obj, mask in zip(scene.objects, full_masks):
+        image[mask] = COLOURS[obj.colour]
+    return image, visible_masks(full_masks)
+
+
+def _noun_phrase(obj: ShapeObject, rng: np.random.Generator) -> str:
+    """"a small red star", "an orange heart", "a big blue cross" (lower case)."""
+    size_word = str(rng.choice(SIZE_WORDS[obj.size]))
+    words = " ".join(w for w in (size_word, obj.colour, obj.shape) if w)
+    article = "an" if words[0] in "aeiou" else "a"
+    return f"{article} {words}"
+
+
+def _relation(a: ShapeObject, b: ShapeObject) -> str:
+    """Where ``a`` lies relative to ``b``: "above", "below", "to the left of", "to the right of"."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if abs(dy) >= abs(dx):
+        return "above" if dy < 0 else "below"
+    return "to the left of" if dx < 0 else "to the right of"
+
+
+def _region(obj: ShapeObject, scene: Scene) -> str:
+    """Rough place of ``obj`` in the frame: "the top left corner", "the middle", "the bottom edge"..."""
+    column = ("left", "", "right")[min(2, int(3 * obj.cx / scene.width))]
+    row = ("top", "", "bottom")[min(2, int(3 * obj.cy / scene.height))]
+    if row and column:
+        return f"the {row} {column} corner"
+    if row or column:
+        return f"the {row or column} edge"
+    return "the middle"
+
+
+def _background_phrase(background: Background) -> str:
+    if background.kind == "noise":
+        return f"a speckled {background.tones[0]} background"
+    return f"a background fading from {background.tones[0]} to {background.tones[1]}"
+
+
+def _capitalised(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def describe_scene(scene: Scene, rng: np.random.Generator) -> tuple[str, list[str]]:
+    """A caption naming every object of ``scene`` once, and the phrase of each object
+    (``labels[k]`` belongs to ``scene.objects[k]``) exactly as it is written in the caption.
+
+    Objects are described in pairs in painter's order: a pair whose later object covers part of the
+    earlier one is told as an occlusion, any other pair by its spatial relation; a lone object is
+    placed in the frame or on the background.
+    """
+    phrases = [_noun_phrase(obj, rng) for obj in scene.objects]
+    labels = list(phrases)
+    sentences: list[str] = []
+    for first in range(0, len(scene.objects), 2):
+        second = first + 1
+        a = scene.objects[first]
+        if second == len(scene.objects):
+            templates = [
+                "{A} is drawn on {bg}.",
+                "There is {a} near {region}.",
+                "{A} can be seen in {region}.",
+            ] if len(scene.objects) > 1 else [
+                "The image shows {a} on {bg}.",
+                "{A} stands alone on {bg}.",
+                "A single shape, {a}, sits near {region}.",
+            ]
+            template = str(rng.choice(templates))
+            fields = {"bg": _background_phrase(scene.background), "region": _region(a, scene)}
+            sentence = template.format(A=_capitalised(phrases[first]), a=phrases[first], **fields)
+            labels[first] = _capitalised(phrases[first]) if template.startswith("{A}") else phrases[first]
+            sentences.append(sentence)
+            continue
+        b = scene.objects[second]
+        overlap = np.logical_and(shape_mask(a, scene.width, scene.height),
+                                 shape_mask(b, scene.width, scene.height)).any()
+        if overlap:
+            templates = ["{A} is partly hidden behind {b}.", "{B} covers part of {a}.",
+                         "{A} is tucked behind {b}."]
+        else:
+            templates = ["{A} sits {rel} {b}.", "{A} is {rel} {b}.", "{A} appears {rel} {b}."]
+        template = str(rng.choice(templates))
+        sentence = template.format(A=_capitalised(phrases[first]), a=phrases[first],
+                                   B=_capitalised(phrases[second]), b=phrases[second], rel=_relation(a, b))
+        if template.startswith("{A}"):
+            labels[first] = _capitalised(phrases[first])
+        else:
+            labels[second] = _capitalised(phrases[second])
+        sentences.append(sentence)
+    return " ".join(sentences), labels
+
+
+def _encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE of a bool (H, W) mask, with its area and bbox [x, y, w, h]."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+            "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
+
+
+def _write_json(data: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def run(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> SyntheticPaths:
+    """Generate ``cfg.num_images`` images and write them with both ground-truth layouts under
+    ``out_dir`` (see the module docstring); every file appears whole or not at all."""
+    paths = output_paths(out_dir)
+    min_side, max_side = cfg.image_size
+    instance_images, instance_anns, gcg_images, gcg_anns, captions = [], [], [], [], []
+    category_ids = {shape: index + 1 for index, shape in enumerate(SHAPES)}
+    with atomic_path(paths.images) as images_tmp:
+        images_tmp.mkdir()
+        for index in range(cfg.num_images):
+            rng = np.random.default_rng([cfg.seed, index])
+            image_id = image_id_of(index)
+            scene = generate_scene(rng, image_id, min_side, max_side)
+            pixels, masks = render_scene(scene)
+            caption, labels = describe_scene(scene, rng)
+            file_name = f"{image_id}.jpg"
+            Image.fromarray(pixels).save(images_tmp / file_name, quality=JPEG_QUALITY, subsampling=0)
+
+            size = {"width": scene.width, "height": scene.height}
+            instance_images.append({"id": index + 1, "file_name": file_name, **size})
+            gcg_images.append({"id": image_id, "file_name": file_name, **size})
+            captions.append({"id": index + 1, "image_id": image_id, "caption": caption, "labels": labels})
+            for obj, mask in zip(scene.objects, masks):
+                encoded = _encode_mask(mask)
+                instance_anns.append({"id": len(instance_anns) + 1, "image_id": index + 1,
+                                      "category_id": category_ids[obj.shape], "iscrowd": 0, **encoded})
+                gcg_anns.append({"id": len(gcg_anns) + 1, "image_id": image_id, "category_id": 1,
+                                 "iscrowd": 0, **encoded})
+
+    categories = [{"id": cid, "name": shape, "supercategory": "shape"} for shape, cid in category_ids.items()]
+    _write_json({"images": instance_images, "annotations": instance_anns, "categories": categories},
+                paths.instances)
+    _write_json({"images": gcg_images, "annotations": gcg_anns,
+                 "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}, paths.mask_gt)
+    _write_json({"images": gcg_images, "annotations": captions}, paths.caption_gt)
+    return paths
+
+
+def list_captions(out_dir: str | os.PathLike) -> list[str]:
+    """Every caption of the data set written under ``out_dir``, in image order."""
+    with output_paths(out_dir).caption_gt.open(encoding="utf-8") as f:
+        return [ann["caption"] for ann in json.load(f)["annotations"]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="the pipeline's config.yaml")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write the data set into")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    run(from_mapping(SyntheticConfig, config.get("synthetic"), where="synthetic"), args.out)
+
+
+if __name__ == "__main__":
+    main()

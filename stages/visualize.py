@@ -1,0 +1,437 @@
+"""Stage `visualize`: pictures of what the pipeline did for the first images of a data set.
+
+For each of the first ``num_images`` rows of the manifest (manifest order, all shards) it writes:
+
+- ``<image_id>_overlay.png``: the image with every mask blended in its own colour and outlined, the
+  SAM point prompt as a marker and the phrase (with SAM's score) as a label; error reasons of the
+  image's generation, phrase and mask rows are listed under the picture;
+- ``<image_id>_attention.png``: a thumbnail of the image, then one tile per generated token (the
+  first ``max_tokens``): the token's attention row over the feature grid, upsampled with nearest
+  neighbours and coloured from its own minimum (dark) to its own maximum (bright), captioned with
+  the token's text; tiles of tokens that ground a phrase are framed in that phrase's colour.
+
+An image whose manifest row has an error, whose file cannot be read, or whose artifacts are
+inconsistent gets PNGs showing the reason instead; one image never stops the stage.
+
+CLI::
+
+    python -m stages.visualize --manifest M --generations G0 G1 --attention A0 A1 --phrases P0 P1 \\
+        --masks K0 K1 --out DIR [--num-images N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+
+from stages.config import ConfigError
+from stages.io.atomic import atomic_path
+from stages.io.attention import open_attention, read_rows
+from stages.io.images import ImageError, load_rgb_array
+from stages.io.tables import read_table, read_tables
+
+# Distinct, colour-blind-tolerant colours (matplotlib's tab10), chosen by phrase index.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+# Dark-to-bright colour map anchors (close to matplotlib's "inferno"), RGB.
+HEATMAP_ANCHORS = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)],
+                           dtype=float)
+MAX_TOKENS_SHOWN = 48
+TILE = 96
+GRID_COLUMNS = 8
+PADDING = 6
+OVERLAY_MIN_LONG_SIDE = 512
+OVERLAY_MAX_LONG_SIDE = 1024
+ERROR_WIDTH = 480
+TEXT_COLOUR = (20, 20, 20)
+ERROR_COLOUR = (180, 20, 20)
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """The config's ``visualize`` section: pictures for the first ``num_images`` images."""
+
+    num_images: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 0:
+            raise ConfigError(f"visualize.num_images must be a non-negative integer, got {self.num_images!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _present(value: Any) -> bool:
+    """False for a null cell of a table (None, or NaN as pandas shows null numbers and strings)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide (long words are cut)."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if font.getlength(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while font.getlength(word) > width and len(word) > 1:
+                cut = max(1, int(len(word) * width / font.getlength(word)))
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    return lines
+
+
+def _text_block(lines: Sequence[str], width: int, *, colour=TEXT_COLOUR, size: int = 13) -> Image.Image:
+    """White panel ``width`` pixels wide holding ``lines`` (each wrapped to the width)."""
+    font = _font(size)
+    wrapped = [part for line in lines for part in _wrap(line, font, width - 2 * PADDING)]
+    line_height = size + 4
+    panel = Image.new("RGB", (width, 2 * PADDING + line_height * len(wrapped)), "white")
+    draw = ImageDraw.Draw(panel)
+    for index, line in enumerate(wrapped):
+        draw.text((PADDING, PADDING + index * line_height), line, fill=colour, font=font)
+    return panel
+
+
+def _stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
+    canvas.paste(top, (0, 0))
+    canvas.paste(bottom, (0, top.height))
+    return canvas
+
+
+def render_error(image_id: str, message: str) -> Image.Image:
+    """A white picture naming ``image_id`` and stating ``message`` (why nothing else is shown)."""
+    title = _text_block([f"image {image_id}"], ERROR_WIDTH, size=15)
+    return _stack(title, _text_block([message], ERROR_WIDTH, colour=ERROR_COLOUR))
+
+
+def decode_mask(row: Mapping[str, Any]) -> np.ndarray:
+    """The mask of a masks-table row (COCO compressed RLE), bool (height, width)."""
+    rle = {"size": [int(row["height"]), int(row["width"])], "counts": str(row["rle_counts"]).encode("ascii")}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _mask_colour(row: Mapping[str, Any], position: int) -> tuple[int, int, int]:
+    """The colour of a mask: by its phrase index when it has one, else by its position."""
+    key = int(row["phrase_index"]) if _present(row.get("phrase_index")) else position
+    return PALETTE[key % len(PALETTE)]
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` (bool (H, W)) with at least one 4-neighbour outside it."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def _display_scale(width: int, height: int) -> float:
+    """Factor that brings the long side into [OVERLAY_MIN_LONG_SIDE, OVERLAY_MAX_LONG_SIDE], so that
+    labels stay legible on tiny images and files stay small for huge ones; small images are enlarged
+    by a whole factor (every pixel becomes a square block)."""
+    long_side = max(width, height)
+    if long_side > OVERLAY_MAX_LONG_SIDE:
+        return OVERLAY_MAX_LONG_SIDE / long_side
+    return float(math.ceil(OVERLAY_MIN_LONG_SIDE / long_side)) if long_side < OVERLAY_MIN_LONG_SIDE else 1.0
+
+
+def render_overlay(image_rgb: np.ndarray, masks: Iterable[Mapping[str, Any]], *,
+                   alpha: float = 0.45) -> Image.Image:
+    """Draw masks, point prompts and phrase labels over an image.
+
+    ``image_rgb``: uint8 (H, W, 3). ``masks``: rows of the masks table (mappings, e.g. a DataFrame's
+    ``to_dict("records")``) with ``rle_counts``, ``height``, ``width`` and, when present,
+    ``point_x``/``point_y`` (the prompt pixel's column and row, see :mod:`schemas.artifacts`),
+    ``text``, ``score`` and ``phrase_index``; rows with an ``error`` or no mask are
+    skipped. Each mask is blended with weight ``alpha`` in its colour (by phrase index) and outlined.
+    The result is rescaled so that its long side is in [512, 1024] pixels (whole factors upwards).
+    Raises ValueError when a mask's size differs from the image's.
+    """
+    height, width = image_rgb.shape[:2]
+    blended = image_rgb.astype(np.float32)
+    annotations = []
+    for position, row in enumerate(masks):
+        if _present(row.get("error")) or not _present(row.get("rle_counts")):
+            continue
+        mask = decode_mask(row)
+        if mask.shape != (height, width):
+            raise ValueError(f"mask of {row.get('text')!r} is {mask.shape[1]} x {mask.shape[0]} pixels, "
+                             f"the image is {width} x {height}")
+        colour = _mask_colour(row, position)
+        blended[mask] = (1 - alpha) * blended[mask] + alpha * np.array(colour, dtype=np.float32)
+        blended[_outline(mask)] = colour
+        annotations.append((row, colour))
+
+    scale = _display_scale(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    canvas = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8)).resize(size, resample)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(13)
+    for row, colour in annotations:
+        if not (_present(row.get("point_x")) and _present(row.get("point_y"))):
+            continue
+        # Centre of the prompt pixel (column x, row y) on the rescaled canvas, where PIL puts the
+        # centre of canvas pixel (i, j) at (i, j).
+        x = (float(row["point_x"]) + 0.5) * scale - 0.5
+        y = (float(row["point_y"]) + 0.5) * scale - 0.5
+        draw.ellipse((x - 6, y - 6, x + 6, y + 6), fill=colour, outline="white", width=2)
+        draw.ellipse((x - 8, y - 8, x + 8, y + 8), outline="black", width=1)
+        label = str(row["text"]) if _present(row.get("text")) else "?"
+        if _present(row.get("score")):
+            label += f" {float(row['score']):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        box_w, box_h = right - left + 6, bottom - top + 6
+        bx = min(max(0.0, x + 10), canvas.width - box_w)
+        by = min(max(0.0, y - 10 - box_h), canvas.height - box_h)
+        draw.rectangle((bx, by, bx + box_w, by + box_h), fill=colour)
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((bx + 3 - left, by + 3 - top), label, font=font,
+                  fill="black" if luminance > 140 else "white")
+    return canvas
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """Colour a float (h, w) map from its minimum (dark) to its maximum (bright): uint8 (h, w, 3).
+    A constant map is all dark."""
+    values = np.asarray(values, dtype=np.float64)
+    low, span = values.min(), np.ptp(values)
+    scaled = (values - low) / span if span > 0 else np.zeros_like(values)
+    position = scaled * (len(HEATMAP_ANCHORS) - 1)
+    anchors = np.arange(len(HEATMAP_ANCHORS))
+    channels = [np.interp(position, anchors, HEATMAP_ANCHORS[:, c]) for c in range(3)]
+    return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+
+
+def token_label(generation: Mapping[str, Any], index: int) -> str:
+    """Display text of generated token ``index``: its span of the answer (surrounding spaces
+    dropped; a blank token shown quoted), or ``<id>`` for a special token."""
+    if bool(generation["token_special"][index]):
+        return f"<{int(generation['token_ids'][index])}>"
+    start, end = int(generation["token_starts"][index]), int(generation["token_ends"][index])
+    text = str(generation["answer"])[start:end]
+    return text.strip() or repr(text)
+
+
+def _tile_size(grid_h: int, grid_w: int) -> tuple[int, int]:
+    """(width, height) of a heat-map tile: the grid's aspect ratio, long side TILE pixels."""
+    if grid_w >= grid_h:
+        return TILE, max(1, round(TILE * grid_h / grid_w))
+    return max(1, round(TILE * grid_w / grid_h)), TILE
+
+
+def render_attention_grid(image_rgb: np.ndarray, generation: Mapping[str, Any], rows: np.ndarray, *,
+                          token_colours: Mapping[int, tuple[int, int, int]] | None = None) -> Image.Image:
+    """A grid of per-token attention maps under a header with the answer.
+
+    ``image_rgb``: uint8 (H, W, 3), shown as the first tile. ``generation``: a generations-table row
+    (``answer``, ``token_ids``, ``token_starts``, ``token_ends``, ``token_special``, ``num_tokens``).
+    ``rows``: float (n, grid_h, grid_w), the attention rows of the first n generated tokens.
+    ``token_colours``: token index -> frame colour (tokens that ground a phrase).
+    """
+    token_colours = token_colours or {}
+    count, grid_h, grid_w = rows.shape
+    tile_w, tile_h = _tile_size(grid_h, grid_w)
+    caption_h = 16
+    cell_w, cell_h = TILE + 2 * PADDING, TILE + caption_h + 2 * PADDING
+    columns = min(GRID_COLUMNS, count + 1)
+    grid_rows = math.ceil((count + 1) / columns)
+    body = Image.new("RGB", (columns * cell_w, grid_rows * cell_h), "white")
+    draw = ImageDraw.Draw(body)
+    font = _font(11)
+
+    thumbnail = Image.fromarray(image_rgb)
+    thumbnail.thumbnail((TILE, TILE))
+    tiles = [(thumbnail, "image", None)]
+    for index in range(count):
+        tile = Image.fromarray(heatmap(rows[index])).resize((tile_w, tile_h), Image.Resampling.NEAREST)
+        tiles.append((tile, f"{index}: {token_label(generation, index)}", token_colours.get(index)))
+    for position, (tile, caption, frame) in enumerate(tiles):
+        x0 = (position % columns) * cell_w + PADDING
+        y0 = (position // columns) * cell_h + PADDING
+        tx, ty = x0 + (TILE - tile.width) // 2, y0 + (TILE - tile.height) // 2
+        body.paste(tile, (tx, ty))
+        if frame is not None:
+            draw.rectangle((tx - 3, ty - 3, tx + tile.width + 2, ty + tile.height + 2),
+                           outline=frame, width=3)
+        while caption and font.getlength(caption) > TILE:
+            caption = caption[:-1]
+        draw.text((x0, y0 + TILE + 2), caption, fill=TEXT_COLOUR, font=font)
+
+    total = int(generation["num_tokens"])
+    header = [f"answer ({total} tokens; showing {count}; each map scaled to its own min..max):",
+              str(generation["answer"])]
+    return _stack(_text_block(header, body.width), body)
+
+
+def _error_lines(stage: str, frame: pd.DataFrame) -> list[str]:
+    return [f"{stage}: {reason}" for reason in frame["error"] if _present(reason)]
+
+
+def _save_png(image: Image.Image, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+class _AttentionStores:
+    """Attention stores opened once each, by path."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, zarr.Array] = {}
+
+    def rows(self, path: str, offset: int, count: int) -> np.ndarray:
+        if path not in self._open:
+            self._open[path] = open_attention(path)
+        store = self._open[path]
+        if offset < 0 or offset + count > store.shape[0]:
+            raise ValueError(f"attention rows {offset}..{offset + count} are outside {path} "
+                             f"({store.shape[0]} rows)")
+        return read_rows(store, offset, count)
+
+
+def _phrase_token_colours(phrases: pd.DataFrame) -> dict[int, tuple[int, int, int]]:
+    colours: dict[int, tuple[int, int, int]] = {}
+    for row in phrases.to_dict("records"):
+        if _present(row.get("phrase_index")) and row.get("token_indices") is not None:
+            for token in row["token_indices"]:
+                colours.setdefault(int(token), PALETTE[int(row["phrase_index"]) % len(PALETTE)])
+    return colours
+
+
+def _overlay_picture(image_rgb: np.ndarray, generation: Mapping[str, Any] | None, phrases: pd.DataFrame,
+                     masks: pd.DataFrame) -> Image.Image:
+    """:func:`render_overlay` of the image's masks, with the error reasons of its rows listed below."""
+    notes = _error_lines("phrases", phrases) + _error_lines("segment", masks)
+    if generation is not None and _present(generation.get("error")):
+        notes.insert(0, f"generate: {generation['error']}")
+    overlay = render_overlay(image_rgb, masks.to_dict("records"))
+    if notes:
+        overlay = _stack(overlay, _text_block(notes, overlay.width, colour=ERROR_COLOUR))
+    return overlay
+
+
+def _attention_picture(image_id: str, image_rgb: np.ndarray, generation: Mapping[str, Any] | None,
+                       attention_path: str | None, phrases: pd.DataFrame,
+                       stores: _AttentionStores) -> Image.Image:
+    """:func:`render_attention_grid` of the image's generation, or the reason there is none."""
+    if generation is None:
+        return render_error(image_id, "no generation row for this image")
+    if _present(generation.get("error")):
+        return render_error(image_id, f"generate: {generation['error']}")
+    if int(generation["num_tokens"]) == 0:
+        return render_error(image_id, "the answer has no generated tokens")
+    count = min(int(generation["num_tokens"]), MAX_TOKENS_SHOWN)
+    rows = stores.rows(attention_path, int(generation["row_offset"]), count)
+    return render_attention_grid(image_rgb, generation, rows, token_colours=_phrase_token_colours(phrases))
+
+
+def _picture_or_error(image_id: str, draw: Callable[[], Image.Image]) -> Image.Image:
+    """``draw()``, or a picture of the reason when the image's artifacts cannot be drawn."""
+    try:
+        return draw()
+    except (ImageError, ValueError) as exc:
+        return render_error(image_id, str(exc))
+
+
+def _pictures(manifest_row: Mapping[str, Any], generation: Mapping[str, Any] | None,
+              attention_path: str | None, phrases: pd.DataFrame, masks: pd.DataFrame,
+              stores: _AttentionStores) -> tuple[Image.Image, Image.Image]:
+    """(overlay, attention grid) of one image; each shows the reason instead when it cannot be drawn."""
+    image_id = manifest_row["image_id"]
+    if _present(manifest_row.get("error")):
+        failed = render_error(image_id, f"manifest: {manifest_row['error']}")
+        return failed, failed
+    try:
+        image_rgb = load_rgb_array(manifest_row["file"])
+    except ImageError as exc:
+        failed = render_error(image_id, str(exc))
+        return failed, failed
+    overlay = _picture_or_error(image_id, functools.partial(
+        _overlay_picture, image_rgb, generation, phrases, masks))
+    grid = _picture_or_error(image_id, functools.partial(
+        _attention_picture, image_id, image_rgb, generation, attention_path, phrases, stores))
+    return overlay, grid
+
+
+def run(cfg: VisualizeConfig, manifest_path: str | os.PathLike,
+        generations_paths: Sequence[str | os.PathLike], attention_paths: Sequence[str | os.PathLike],
+        phrases_paths: Sequence[str | os.PathLike], masks_paths: Sequence[str | os.PathLike],
+        out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``<image_id>_overlay.png`` and ``<image_id>_attention.png`` under ``out_dir`` for the
+    first ``cfg.num_images`` manifest rows and return the paths written.
+
+    ``generations_paths[k]`` and ``attention_paths[k]`` are the same shard's generations table and
+    attention store; phrases and masks tables may come in any shard order.
+    """
+    if len(generations_paths) != len(attention_paths):
+        raise ValueError(f"{len(generations_paths)} generations tables but {len(attention_paths)} attention "
+                         "stores; give one store per generations shard, in the same order")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected = read_table(manifest_path, "manifest").head(cfg.num_images)
+    wanted = set(selected["image_id"])
+
+    generations: dict[str, tuple[dict[str, Any], str]] = {}
+    for generations_path, attention_path in zip(generations_paths, attention_paths):
+        table = read_table(generations_path, "generations")
+        for row in table[table["image_id"].isin(wanted)].to_dict("records"):
+            generations[row["image_id"]] = (row, str(attention_path))
+    phrases = read_tables(phrases_paths, "phrases")
+    phrases = phrases[phrases["image_id"].isin(wanted)]
+    masks = read_tables(masks_paths, "masks")
+    masks = masks[masks["image_id"].isin(wanted)]
+
+    stores = _AttentionStores()
+    written: list[Path] = []
+    for manifest_row in selected.to_dict("records"):
+        image_id = manifest_row["image_id"]
+        generation, attention_path = generations.get(image_id, (None, None))
+        overlay, grid = _pictures(manifest_row, generation, attention_path,
+                                  phrases[phrases["image_id"] == image_id],
+                                  masks[masks["image_id"] == image_id], stores)
+        written.append(_save_png(overlay, out_dir / f"{image_id}_overlay.png"))
+        written.append(_save_png(grid, out_dir / f"{image_id}_attention.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.visualize", description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--generations", required=True, nargs="+", type=Path,
+                        help="generations tables, by shard")
+    parser.add_argument("--attention", required=True, nargs="+", type=Path,
+                        help="attention stores, in the order of --generations")
+    parser.add_argument("--phrases", required=True, nargs="+", type=Path)
+    parser.add_argument("--masks", required=True, nargs="+", type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
+    parser.add_argument("--num-images", type=int, default=VisualizeConfig.num_images)
+    args = parser.parse_args(argv)
+    run(VisualizeConfig(num_images=args.num_images), args.manifest, args.generations, args.attention,
+        args.phrases, args.masks, args.out)
+
+
+if __name__ == "__main__":
+    main()

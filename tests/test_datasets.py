@@ -1,0 +1,247 @@
+"""Data set configs, ground-truth loaders (valid and broken files) and image listings."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import ConfigError
+from stages.datasets import (
+    DatasetConfig,
+    DatasetError,
+    dataset_config,
+    dataset_configs,
+    gt_categories,
+    list_image_folder,
+    list_images,
+    load_coco_instances,
+    load_gcg,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RLE = {"size": [4, 5], "counts": "03000"}
+
+
+def coco_instances() -> dict:
+    return {
+        "images": [
+            {"id": 10, "file_name": "ten.jpg", "width": 5, "height": 4},
+            {"id": 2, "file_name": "two.jpg", "width": 6, "height": 3},
+            {"id": 1, "file_name": "one.png", "width": 7, "height": 2},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 10, "category_id": 3, "segmentation": [[0, 0, 4, 0, 4, 3]]},
+            {"id": 2, "image_id": 10, "category_id": 1, "segmentation": RLE},
+            {"id": 3, "image_id": 10, "category_id": 3, "segmentation": RLE},
+            {"id": 4, "image_id": 2, "category_id": 1, "segmentation": RLE},
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}],
+    }
+
+
+def gcg_mask_gt() -> dict:
+    return {
+        "images": [{"id": "b_img", "width": 5, "height": 4}, {"id": "a_img", "width": 8, "height": 6}],
+        "annotations": [
+            {"id": 1, "image_id": "a_img", "category_id": 1, "segmentation": RLE},
+            {"id": 2, "image_id": "b_img", "category_id": 1, "segmentation": RLE},
+        ],
+        "categories": [{"id": 1, "name": "object"}],
+    }
+
+
+def gcg_caption_gt() -> dict:
+    return {"annotations": [
+        {"image_id": "a_img", "caption": "A dog runs.", "labels": ["A dog"]},
+        {"image_id": "b_img", "caption": "A cat sleeps.", "labels": ["A cat"]},
+    ]}
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _drop(key, *path):
+    """Mutation removing field ``key`` from the entry at ``path`` (e.g. ("images", 0))."""
+    def mutate(data):
+        target = data
+        for step in path:
+            target = target[step]
+        del target[key]
+    return mutate
+
+
+def _set(value, key, *path):
+    def mutate(data):
+        target = data
+        for step in path:
+            target = target[step]
+        target[key] = value
+    return mutate
+
+
+INSTANCE_CASES = [
+    (_drop("images"), "missing top-level field 'images'"),
+    (_drop("categories"), "missing top-level field 'categories'"),
+    (_set({"a": 1}, "images"), "field 'images' must be a list"),
+    (_set("x", 1, "images"), "images[1] must be an object"),
+    (_drop("file_name", "images", 1), "images[1] has no field 'file_name'"),
+    (_drop("width", "images", 0), "images[0] has no field 'width'"),
+    (_drop("height", "images", 2), "images[2] has no field 'height'"),
+    (_set(0, "width", "images", 0), "images[0].width must be a positive integer"),
+    (_set("5", "height", "images", 0), "images[0].height must be a positive integer"),
+    (_set(10, "id", "images", 1), "images[1] repeats id 10"),
+    (_drop("image_id", "annotations", 2), "annotations[2] has no field 'image_id'"),
+    (_drop("category_id", "annotations", 0), "annotations[0] has no field 'category_id'"),
+    (_drop("segmentation", "annotations", 3), "annotations[3] has no field 'segmentation'"),
+    (_drop("name", "categories", 1), "categories[1] has no field 'name'"),
+    (_set(99, "image_id", "annotations", 1), "annotations[1].image_id 99 is not in images"),
+    (_set(7, "category_id", "annotations", 1), "annotations[1].category_id 7 is not in categories"),
+    (_set("polygon", "segmentation", "annotations", 0), "annotations[0].segmentation must be a polygon list"),
+    (_set({"size": [4, 5]}, "segmentation", "annotations", 1),
+     "annotations[1].segmentation (RLE) has no field 'counts'"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), INSTANCE_CASES)
+def test_coco_instances_errors_name_file_and_field(tmp_path, mutate, message):
+    data = coco_instances()
+    mutate(data)
+    path = write_json(tmp_path / "instances.json", data)
+    with pytest.raises(DatasetError) as info:
+        load_coco_instances(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "ground-truth file not found"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "expected a JSON object at the top level, found list"),
+])
+def test_unparsable_ground_truth_is_a_dataset_error(tmp_path, content, message):
+    path = tmp_path / "instances.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(DatasetError, match=message):
+        load_coco_instances(path)
+
+
+GCG_CASES = [
+    ("mask", _drop("images"), "missing top-level field 'images'"),
+    ("mask", _drop("width", "images", 1), "images[1] has no field 'width'"),
+    ("mask", _set(3, "id", "images", 0), "images[0].id must be a string"),
+    ("mask", _drop("segmentation", "annotations", 0), "annotations[0] has no field 'segmentation'"),
+    ("mask", _drop("category_id", "annotations", 1), "annotations[1] has no field 'category_id'"),
+    ("mask", _set(2, "category_id", "annotations", 1), "annotations[1].category_id must be 1"),
+    ("mask", _set("zzz", "image_id", "annotations", 0), "annotations[0].image_id 'zzz' is not in images"),
+    ("caption", _drop("annotations"), "missing top-level field 'annotations'"),
+    ("caption", _drop("labels", "annotations", 1), "annotations[1] has no field 'labels'"),
+    ("caption", _drop("caption", "annotations", 0), "annotations[0] has no field 'caption'"),
+    ("caption", _drop("image_id", "annotations", 0), "annotations[0] has no field 'image_id'"),
+    ("caption", _set("A dog", "labels", "annotations", 0), "annotations[0].labels must be a list of strings"),
+    ("caption", _set(["A dog", 3], "labels", "annotations", 0),
+     "annotations[0].labels must be a list of strings"),
+    ("caption", _set(None, "caption", "annotations", 1), "annotations[1].caption must be a string"),
+    ("caption", _set("c_img", "image_id", "annotations", 1),
+     "annotations[1].image_id 'c_img' is not an image"),
+]
+
+
+@pytest.mark.parametrize(("which", "mutate", "message"), GCG_CASES)
+def test_gcg_errors_name_file_and_field(tmp_path, which, mutate, message):
+    mask, caption = gcg_mask_gt(), gcg_caption_gt()
+    mutate(mask if which == "mask" else caption)
+    mask_path = write_json(tmp_path / "val_gcg_coco_mask_gt.json", mask)
+    caption_path = write_json(tmp_path / "val_gcg_coco_caption_gt.json", caption)
+    with pytest.raises(DatasetError) as info:
+        load_gcg(mask_path, caption_path)
+    assert str(mask_path if which == "mask" else caption_path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_valid_files_load_unchanged(tmp_path):
+    coco = load_coco_instances(write_json(tmp_path / "i.json", coco_instances()))
+    assert coco.images == coco_instances()["images"]
+    assert len(coco.annotations) == 4 and len(coco.categories) == 2
+    gcg = load_gcg(write_json(tmp_path / "m.json", gcg_mask_gt()),
+                   write_json(tmp_path / "c.json", gcg_caption_gt()))
+    assert [c["labels"] for c in gcg.captions] == [["A dog"], ["A cat"]]
+    assert len(gcg.annotations) == 2
+
+
+def test_instance_listing_sorted_by_integer_id_with_declared_sizes(tmp_path):
+    cfg = DatasetConfig("coco", "instance_seg", images=str(tmp_path / "imgs"),
+                        instances=str(write_json(tmp_path / "i.json", coco_instances())))
+    entries = list_images(cfg)
+    assert [e.image_id for e in entries] == ["1", "2", "10"]
+    assert [e.file for e in entries] == [tmp_path / "imgs" / n for n in ("one.png", "two.jpg", "ten.jpg")]
+    assert [(e.width, e.height) for e in entries] == [(7, 2), (6, 3), (5, 4)]
+
+
+def test_gcg_listing_uses_id_dot_jpg(tmp_path):
+    cfg = DatasetConfig("g", "gcg", images="data/imgs",
+                        mask_gt=str(write_json(tmp_path / "m.json", gcg_mask_gt())),
+                        caption_gt=str(write_json(tmp_path / "c.json", gcg_caption_gt())))
+    entries = list_images(cfg)
+    assert [e.image_id for e in entries] == ["a_img", "b_img"]
+    assert [str(e.file) for e in entries] == ["data/imgs/a_img.jpg", "data/imgs/b_img.jpg"]
+    assert [(e.width, e.height) for e in entries] == [(8, 6), (5, 4)]
+
+
+def test_image_folder_listing(tmp_path):
+    for name in ["b.JPG", "a.png", "c.tiff", "d.webp", "e.jpeg", "f.bmp", "g.tif", "notes.txt", "h.gif"]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.jpg").mkdir()
+    entries = list_images(DatasetConfig("f", "images", images=str(tmp_path)))
+    assert [e.image_id for e in entries] == ["a", "b", "c", "d", "e", "f", "g"]
+    assert entries[1].file == tmp_path / "b.JPG"
+    assert all(e.width is None and e.height is None for e in entries)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="image folder not found"):
+        list_image_folder(tmp_path / "absent")
+    (tmp_path / "x.jpg").write_bytes(b"")
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match="x.jpg and x.png would both have image id 'x'"):
+        list_image_folder(tmp_path)
+
+
+def test_gt_categories_per_image(tmp_path):
+    cfg = DatasetConfig("coco", "instance_seg", images="imgs",
+                        instances=str(write_json(tmp_path / "i.json", coco_instances())))
+    assert gt_categories(cfg) == {"10": [(1, "person"), (3, "car")], "2": [(1, "person")], "1": []}
+    with pytest.raises(DatasetError, match="only for instance_seg"):
+        gt_categories(DatasetConfig("f", "images", images="imgs"))
+
+
+def test_config_yaml_datasets_build():
+    section = yaml.safe_load((REPO / "config.yaml").read_text())["datasets"]
+    configs = dataset_configs(section)
+    assert set(configs) == set(section)
+    for name, cfg in configs.items():
+        assert cfg.name == name and cfg.max_pixels == 50_000_000
+    assert configs["toy_gcg"].question == section["toy_gcg"]["question"]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"task": "detection", "images": "x"}, "task is 'detection'"),
+    ({"task": "instance_seg", "images": "x"}, "needs the key 'instances'"),
+    ({"task": "gcg", "images": "x", "mask_gt": "m"}, "needs the key 'caption_gt'"),
+    ({"task": "images", "images": "x", "instances": "i"}, "instances is not used by task 'images'"),
+    ({"task": "images", "images": "x", "max_pixels": 0}, "max_pixels must be a positive integer"),
+    ({"task": "images", "images": "x", "colour": "red"}, "unknown key(s) ['colour']"),
+    ({"task": "images"}, "missing 1 required positional argument: 'images'"),
+    ({"task": "images", "images": "x", "name": "other"}, "'name' is not allowed"),
+])
+def test_bad_dataset_entries(entry, message):
+    with pytest.raises(ConfigError) as info:
+        dataset_config("d", copy.deepcopy(entry))
+    assert message in str(info.value)
+    assert "datasets.d" in str(info.value)

@@ -1,0 +1,375 @@
+"""Segment stage: attention maps -> SAM prompts -> masks, with the toy SAM on the CPU.
+
+Shards are fabricated directly (generations via write_table, rows via AttentionWriter) on a 6 x 6
+grid; a phrase's planted attention peak at cell (i, j) must give a point in that cell's pixels.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+import stages.segment as segment
+from stages.config import ConfigError, from_mapping
+from stages.io.attention import AttentionWriter
+from stages.io.tables import read_arrow, write_table
+from stages.models.sam import build_toy_sam, load_sam
+from stages.segment import (
+    EMPTY_MASK_ERROR,
+    SamConfig,
+    SegmentConfig,
+    centre_rows,
+    mask_prompt,
+    pool_phrase,
+    remove_corners,
+    upsample_map,
+)
+
+GRID = 6
+BACKGROUND = 1.0 / (GRID * GRID)
+
+
+@pytest.fixture(scope="module")
+def sam_checkpoint(tmp_path_factory):
+    return build_toy_sam(tmp_path_factory.mktemp("sam") / "toy.safetensors", seed=0)
+
+
+def rows_with_peaks(num_tokens, peaks=(), *, sink=None):
+    """Uniform rows (T, GRID, GRID) plus ``peaks``: (token, (i, j), value) added at cell (i, j);
+    ``sink`` (value, (i, j)) is added to every token."""
+    rows = np.full((num_tokens, GRID, GRID), BACKGROUND, dtype=np.float32)
+    for token, (i, j), value in peaks:
+        rows[token, i, j] += value
+    if sink is not None:
+        value, (i, j) = sink
+        rows[:, i, j] += value
+    return rows
+
+
+def write_shard(folder: Path, images):
+    """Write manifest, generations, phrases and attention of a shard; return the run's paths.
+
+    ``images``: dicts with ``image_id``, ``size`` ((H, W), or None for an unreadable file), ``rows``
+    (T, GRID, GRID) and ``phrases`` (token index lists, or a string: a phrase error row with that
+    reason). ``generation_error`` makes a failed generation with no phrase row.
+    """
+    rng = np.random.default_rng(0)
+    manifest, generations, phrase_rows = [], [], []
+    with AttentionWriter(folder / "attention.zarr", (GRID, GRID), model="test",
+                         reduction={"layers": "all", "heads": "all", "statistic": "mean"}) as writer:
+        for image in images:
+            image_id = image["image_id"]
+            file = folder / f"{image_id}.png"
+            if image.get("size") is None:
+                file.write_bytes(b"this is not a png")
+            else:
+                Image.fromarray(rng.integers(0, 256, (*image["size"], 3), dtype=np.uint8)).save(file)
+            manifest.append({"image_id": image_id, "file": str(file), "shard": 0})
+            if "generation_error" in image:
+                generations.append({"image_id": image_id, "num_tokens": 0, "row_offset": writer.num_rows,
+                                    "finish_reason": "error", "error": image["generation_error"]})
+                continue
+            rows = image["rows"]
+            offset = writer.append(rows)
+            generations.append({"image_id": image_id, "answer": "...", "num_tokens": len(rows),
+                                "row_offset": offset, "grid_h": GRID, "grid_w": GRID, "finish_reason": "eos"})
+            for k, tokens in enumerate(image["phrases"]):
+                if isinstance(tokens, str):
+                    phrase_rows.append({"image_id": image_id, "text": f"phrase {k}", "error": tokens})
+                else:
+                    phrase_rows.append({"image_id": image_id, "phrase_index": k, "text": f"phrase {k}",
+                                        "token_indices": tokens, "category_id": 10 + k})
+    paths = {name: folder / f"{name}.parquet" for name in ("manifest", "generations", "phrases", "masks")}
+    write_table(manifest, paths["manifest"], "manifest")
+    write_table(generations, paths["generations"], "generations")
+    write_table(phrase_rows, paths["phrases"], "phrases")
+    paths["attention"] = folder / "attention.zarr"
+    return paths
+
+
+def run_segment(paths, checkpoint, **cfg):
+    segment.run(SegmentConfig(**cfg), SamConfig(type="tiny", checkpoint=str(checkpoint)), paths["manifest"],
+                paths["generations"], paths["attention"], paths["phrases"], paths["masks"], device="cpu")
+    return read_arrow(paths["masks"], "masks").to_pylist()
+
+
+def cell_region(i, j, height, width, mode):
+    """Grid cell (i, j) covers the original image's pixels with column index in [x0, x1) and row
+    index in [y0, y1); returns (x0, x1, y0, y1)."""
+    if mode == "original":
+        return j * width / GRID, (j + 1) * width / GRID, i * height / GRID, (i + 1) * height / GRID
+    side = max(height, width)
+    left, top = (side - width) // 2, (side - height) // 2
+    step = side / GRID
+    return j * step - left, (j + 1) * step - left, i * step - top, (i + 1) * step - top
+
+
+def assert_point_in_cell(row, cell, mode):
+    x0, x1, y0, y1 = cell_region(*cell, row["height"], row["width"], mode)
+    assert x0 <= row["point_x"] < x1 and y0 <= row["point_y"] < y1, (row["point_x"], row["point_y"], cell)
+    # the chosen pixel's centre (index + 0.5) is within a pixel of the cell's centre
+    assert abs(row["point_x"] + 0.5 - (x0 + x1) / 2) <= 1 and abs(row["point_y"] + 0.5 - (y0 + y1) / 2) <= 1
+
+
+# --- points from planted peaks ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["pad", "original"])
+def test_planted_peaks_give_points_in_their_cells(tmp_path, sam_checkpoint, mode):
+    cells = [(2, 3), (3, 1)]
+    rows = rows_with_peaks(4, [(1, cells[0], 0.5), (2, cells[1], 0.5)])
+    images = [{"image_id": name, "size": size, "rows": rows, "phrases": [[1], [2]]}
+              for name, size in (("landscape", (60, 90)), ("portrait", (90, 60)))]
+    out = run_segment(write_shard(tmp_path, images), sam_checkpoint, upsample=mode)
+    assert [(r["image_id"], r["phrase_index"], r["mask_index"]) for r in out] == [
+        ("landscape", 0, 2), ("landscape", 1, 2), ("portrait", 0, 2), ("portrait", 1, 2)]
+    for row in out:
+        assert (row["height"], row["width"]) == ((60, 90) if row["image_id"] == "landscape" else (90, 60))
+        assert_point_in_cell(row, cells[row["phrase_index"]], mode)
+
+
+def test_pad_crops_the_centre_of_the_square(tmp_path, sam_checkpoint):
+    """On a 60 x 90 image the padded square's first grid row lies above the image: a peak in grid
+    row 1 (square rows 15..30) lands in image rows 0..15 with pad (centre row 7), rows 10..20 with
+    original."""
+    rows = rows_with_peaks(3, [(1, (1, 2), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (60, 90), "rows": rows, "phrases": [[1]]}])
+    [pad] = run_segment(paths, sam_checkpoint, upsample="pad")
+    [original] = run_segment(paths, sam_checkpoint, upsample="original")
+    assert pad["point_x"] == original["point_x"]
+    assert pad["point_y"] == 7 and 10 <= original["point_y"] < 20
+
+
+def test_remove_corner_ignores_a_corner_peak(tmp_path, sam_checkpoint):
+    rows = rows_with_peaks(4, [(1, (0, 0), 0.9), (1, (3, 3), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "sq", "size": (48, 48), "rows": rows, "phrases": [[1]]}])
+    [kept] = run_segment(paths, sam_checkpoint)
+    [removed] = run_segment(paths, sam_checkpoint, remove_corner=True)
+    assert_point_in_cell(removed, (3, 3), "pad")
+    assert kept["point_x"] < 8 and kept["point_y"] < 8
+
+
+def test_mean_and_max_pooling_pick_different_cells(tmp_path, sam_checkpoint):
+    # token 1: 0.6 at P, 0.4 at Q; token 2: 0.5 at Q; 8 background tokens.
+    # centred mean pooling: P 0.24 < Q 0.36; centred max pooling: P 0.54 > Q 0.41
+    p_cell, q_cell = (1, 2), (4, 3)
+    rows = rows_with_peaks(10, [(1, p_cell, 0.6), (1, q_cell, 0.4), (2, q_cell, 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (60, 60), "rows": rows, "phrases": [[1, 2]]}])
+    [mean] = run_segment(paths, sam_checkpoint, pool="mean")
+    [peak] = run_segment(paths, sam_checkpoint, pool="max")
+    assert_point_in_cell(mean, q_cell, "pad")
+    assert_point_in_cell(peak, p_cell, "pad")
+
+
+def test_mean_centring_removes_a_sink_common_to_all_tokens(tmp_path, sam_checkpoint):
+    sink_cell, object_cell = (4, 1), (1, 4)
+    rows = rows_with_peaks(5, [(2, object_cell, 0.3)], sink=(0.5, sink_cell))
+    assert np.unravel_index(rows[2].argmax(), rows[2].shape) == sink_cell  # the raw row points at the sink
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (60, 60), "rows": rows, "phrases": [[2]]}])
+    [row] = run_segment(paths, sam_checkpoint)
+    assert_point_in_cell(row, object_cell, "pad")
+
+
+# --- masks ---------------------------------------------------------------------------------------------
+
+def test_masks_decode_to_the_image_and_match_a_direct_sam_call(tmp_path, sam_checkpoint):
+    from segment_anything import SamPredictor
+
+    rows = rows_with_peaks(4, [(1, (2, 3), 0.5), (2, (4, 1), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (50, 80), "rows": rows, "phrases": [[1], [2]]}])
+    out = [r for r in run_segment(paths, sam_checkpoint) if r["error"] is None]
+    assert len(out) == 2
+    predictor = SamPredictor(load_sam("tiny", sam_checkpoint))
+    predictor.set_image(np.asarray(Image.open(tmp_path / "x.png").convert("RGB")))
+    for row in out:
+        mask = mask_utils.decode({"size": [row["height"], row["width"]], "counts": row["rle_counts"]})
+        assert mask.shape == (50, 80) and int(mask.sum()) == row["area"] > 0
+        # the stored point is the pixel index SAM was given
+        point = np.array([[row["point_x"], row["point_y"]]])
+        masks, scores, _ = predictor.predict(point_coords=point, point_labels=np.array([1]),
+                                             multimask_output=True)
+        overlap = np.logical_and(masks[2], mask).sum() / np.logical_or(masks[2], mask).sum()
+        assert overlap > 0.99
+        assert row["score"] == pytest.approx(float(scores[2]), abs=1e-4)
+
+
+def test_more_masks_keeps_all_three(tmp_path, sam_checkpoint):
+    rows = rows_with_peaks(3, [(1, (2, 2), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (40, 40), "rows": rows, "phrases": [[1]]}])
+    [last] = run_segment(paths, sam_checkpoint)
+    three = run_segment(paths, sam_checkpoint, more_masks=True)
+    assert [r["mask_index"] for r in three] == [0, 1, 2]
+    assert len({(r["point_x"], r["point_y"]) for r in three}) == 1
+    assert three[2] == last
+
+
+def test_empty_sam_mask_is_kept_as_an_error_row(tmp_path, sam_checkpoint, monkeypatch):
+    from segment_anything.modeling import Sam
+
+    monkeypatch.setattr(Sam, "mask_threshold", 1e9)
+    rows = rows_with_peaks(3, [(1, (2, 2), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (40, 40), "rows": rows, "phrases": [[1]]}])
+    [row] = run_segment(paths, sam_checkpoint)
+    assert row["error"] == EMPTY_MASK_ERROR and row["area"] == 0 and row["phrase_index"] == 0
+    assert row["point_x"] is not None and row["score"] is not None
+
+
+def test_one_pixel_image(tmp_path, sam_checkpoint):
+    rows = rows_with_peaks(2, [(1, (2, 2), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "dot", "size": (1, 1), "rows": rows, "phrases": [[1]]}])
+    for mode in ("pad", "original"):
+        [row] = run_segment(paths, sam_checkpoint, upsample=mode)
+        assert (row["height"], row["width"], row["point_x"], row["point_y"]) == (1, 1, 0, 0)
+        mask = mask_utils.decode({"size": [1, 1], "counts": row["rle_counts"]})
+        assert mask.shape == (1, 1) and int(mask.sum()) == row["area"]
+
+
+def test_mask_prompt_mode(tmp_path, sam_checkpoint):
+    rows = rows_with_peaks(3, [(1, (2, 2), 0.5), (2, (4, 4), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (40, 70), "rows": rows, "phrases": [[1], [2]]}])
+    out = run_segment(paths, sam_checkpoint, prompt="mask", more_masks=True)
+    assert [(r["phrase_index"], r["mask_index"]) for r in out] == [(p, k) for p in (0, 1) for k in (0, 1, 2)]
+    for row in out:
+        assert row["point_x"] is None and row["point_y"] is None
+        assert mask_utils.decode({"size": [40, 70], "counts": row["rle_counts"]}).sum() == row["area"]
+
+
+# --- error rows ---------------------------------------------------------------------------------------
+
+def test_failures_become_error_rows_and_the_shard_completes(tmp_path, sam_checkpoint):
+    nan_rows = rows_with_peaks(3, [(2, (2, 2), 0.5)])
+    nan_rows[1, 0, 0] = np.nan
+    inf_rows = np.full((2, GRID, GRID), np.inf, dtype=np.float32)
+    good = rows_with_peaks(3, [(1, (3, 3), 0.5)])
+    images = [
+        {"image_id": "nan", "size": (30, 30), "rows": nan_rows, "phrases": [[0, 2], [1, 2]]},
+        {"image_id": "inf", "size": (30, 30), "rows": inf_rows, "phrases": [[0], [1]]},
+        {"image_id": "unreadable", "size": None, "rows": good, "phrases": [[1]]},
+        {"image_id": "no_tokens", "size": (30, 30), "rows": good, "phrases": [[], [1]]},
+        {"image_id": "out_of_range", "size": (30, 30), "rows": good, "phrases": [[1, 7]]},
+        {"image_id": "phrase_error", "size": (30, 30), "rows": good, 
+         "phrases": ["answer has no noun phrase"]},
+        {"image_id": "no_phrase_rows", "size": (30, 30), "rows": good, "phrases": []},
+        {"image_id": "generation_error", "size": (30, 30), "generation_error": "out of memory"},
+        {"image_id": "ok", "size": (30, 30), "rows": good, "phrases": [[1]]},
+    ]
+    paths = write_shard(tmp_path, images)
+    write_table([*read_arrow(paths["phrases"], "phrases").to_pylist(),
+                 {"image_id": "stray", "phrase_index": 0, "text": "x", "token_indices": [0]}],
+                paths["phrases"], "phrases")
+    out = run_segment(paths, sam_checkpoint)
+    summary = [(r["image_id"], r["phrase_index"], r["error"]) for r in out]
+    assert summary[0] == ("nan", 0, None)
+    assert summary[1][:2] == ("nan", None) and "tokens [1] hold NaN/inf" in summary[1][2]
+    assert summary[2] == ("inf", None, "every attention row of the image holds NaN/inf")
+    assert summary[3][:2] == ("unreadable", None) and "unreadable image" in summary[3][2]
+    assert summary[4] == ("no_tokens", None, "phrase has no tokens")
+    assert summary[5] == ("no_tokens", 1, None)
+    assert summary[6] == ("out_of_range", None, "token indices [7] outside the generation's 3 tokens")
+    assert summary[7] == ("phrase_error", None, "answer has no noun phrase")
+    assert summary[8] == ("no_phrase_rows", None, "image has no row in the phrases table")
+    assert summary[9] == ("generation_error", None, "generation failed: out of memory")
+    assert summary[10] == ("ok", 0, None)
+    assert summary[11] == ("stray", None, "image not in the generations table")
+    assert len(summary) == 12
+    assert out[1]["text"] == "phrase 1" and out[1]["category_id"] == 11  # phrase errors keep the phrase
+
+
+def test_an_unexpected_failure_of_one_image_does_not_stop_the_shard(tmp_path, sam_checkpoint, monkeypatch):
+    real_load = segment.load_rgb_array
+
+    def flaky_load(path):
+        if Path(path).stem == "boom":
+            raise RuntimeError("device lost")
+        return real_load(path)
+
+    monkeypatch.setattr(segment, "load_rgb_array", flaky_load)
+    rows = rows_with_peaks(3, [(1, (2, 2), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": name, "size": (20, 20), "rows": rows, "phrases": [[1]]}
+                                   for name in ("boom", "fine")])
+    out = run_segment(paths, sam_checkpoint)
+    assert [(r["image_id"], r["error"]) for r in out] == [
+        ("boom", "segmentation failed: RuntimeError: device lost"), ("fine", None)]
+
+
+# --- building blocks ------------------------------------------------------------------------------------
+
+def test_centre_rows_leaves_non_finite_rows_out_of_the_mean():
+    rows = torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]], [[float("nan"), 0.0]]])
+    centred, finite = centre_rows(rows)
+    assert finite.tolist() == [True, True, False]
+    assert torch.equal(centred[:2], torch.tensor([[[-1.0, -1.0]], [[1.0, 1.0]]]))
+
+
+def test_pool_phrase_mean_and_max():
+    rows = torch.tensor([[[1.0, 4.0]], [[3.0, 0.0]], [[9.0, 9.0]]])
+    assert torch.equal(pool_phrase(rows, [0, 1], "mean"), torch.tensor([[2.0, 2.0]]))
+    assert torch.equal(pool_phrase(rows, [0, 1], "max"), torch.tensor([[3.0, 4.0]]))
+
+
+def test_remove_corners_uses_the_map_minimum():
+    phrase_map = torch.arange(16.0).reshape(4, 4) + 1
+    phrase_map[1, 2] = -5.0
+    out = remove_corners(phrase_map)
+    assert out[0, 0] == out[0, 3] == out[3, 0] == out[3, 3] == -5.0
+    assert phrase_map[0, 0] == 1.0  # the input is left as it was
+    assert torch.equal(out[1:3], phrase_map[1:3])
+
+
+def test_pad_and_original_agree_on_a_square_image():
+    phrase_map = torch.rand(6, 6, generator=torch.Generator().manual_seed(0))
+    pad, original = upsample_map(phrase_map, 33, 33, "pad"), upsample_map(phrase_map, 33, 33, "original")
+    assert pad.shape == (33, 33) and torch.equal(pad, original)
+    assert upsample_map(phrase_map, 20, 50, "pad").shape == (20, 50)
+
+
+def test_mask_prompt_logits_and_box():
+    image_map = torch.zeros(60, 90)
+    image_map[10:20, 30:50] = 1.0
+    image_map[40:45, 70:80] = 0.8   # map / temperature > 0.75: inside the box
+    image_map[55:58, 0:5] = 0.5     # below: outside the box
+    logits, box = mask_prompt(image_map, temperature=1.0, box_thresh=0.75, mask_size=64)
+    assert logits.shape == (64, 64)
+    # 60 x 90 -> 43 x 64 in SAM's low-res frame (rounded like ResizeLongestSide), padded with 0 below
+    assert torch.all(logits[43:] == 0) and logits[:43].abs().sum() > 0
+    assert logits[10, 25] == pytest.approx(np.log(0.999 / 0.001), rel=1e-3)
+    assert logits[35, 5] == pytest.approx(np.log(0.001 / 0.999), rel=1e-3)
+    assert box.tolist() == [30.0, 10.0, 80.0, 45.0]
+    _, whole = mask_prompt(torch.full((60, 90), -1.0), temperature=1.0, box_thresh=0.75, mask_size=64)
+    assert whole.tolist() == [0.0, 0.0, 90.0, 60.0]
+
+
+# --- config and CLI ----------------------------------------------------------------------------------
+
+def test_config_yaml_sections_build_the_configs():
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    assert from_mapping(SegmentConfig, config["segment"], where="segment") == SegmentConfig(
+        pool="mean", upsample="pad", remove_corner=False, prompt="point", more_masks=False,
+        mask_temperature=0.0002, box_thresh=0.75)
+    assert from_mapping(SamConfig, config["sam"], where="sam") == SamConfig(
+        type="tiny", checkpoint="results/models/toy-sam.safetensors")
+
+
+@pytest.mark.parametrize("mapping, match", [
+    ({"pool": "median"}, "segment.pool"), ({"upsample": "stretch"}, "segment.upsample"),
+    ({"prompt": "box"}, "segment.prompt"), ({"mask_temperature": 0}, "mask_temperature"),
+    ({"temperature": 1}, "unknown key"),
+])
+def test_bad_segment_config_is_a_config_error(mapping, match):
+    with pytest.raises(ConfigError, match=match):
+        from_mapping(SegmentConfig, mapping, where="segment")
+
+
+def test_cli_writes_the_table(tmp_path, sam_checkpoint):
+    rows = rows_with_peaks(3, [(1, (2, 2), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (30, 40), "rows": rows, "phrases": [[1]]}])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"sam": {"type": "tiny", "checkpoint": str(sam_checkpoint)},
+                                      "segment": {"more_masks": True}}))
+    segment.main(["--config", str(config), "--manifest", str(paths["manifest"]),
+                  "--generations", str(paths["generations"]), "--attention", str(paths["attention"]),
+                  "--phrases", str(paths["phrases"]), "--out", str(paths["masks"]), "--device", "cpu"])
+    assert [r["mask_index"] for r in read_arrow(paths["masks"], "masks").to_pylist()] == [0, 1, 2]

@@ -1,0 +1,114 @@
+"""The real DAG on the embedded default (tiny random models): dry runs, a full run, a partial rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def write_config(workdir: Path, **overrides) -> dict:
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config.update(overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """Rule -> number of jobs a dry run would execute now."""
+    out = snakemake(workdir, "--cores", "2", "--dry-run").stdout
+    table = out.split("Job stats:", 1)[1] if "Job stats:" in out else ""
+    jobs = {}
+    for line in table.splitlines():
+        match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s+(\d+)\s*", line)
+        if match and match.group(1) not in ("job", "total"):
+            jobs[match.group(1)] = int(match.group(2))
+    return jobs
+
+
+def test_dry_run_plans_every_stage_per_shard(tmp_path):
+    write_config(tmp_path, shards=3)
+    jobs = planned_jobs(tmp_path)
+    datasets = 2
+    assert jobs["generate"] == jobs["phrases"] == jobs["segment"] == 3 * datasets
+    assert jobs["manifest"] == datasets
+    assert jobs["evaluate_instance_seg"] == jobs["evaluate_gcg"] == 1
+    assert jobs["synthetic_data"] == jobs["toy_lmm"] == jobs["toy_sam"] == 1
+
+
+def test_bad_config_stops_with_the_key_named(tmp_path):
+    config = write_config(tmp_path)
+    config["segment"]["pooling"] = "mean"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--cores", "1", "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "pooling" in result.stdout + result.stderr
+
+
+def test_slurm_profile_dry_run_asks_a_gpu_for_gpu_rules_only(tmp_path):
+    write_config(tmp_path)
+    profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    result = snakemake(tmp_path, "--profile", str(ROOT / "workflow" / "profiles" / "slurm"), "--dry-run",
+                       "--printshellcmds")
+    assert "generate" in result.stdout and "segment" in result.stdout
+    # The GPU request lives on the rules themselves: resources gpu=1 for generate/segment only.
+    for rule_file, wants_gpu in [("generate.smk", True), ("segment.smk", True), ("phrases.smk", False),
+                                 ("evaluate.smk", False), ("manifest.smk", False)]:
+        text = (ROOT / "workflow" / "rules" / rule_file).read_text()
+        assert ("gpu=1" in text) == wants_gpu, rule_file
+
+
+@pytest.mark.slow
+def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
+    write_config(tmp_path, shards=2)
+    snakemake(tmp_path, "--cores", "2")
+    out = tmp_path / "results"
+    for dataset, task in [("toy_instances", "instance_seg"), ("toy_gcg", "gcg")]:
+        metrics = json.loads((out / dataset / "metrics" / f"{task}.json").read_text())
+        assert task in metrics
+        assert metrics[task]["num_images"] > 0
+        for shard in (0, 1):
+            assert (out / dataset / "masks" / f"shard-{shard}.parquet").exists()
+            assert (out / dataset / "attention" / f"shard-{shard}.zarr").is_dir()
+        assert list((out / dataset / "visualize").glob("*_overlay.png"))
+    for rule in ("generate", "phrases", "segment"):
+        assert list((out / "logs" / rule).rglob("*.log")) and list((out / "benchmarks" / rule).rglob("*.tsv"))
+    assert planned_jobs(tmp_path) == {}
+
+    deleted = out / "toy_instances" / "masks" / "shard-1.parquet"
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet") if p != deleted}
+    deleted.unlink()
+    jobs = planned_jobs(tmp_path)
+    assert jobs.pop("segment") == 1
+    assert set(jobs) <= {"evaluate_instance_seg", "visualize", "all"}, jobs
+    assert "evaluate_instance_seg" in jobs
+    snakemake(tmp_path, "--cores", "2")
+    assert deleted.exists()
+    for path, mtime in kept.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+
+    # Changing one stage's section reruns that stage and what follows, nothing before.
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["segment"]["pool"] = "max"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(tmp_path)
+    assert jobs.get("segment") == 4 and "generate" not in jobs and "phrases" not in jobs, jobs
