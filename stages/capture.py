@@ -1,0 +1,330 @@
+"""Capture of the attention rows attend-and-segment reads, without ``output_attentions``.
+
+For every forward call of a generating model ("step"), the row captured is the softmax attention of
+the *newest* query position (step 0: the last prompt position at prefill; step j > 0: the position
+of the token generated at step j - 1) over *all* keys, restricted to the image-token keys, averaged
+over the selected heads and the selected language-model layers (REFERENCE §1). Generated token g_j
+gets row j.
+
+How: the language model's attention implementation is switched, for the duration of
+:meth:`AttentionCapture.recording`, to a function registered with transformers'
+``AttentionInterface`` (``aas_capture_sdpa`` or ``aas_capture_flash_attention_2``). It returns the
+unchanged SDPA (or flash) output, so the model computes exactly what it computes without capture,
+and on the side computes ``softmax(q_newest · K^T * scaling + mask)`` for each head (grouped-query
+attention: each query head reads its key/value head) and adds it to a float32 (batch, heads, keys)
+buffer of the step; at the end of the step (a forward hook on the model) the selected heads are
+summed, the image-key columns gathered and divided by layers x heads. Memory is O(steps x image
+tokens) plus that one buffer; no (heads x queries x keys) tensor is kept. The vision tower's
+attention is never touched (its sub-config keeps its own implementation).
+
+Cost: besides three small kernels per layer and step, the capture reads each layer's keys once more
+for the newest query (the SDPA/flash kernel does not return its probabilities), i.e. about half the
+cost of decoding attention; see bench/bench_capture.py.
+
+Supported: decoder layers reached through ``model.model.language_model.layers[i].self_attn`` (the
+LLaVA family), the default dynamic KV cache (a newest query attends to every key in the cache that
+its mask allows), greedy or sampled decoding (one sequence per batch element).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+CAPTURE_PREFIX = "aas_capture_"
+CAPTURABLE_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+
+
+class CaptureError(RuntimeError):
+    """The model's attention did not go through the capture: a model-level problem, not an input's."""
+
+
+# id(attention module) -> the recording it reports to; filled only while a recording is open.
+_ACTIVE_RECORDINGS: dict[int, _Recording] = {}
+
+
+def _sdpa_with_capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs):
+    """transformers' SDPA attention, plus the capture of the newest query's row (see module doc)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recording = _ACTIVE_RECORDINGS.get(id(module))
+    if recording is not None:
+        recording.observe(query, key, attention_mask, scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _flash_attention_2_with_capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                    value: torch.Tensor, attention_mask: torch.Tensor | None,
+                                    dropout: float = 0.0, scaling: float | None = None,
+                                    sliding_window: int | None = None, softcap: float | None = None,
+                                    is_causal: bool | None = None, **kwargs):
+    """transformers' flash-attention-2 path, plus the capture of the newest query's row.
+
+    ``attention_mask`` is flash's 2D padding mask (batch, keys), 1 = real token, or None.
+    transformers' own ``flash_attention_forward`` picks its kernel from the config's implementation
+    name (here the capture's name), so the kernel call is made directly with "flash_attention_2".
+    """
+    from transformers.integrations.flash_attention import _use_top_left_mask, get_target_dtype
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    recording = _ACTIVE_RECORDINGS.get(id(module))
+    if recording is not None:
+        recording.observe(query, key, attention_mask, scaling)
+    output = _flash_attention_forward(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
+        query_length=query.shape[2], is_causal=module.is_causal if is_causal is None else is_causal,
+        dropout=dropout, softmax_scale=scaling, sliding_window=sliding_window, softcap=softcap,
+        use_top_left_mask=_use_top_left_mask, target_dtype=get_target_dtype(query, module),
+        attn_implementation="flash_attention_2", layer_idx=getattr(module, "layer_idx", None), **kwargs)
+    return output, None
+
+
+def register_capture_attention() -> None:
+    """Register the capture implementations and their mask builders with transformers (idempotent).
+
+    The mask builder must be registered under the same name, or transformers silently builds no
+    mask for an unknown implementation and padding is ignored.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+    AttentionInterface.register(f"{CAPTURE_PREFIX}sdpa", _sdpa_with_capture)
+    AttentionMaskInterface.register(f"{CAPTURE_PREFIX}sdpa", sdpa_mask)
+    AttentionInterface.register(f"{CAPTURE_PREFIX}flash_attention_2", _flash_attention_2_with_capture)
+    AttentionMaskInterface.register(f"{CAPTURE_PREFIX}flash_attention_2", flash_attention_mask)
+
+
+def image_token_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Key positions of the image tokens of each sequence.
+
+    ``input_ids``: (B, L) int64 prompt ids (left padding allowed). Returns (B, N_img) int64, positions
+    in increasing order (row-major over the feature grid for LLaVA-1.5). Raises ValueError when the
+    sequences hold different numbers of image tokens (or none).
+    """
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    if counts.numel() == 0 or int(counts.min()) != int(counts.max()) or int(counts[0]) == 0:
+        raise ValueError("every sequence must hold the same, non-zero number of image tokens; "
+                         f"got {counts.tolist()}")
+    return is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
+
+
+def _normalise_indices(selection: Literal["all"] | Sequence[int], size: int, what: str) -> list[int]:
+    """``"all"`` -> 0..size-1; a list of (possibly negative, Python-style) indices -> non-negative ones."""
+    if isinstance(selection, str):
+        if selection != "all":
+            raise ValueError(f"{what} must be 'all' or a list of indices, got {selection!r}")
+        return list(range(size))
+    indices = [int(i) for i in selection]
+    if not indices:
+        raise ValueError(f"{what}: empty selection")
+    out_of_range = [i for i in indices if not -size <= i < size]
+    if out_of_range:
+        raise ValueError(f"{what} {out_of_range} out of range for {size} {what}")
+    normalised = [i % size for i in indices]
+    if len(set(normalised)) != len(normalised):
+        raise ValueError(f"{what} {indices} select the same index twice")
+    return normalised
+
+
+def _additive_mask_row(attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int, keys: int,
+                       like: torch.Tensor) -> torch.Tensor:
+    """The newest query's mask row as an additive bias (B * H_kv, 1, K) in ``like``'s dtype and device:
+    0 where the key is visible, -inf where masked; a zero (1, 1, 1) when there is no mask.
+
+    ``attention_mask``: None, SDPA's 4D mask (B or 1, 1, Q, K) (bool: True = attend; float: additive)
+    or flash's 2D padding mask (B, K) (nonzero = real token).
+    """
+    if attention_mask is None:
+        return like.new_zeros(1, 1, 1)
+    if attention_mask.dim() == 2:
+        visible = attention_mask[:, None, :] != 0
+    else:
+        visible = attention_mask[:, :, -1, :]
+    if visible.dtype == torch.bool:
+        bias = torch.zeros(visible.shape, dtype=like.dtype, device=like.device)
+        bias.masked_fill_(~visible, float("-inf"))
+    else:
+        bias = visible.to(like.dtype)
+    return bias.expand(batch, num_kv_heads, keys).reshape(batch * num_kv_heads, 1, keys)
+
+
+@dataclasses.dataclass
+class _Recording:
+    """State of one open recording: the current step's buffer and the rows of finished steps.
+
+    Per selected layer the capture runs three kernels: one batched matmul that also scales the
+    scores and adds the mask (``baddbmm``), a softmax that upcasts to float32, and an in-place add
+    into the step buffer. The mask's bias is built once per step (all layers share the mask);
+    head selection, the head sum and the image-column gather run once per step.
+    """
+
+    image_positions: torch.Tensor          # (B, N_img) int64 key positions
+    heads: torch.Tensor | None             # selected query heads, None = all
+    num_layers: int                        # number of selected layers
+    num_heads: int                         # number of selected heads
+    step_sum: torch.Tensor | None = None   # (B, H, K) float32: this step's softmax rows summed over layers
+    layers_seen: int = 0
+    mask_source: torch.Tensor | None = None  # the attention mask `bias` was built from
+    bias: torch.Tensor | None = None       # (B * H_kv, 1, K) additive mask of the newest query, query dtype
+    rows: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per step (B, N_img) float32
+
+    def start_step(self) -> None:
+        self.step_sum, self.mask_source, self.bias = None, None, None
+        self.layers_seen = 0
+
+    def _newest_query_bias(self, attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int,
+                           keys: int, like: torch.Tensor) -> torch.Tensor:
+        """:func:`_additive_mask_row`, built once per step (every layer gets the same mask object)."""
+        if self.bias is None or attention_mask is not self.mask_source:
+            self.bias = _additive_mask_row(attention_mask, batch, num_kv_heads, keys, like)
+            self.mask_source = attention_mask
+        return self.bias
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                scaling: float | None) -> None:
+        """Add one layer's newest-query softmax rows (all heads) to the step buffer.
+
+        ``query``: (B, H, Q, D); ``key``: (B, H_kv, K, D) including the cache (query head h reads
+        key head h // (H / H_kv), as transformers' ``repeat_kv``); ``attention_mask``: None (every key
+        visible to the newest query), SDPA's 4D mask (B, 1, Q, K) (bool: True = attend; float:
+        additive) or flash's 2D padding mask (B, K) (nonzero = real token).
+        """
+        batch, num_heads, _, head_dim = query.shape
+        num_kv_heads, keys = key.shape[1], key.shape[2]
+        newest = query[:, :, -1, :].reshape(batch * num_kv_heads, num_heads // num_kv_heads, head_dim)
+        keys_t = key.reshape(batch * num_kv_heads, keys, head_dim).transpose(1, 2)
+        bias = self._newest_query_bias(attention_mask, batch, num_kv_heads, keys, query)
+        scores = torch.baddbmm(bias, newest, keys_t, beta=0 if attention_mask is None else 1,
+                               alpha=head_dim ** -0.5 if scaling is None else scaling)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(batch, num_heads, keys)
+        if self.step_sum is None:
+            self.step_sum = probs
+        else:
+            self.step_sum.add_(probs)
+        self.layers_seen += 1
+
+    def end_step(self) -> None:
+        if self.layers_seen != self.num_layers:
+            raise CaptureError(
+                f"attention capture saw {self.layers_seen} of {self.num_layers} selected layers in one "
+                "forward call; the model's attention does not go through the capture implementation")
+        selected = self.step_sum if self.heads is None else self.step_sum.index_select(1, self.heads)
+        image_columns = selected.sum(dim=1).gather(1, self.image_positions)
+        self.rows.append(image_columns / (self.num_layers * self.num_heads))
+        self.start_step()
+
+
+class AttentionCapture:
+    """Record, per forward step of ``model``, the newest query's attention over the image tokens.
+
+    ``model``: a LLaVA-family ``*ForConditionalGeneration`` whose language model runs "sdpa" or
+    "flash_attention_2". ``layers`` / ``heads``: ``"all"`` or lists of language-model layer / query
+    head indices (negative indices count from the end, as in Python). Rows are the mean over the
+    selected layers and heads of the softmax probabilities (each row sums to at most 1).
+
+    Usage::
+
+        capture = AttentionCapture(model, layers="all", heads="all")
+        positions = image_token_positions(inputs["input_ids"], model.config.image_token_id)
+        with capture.recording(positions):
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=T)
+        rows = capture.rows()        # (B, steps, N_img) float32; row j belongs to generated token j
+
+    Outside ``recording`` the model is untouched.
+    """
+
+    def __init__(self, model: nn.Module, layers: Literal["all"] | Sequence[int] = "all",
+                 heads: Literal["all"] | Sequence[int] = "all"):
+        try:
+            decoder_layers = model.model.language_model.layers
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no model.language_model.layers; "
+                             "attention capture supports the LLaVA family") from None
+        text_config = model.config.get_text_config()
+        self.model = model
+        self.layers = _normalise_indices(layers, len(decoder_layers), "layers")
+        self.heads = _normalise_indices(heads, text_config.num_attention_heads, "heads")
+        self._all_heads = isinstance(heads, str)
+        self._attention_modules = [decoder_layers[i].self_attn for i in self.layers]
+        self._recording: _Recording | None = None
+        self._rows: torch.Tensor | None = None
+        self._text_implementation()
+        register_capture_attention()
+
+    def _text_implementation(self) -> str:
+        """The language model's attention implementation; ValueError when capture cannot run over it."""
+        implementation = self.model.config.get_text_config()._attn_implementation
+        if implementation not in CAPTURABLE_IMPLEMENTATIONS:
+            raise ValueError(f"attention capture runs over {list(CAPTURABLE_IMPLEMENTATIONS)}; "
+                             f"the language model uses {implementation!r}")
+        return implementation
+
+    @contextlib.contextmanager
+    def recording(self, image_positions: torch.Tensor) -> Iterator[AttentionCapture]:
+        """Capture every forward call of the model made inside the block.
+
+        ``image_positions``: (B, N_img) int64 key positions of the image tokens of each sequence
+        (see :func:`image_token_positions`), on the model's device. Rows of a previous recording
+        are discarded.
+        """
+        if self._recording is not None:
+            raise RuntimeError("a recording is already open on this model")
+        original = self._text_implementation()
+        heads = None if self._all_heads else torch.tensor(self.heads, device=image_positions.device)
+        recording = _Recording(image_positions=image_positions.long(), heads=heads,
+                               num_layers=len(self.layers), num_heads=len(self.heads))
+        self._recording, self._rows = recording, None
+        hooks = [self.model.register_forward_pre_hook(lambda module, args: recording.start_step()),
+                 self.model.register_forward_hook(lambda module, args, output: recording.end_step())]
+        for module in self._attention_modules:
+            _ACTIVE_RECORDINGS[id(module)] = recording
+        try:
+            self.model.set_attn_implementation({"text_config": CAPTURE_PREFIX + original})
+            yield self
+        finally:
+            self.model.set_attn_implementation({"text_config": original})
+            for module in self._attention_modules:
+                _ACTIVE_RECORDINGS.pop(id(module), None)
+            for hook in hooks:
+                hook.remove()
+            self._recording = None
+            batch, num_image = image_positions.shape
+            self._rows = (torch.stack(recording.rows, dim=1) if recording.rows
+                          else torch.zeros(batch, 0, num_image, device=image_positions.device))
+
+    def rows(self) -> torch.Tensor:
+        """Rows of the last recording: (B, steps, N_img) float32 on the model's device."""
+        if self._rows is None:
+            raise RuntimeError("no finished recording")
+        return self._rows
+
+
+def eager_reference_rows(attentions: Sequence[Sequence[torch.Tensor]], image_positions: torch.Tensor,
+                         layers: Sequence[int] | None = None,
+                         heads: Sequence[int] | None = None) -> torch.Tensor:
+    """The same rows computed the release's way, from eager ``output_attentions=True`` generation.
+
+    ``attentions``: ``generate(..., output_attentions=True, return_dict_in_generate=True).attentions``,
+    per step a tuple over layers of (B, H, Q, K) probabilities; ``image_positions``: (B, N_img);
+    ``layers`` / ``heads``: non-negative indices, None = all. Returns (B, steps, N_img) float32.
+    Used as the reference in tests and benchmarks.
+    """
+    steps = []
+    for step_attentions in attentions:
+        selected = layers if layers is not None else range(len(step_attentions))
+        per_layer = [step_attentions[i] for i in selected]
+        newest = torch.stack([a[:, :, -1, :].float() for a in per_layer])          # (layers, B, H, K)
+        if heads is not None:
+            newest = newest[:, :, list(heads)]
+        mean = newest.mean(dim=(0, 2))                                             # (B, K)
+        steps.append(mean.gather(1, image_positions.to(mean.device)))
+    return torch.stack(steps, dim=1)

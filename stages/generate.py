@@ -1,0 +1,387 @@
+"""Generate stage (GPU, one job per shard): answer each image and capture its attention rows.
+
+For every image of the shard: the chat prompt (the model's own template, optional system message,
+the configured question), the image optionally padded to a square with the image processor's mean
+colour (LLaVA-1.5 ``expand2square``), greedy decoding in left-padded batches, and for every
+generated token g_j the attention row of the query that emitted it over the image tokens, reduced
+over the configured layers and heads (:mod:`stages.capture`), reshaped to the feature grid.
+
+Outputs (schemas in :mod:`schemas.artifacts`): the generations table (one row per manifest row of
+the shard, in manifest order: answer text, token ids, each token's character span in the answer,
+finish reason, row offset into the store) and the attention store (float16 rows
+(total_tokens, grid_h, grid_w); an image's rows are contiguous). An image that cannot be used
+(manifest error, unreadable file, a failure while generating) becomes an error row with the reason
+(num_tokens 0, finish_reason "error"), never a crash of the shard; model-level problems (unknown
+family, missing model, bad layer/head indices) raise ConfigError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from stages.config import ConfigError, from_mapping
+from stages.io.attention import AttentionWriter
+from stages.io.images import ImageError, load_rgb_image
+from stages.io.tables import read_table, write_table
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from stages.capture import AttentionCapture
+    from stages.models.registry import LoadedLMM
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMMConfig:
+    """Config section ``lmm``: which model, in which precision, with which attention kernel."""
+
+    family: str = "llava"
+    path: str = "results/models/toy-llava"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    attn_implementation: Literal["sdpa", "flash_attention_2"] = "sdpa"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Config section ``generate`` (see schemas/config.schema.yaml for every key's meaning)."""
+
+    question: str = "Describe the image in detail."
+    system_prompt: str | None = None
+    pad_to_square: bool = True
+    max_new_tokens: int = 24
+    batch_size: int = 2
+    layers: Literal["all"] | tuple[int, ...] = "all"
+    heads: Literal["all"] | tuple[int, ...] = "all"
+    tokens_per_chunk: int = 256
+
+
+@dataclasses.dataclass
+class _Item:
+    """One manifest row on its way through the stage: an RGB image to answer, or an error."""
+
+    image_id: str
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class _Answer:
+    """Generation of one image: ``token_ids`` (T,) trimmed after the first end-of-sequence token and
+    ``rows`` (T, grid_h, grid_w) float32, row j = attention of the query that emitted token j."""
+
+    token_ids: list[int]
+    rows: np.ndarray
+    finish_reason: str
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as given, or cuda:0 when CUDA is available, else cpu."""
+    import torch
+
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Config dtype -> torch dtype; "auto" is bfloat16 on a GPU that supports it, float16 on one that
+    does not, float32 on the CPU."""
+    import torch
+
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ConfigError(f"lmm.dtype {name!r} unknown; known: ['auto', {', '.join(map(repr, dtypes))}]")
+    return dtypes[name]
+
+
+def build_prompt(processor: Any, question: str, system_prompt: str | None) -> str:
+    """The model's chat template applied to [system message], user (image, question), with the
+    generation prompt appended (llava-1.5: ``"[system ]USER: <image>\\n{question} ASSISTANT:"``)."""
+    messages = []
+    if system_prompt:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad ``image`` to a square of its longer side, centred, filling with ``background`` (LLaVA-1.5's
+    ``expand2square``: the offset is (longer - shorter) // 2 on the shorter axis)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def token_char_spans(tokenizer: Any,
+                     token_ids: Sequence[int]) -> tuple[str, list[int], list[int], list[bool]]:
+    """Decode ``token_ids`` once, incrementally, into the answer text and each token's character span.
+
+    Returns ``(answer, starts, ends, special)``: ``answer`` equals
+    ``tokenizer.decode(token_ids, skip_special_tokens=True)``; token j covers ``answer[starts[j]:ends[j]]``
+    (code-point offsets, [start, end)); ``special[j]`` marks special tokens (end-of-sequence, padding, ...),
+    which get an empty span at the current end of the text.
+
+    Cost O(T): each token decodes a short window (the tokens since the last emitted text, plus the
+    one before them for context), the scheme of tokenizers' ``DecodeStream`` and of TGI/vLLM
+    detokenisers, instead of decoding every prefix. A token whose text is not complete yet (part of
+    a multi-byte character split over byte-level tokens: the window decodes to a trailing U+FFFD)
+    waits; every token waiting that way shares the span of the text emitted when the character
+    completes. Tokens still waiting at the end get the span of whatever their bytes decode to (e.g.
+    U+FFFD). A token that decodes to no text (e.g. a leading "▁" the decoder strips) gets an empty
+    span, as prefix decoding would give it.
+    """
+    special_ids = set(tokenizer.all_special_ids)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    text_ids: list[int] = []       # the non-special tokens so far
+    prefix_offset = read_offset = 0
+    prefix_text = ""               # decode(text_ids[prefix_offset:read_offset])
+    pieces: list[str] = []
+    length = 0
+    waiting: list[int] = []        # indices of tokens whose character is not complete yet
+    starts, ends, special = [0] * len(token_ids), [0] * len(token_ids), [False] * len(token_ids)
+
+    def emit(piece: str) -> None:
+        nonlocal length
+        for j in waiting:
+            starts[j], ends[j] = length, length + len(piece)
+        waiting.clear()
+        pieces.append(piece)
+        length += len(piece)
+
+    for j, token_id in enumerate(token_ids):
+        token_id = int(token_id)
+        if token_id in special_ids:
+            special[j] = True
+            starts[j] = ends[j] = length
+            continue
+        text_ids.append(token_id)
+        waiting.append(j)
+        window_text = decode(text_ids[prefix_offset:])
+        if not window_text.endswith("\ufffd"):
+            emit(window_text[len(prefix_text):])
+            prefix_offset, read_offset = read_offset, len(text_ids)
+            prefix_text = decode(text_ids[prefix_offset:read_offset])
+    if waiting:
+        emit(decode(text_ids[prefix_offset:])[len(prefix_text):])
+    return "".join(pieces), starts, ends, special
+
+
+def _prepare(row: Any, pad_to_square: bool, background: tuple[int, int, int]) -> _Item:
+    image_id = str(row.image_id)
+    if isinstance(row.error, str) and row.error:
+        return _Item(image_id, error=f"manifest: {row.error}")
+    try:
+        image = load_rgb_image(row.file)
+    except ImageError as exc:
+        return _Item(image_id, error=str(exc))
+    return _Item(image_id, image=expand_to_square(image, background) if pad_to_square else image)
+
+
+def _eos_ids(model: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+
+def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, images: list[Image.Image],
+                    cfg: GenerateConfig, device: torch.device) -> list[_Answer]:
+    """Greedy generation for ``images`` (one left-padded batch) with attention capture."""
+    import torch
+
+    from stages.capture import CaptureError, image_token_positions
+
+    inputs = lmm.processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
+    inputs = inputs.to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(lmm.model.dtype)
+    pixel_grid = tuple(size // lmm.patch_size for size in inputs["pixel_values"].shape[-2:])
+    positions = image_token_positions(inputs["input_ids"], lmm.image_token_id)
+    grid = lmm.grid
+    if pixel_grid != grid or positions.shape[1] != grid[0] * grid[1]:
+        raise ConfigError(f"the processor of {lmm.path!r} gives {positions.shape[1]} image tokens on a "
+                          f"{pixel_grid} pixel grid; the vision tower's grid is {grid}")
+    with torch.inference_mode(), capture.recording(positions):
+        sequences = lmm.model.generate(**inputs, do_sample=False, num_beams=1,
+                                       max_new_tokens=cfg.max_new_tokens)
+    generated = sequences[:, inputs["input_ids"].shape[1]:].cpu()
+    rows = capture.rows().float().cpu().numpy()
+    if rows.shape[1] != generated.shape[1]:
+        raise CaptureError(f"captured {rows.shape[1]} steps for {generated.shape[1]} generated tokens")
+    eos_ids = _eos_ids(lmm.model)
+    answers = []
+    for b in range(len(images)):
+        ids = generated[b].tolist()
+        ends = [j for j, token_id in enumerate(ids) if token_id in eos_ids]
+        num_tokens, reason = (ends[0] + 1, "eos") if ends else (len(ids), "length")
+        answers.append(_Answer(ids[:num_tokens], rows[b, :num_tokens].reshape(num_tokens, *grid), reason))
+    return answers
+
+
+def _answer_items(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, items: list[_Item],
+                  cfg: GenerateConfig, device: torch.device) -> list[_Answer | str]:
+    """Answers for ``items`` (all with an image); if the batch fails, each image is retried alone
+    and a failing one yields its error message instead of an answer. ConfigError and CaptureError
+    (problems of the model, not of an image) propagate."""
+    from stages.capture import CaptureError
+
+    try:
+        return _generate_batch(lmm, capture, prompt, [item.image for item in items], cfg, device)
+    except (ConfigError, CaptureError):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any failure of one image must not lose the others
+        if len(items) == 1:
+            log.warning("image %s failed: %s: %s", items[0].image_id, type(exc).__name__, exc)
+            return [f"generation failed: {type(exc).__name__}: {exc}"]
+        log.warning("batch of %d failed (%s: %s); retrying its images one by one",
+                    len(items), type(exc).__name__, exc)
+    results: list[_Answer | str] = []
+    for item in items:
+        results.extend(_answer_items(lmm, capture, prompt, [item], cfg, device))
+    return results
+
+
+def _batches(items: Iterator[_Item], batch_size: int) -> Iterator[list[_Item]]:
+    """Consecutive groups of items, each closed when it holds ``batch_size`` images (error items ride
+    along, so that the output keeps the manifest order)."""
+    group: list[_Item] = []
+    images = 0
+    for item in items:
+        group.append(item)
+        images += item.image is not None
+        if images == batch_size:
+            yield group
+            group, images = [], 0
+    if group:
+        yield group
+
+
+def _error_row(image_id: str, prompt: str, reason: str, row_offset: int) -> dict[str, Any]:
+    """A generations row for an image that produced no tokens."""
+    return {"image_id": image_id, "prompt": prompt, "answer": None, "token_ids": [], "token_starts": [],
+            "token_ends": [], "token_special": [], "num_tokens": 0, "row_offset": row_offset,
+            "grid_h": None, "grid_w": None, "finish_reason": "error", "error": reason}
+
+
+def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | os.PathLike, shard: int,
+        generations_path: str | os.PathLike, attention_path: str | os.PathLike,
+        device: str | None = None) -> None:
+    """Answer every image of ``shard`` in the manifest; write its generations table and attention store.
+
+    ``device``: "cuda:N" / "cpu"; None = cuda:0 when available, else cpu. Raises ConfigError for
+    model-level problems; per-image problems become error rows.
+    """
+    from tqdm import tqdm
+
+    from stages.capture import CAPTURABLE_IMPLEMENTATIONS, AttentionCapture
+    from stages.models.registry import load_lmm
+
+    if lmm_cfg.attn_implementation not in CAPTURABLE_IMPLEMENTATIONS:
+        raise ConfigError(f"lmm.attn_implementation {lmm_cfg.attn_implementation!r}: attention capture runs "
+                          f"over {list(CAPTURABLE_IMPLEMENTATIONS)}")
+    manifest = read_table(manifest_path, "manifest")
+    rows = manifest[manifest["shard"] == shard]
+    torch_device = resolve_device(device)
+    lmm = load_lmm(lmm_cfg.family, lmm_cfg.path, dtype=resolve_dtype(lmm_cfg.dtype, torch_device),
+                   attn_implementation=lmm_cfg.attn_implementation, device=torch_device)
+    try:
+        capture = AttentionCapture(lmm.model, layers=generate_cfg.layers, heads=generate_cfg.heads)
+    except ValueError as exc:
+        raise ConfigError(f"attention capture of {lmm_cfg.path!r} (generate.layers, generate.heads): "
+                          f"{exc}") from None
+    # LLaVA-1.5's expand2square colour: tuple(int(x * 255) for x in image_mean), truncated.
+    background = tuple(int(255 * c) for c in lmm.processor.image_processor.image_mean)
+    grid = lmm.grid
+    prompt = build_prompt(lmm.processor, generate_cfg.question, generate_cfg.system_prompt)
+    lmm.processor.tokenizer.padding_side = "left"
+    reduction = {"layers": _reduction_value(generate_cfg.layers),
+                 "heads": _reduction_value(generate_cfg.heads), "statistic": "mean"}
+    log.info("shard %d: %d images, prompt %r, grid %s", shard, len(rows), prompt, grid)
+
+    table: list[dict[str, Any]] = []
+    items = (_prepare(row, generate_cfg.pad_to_square, background) for row in rows.itertuples(index=False))
+    with AttentionWriter(attention_path, grid, model=lmm_cfg.path, reduction=reduction,
+                         tokens_per_chunk=generate_cfg.tokens_per_chunk) as writer, \
+            tqdm(total=len(rows), desc=f"generate shard {shard}", unit="image") as progress:
+        for group in _batches(items, generate_cfg.batch_size):
+            with_image = [item for item in group if item.image is not None]
+            answers = iter(_answer_items(lmm, capture, prompt, with_image, generate_cfg, torch_device)
+                           if with_image else [])
+            for item in group:
+                if item.image is None:
+                    table.append(_error_row(item.image_id, prompt, item.error, writer.num_rows))
+                    continue
+                answer = next(answers)
+                if isinstance(answer, str):
+                    table.append(_error_row(item.image_id, prompt, answer, writer.num_rows))
+                    continue
+                table.append(_generation_row(item.image_id, prompt, answer, lmm.processor.tokenizer,
+                                             writer.append(answer.rows), grid))
+            progress.update(len(group))
+    write_table(table, generations_path, "generations")
+    errors = sum(row["error"] is not None for row in table)
+    log.info("shard %d: %d generations (%d errors), %d attention rows", shard, len(table), errors,
+             sum(row["num_tokens"] for row in table))
+
+
+def _generation_row(image_id: str, prompt: str, answer: _Answer, tokenizer: Any, row_offset: int,
+                    grid: tuple[int, int]) -> dict[str, Any]:
+    text, starts, ends, special = token_char_spans(tokenizer, answer.token_ids)
+    return {"image_id": image_id, "prompt": prompt, "answer": text, "token_ids": answer.token_ids,
+            "token_starts": starts, "token_ends": ends, "token_special": special,
+            "num_tokens": len(answer.token_ids), "row_offset": row_offset, "grid_h": grid[0],
+            "grid_w": grid[1], "finish_reason": answer.finish_reason, "error": None}
+
+
+def _reduction_value(selection: str | Sequence[int]) -> str | list[int]:
+    return selection if isinstance(selection, str) else [int(i) for i in selection]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import yaml
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True,
+                        help="pipeline config YAML (sections `lmm` and `generate`)")
+    parser.add_argument("--manifest", required=True, help="manifest.parquet of the data set")
+    parser.add_argument("--shard", type=int, required=True, help="shard to answer")
+    parser.add_argument("--generations", required=True, help="output generations/shard-K.parquet")
+    parser.add_argument("--attention", required=True, help="output attention/shard-K.zarr")
+    parser.add_argument("--question", help="overrides generate.question (a data set's own question)")
+    parser.add_argument("--device", help="cuda:N or cpu (default: cuda:0 when available)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    generate_section = dict(config.get("generate") or {})
+    if args.question:
+        generate_section["question"] = args.question
+    generate_cfg = from_mapping(GenerateConfig, generate_section, where="generate")
+    lmm_cfg = from_mapping(LMMConfig, config.get("lmm"), where="lmm")
+    run(generate_cfg, lmm_cfg, args.manifest, args.shard, args.generations, args.attention,
+        device=args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Registry of LMM families: family name -> loader returning the model and its processor.
+
+A loader takes ``(path, dtype, attn_implementation, device)`` and returns a :class:`LoadedLMM` whose
+model is in eval mode on ``device``. ``path`` is a local folder or a hub id; a loader raises
+:class:`~stages.config.ConfigError` naming ``path`` when neither works. Heavy imports happen inside
+the loaders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from stages.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedLMM:
+    """A loaded LMM: the model, its processor (tokenizer + image processor + chat template) and facts
+    the generate stage needs.
+
+    ``image_token_id``: id of the image placeholder token in ``input_ids``; ``patch_size``: pixels per
+    feature-grid cell of the vision tower; ``grid``: (rows, columns) of the feature grid the image
+    tokens are laid on, row-major (LLaVA-1.5: 24 x 24).
+    """
+
+    family: str
+    path: str
+    model: Any
+    processor: Any
+    image_token_id: int
+    patch_size: int
+    grid: tuple[int, int]
+
+
+# A hub id: "name" or "owner/name" (letters, digits, "-", "_", "."), not starting with a dot.
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+
+
+def model_source(path: str) -> str:
+    """Check that ``path`` is an existing folder or has the form of a hub id; return it unchanged.
+
+    Anything else (e.g. ``results/models/toy-llava`` before it is built, an absolute path that does
+    not exist, a file) raises ConfigError naming the path at once, without a network round trip.
+    """
+    local = Path(path)
+    if local.is_dir():
+        return path
+    if local.exists():
+        raise ConfigError(f"LMM path {path!r} is a file; expected a model folder or a hub id")
+    if not _HUB_ID.match(path):
+        raise ConfigError(f"LMM folder {path!r} does not exist (and is not a hub id)")
+    return path
+
+
+LMMLoader = Callable[[str, "torch.dtype", str, "torch.device"], LoadedLMM]
+
+
+def _load_llava(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> LoadedLMM:
+    from stages.models.llava import load_llava
+
+    return load_llava(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+
+
+LMM_FAMILIES: dict[str, LMMLoader] = {
+    "llava": _load_llava,
+}
+
+
+def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation: str,
+             device: torch.device) -> LoadedLMM:
+    """Load the LMM of ``family`` from ``path``; unknown family -> ConfigError listing the known ones."""
+    try:
+        loader = LMM_FAMILIES[family]
+    except KeyError:
+        raise ConfigError(f"unknown LMM family {family!r} (lmm.family); "
+                          f"known: {sorted(LMM_FAMILIES)}") from None
+    return loader(path, dtype, attn_implementation, device)

@@ -1,0 +1,185 @@
+"""Attention capture: the captured rows equal the release's eager ``output_attentions`` rows, and the
+model generates exactly what it generates without capture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages.capture import AttentionCapture, eager_reference_rows, image_token_positions
+from stages.models.toy_lmm import LLAVA_V1_SYSTEM, build_toy_llava
+
+CAPTIONS = ["A red square sits left of a blue circle.", "Two green triangles, one small dog and a cat."]
+LONG_PROMPT = f"{LLAVA_V1_SYSTEM} USER: <image>\nDescribe the image in detail. ASSISTANT:"
+SHORT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
+MAX_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"])
+def toy(request, tmp_path_factory):
+    """(sdpa model, eager model, processor) of a toy LLaVA; "gqa": 4 query heads share 2 key/value heads."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    kv_heads = {"mha": None, "gqa": 2}[request.param]
+    path = build_toy_llava(tmp_path_factory.mktemp("toy") / "llava", CAPTIONS, seed=1, text_layers=3,
+                           num_key_value_heads=kv_heads)
+    sdpa = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    eager = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    return sdpa, eager, AutoProcessor.from_pretrained(path)
+
+
+def noise_images(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def model_inputs(processor, prompts: list[str]):
+    return processor(images=noise_images(len(prompts)), text=prompts, padding=True, return_tensors="pt")
+
+
+def eager_rows(eager, inputs, layers=None, heads=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generated sequences, reference rows) from eager generation with output_attentions=True."""
+    with torch.no_grad():
+        out = eager.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, output_attentions=True,
+                             return_dict_in_generate=True)
+    positions = image_token_positions(inputs["input_ids"], eager.config.image_token_id)
+    return out.sequences, eager_reference_rows(out.attentions, positions, layers, heads)
+
+
+def captured_rows(model, inputs, layers="all", heads="all") -> tuple[torch.Tensor, torch.Tensor]:
+    capture = AttentionCapture(model, layers=layers, heads=heads)
+    positions = image_token_positions(inputs["input_ids"], model.config.image_token_id)
+    with torch.no_grad(), capture.recording(positions):
+        sequences = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    return sequences, capture.rows()
+
+
+@pytest.mark.parametrize("prompts", [[LONG_PROMPT], [LONG_PROMPT, SHORT_PROMPT]],
+                         ids=["batch1", "left-padded-batch2"])
+@pytest.mark.parametrize(("layers", "heads", "ref_layers", "ref_heads"), [
+    ("all", "all", None, None),
+    ("all", [-2], None, [2]),
+    ([0, -1], [1, 3], [0, 2], [1, 3]),
+], ids=["all", "heads[-2]", "layers[0,-1]-heads[1,3]"])
+def test_captured_rows_equal_eager_rows(toy, prompts, layers, heads, ref_layers, ref_heads):
+    sdpa, eager, processor = toy
+    inputs = model_inputs(processor, prompts)
+    if len(prompts) > 1:
+        assert not bool(inputs["attention_mask"].all()), "the batch must be left-padded"
+    eager_sequences, expected = eager_rows(eager, inputs, ref_layers, ref_heads)
+    sequences, rows = captured_rows(sdpa, inputs, layers, heads)
+
+    assert torch.equal(sequences, eager_sequences)
+    generated = sequences.shape[1] - inputs["input_ids"].shape[1]
+    assert rows.shape == (len(prompts), generated, 144) and rows.dtype == torch.float32
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-6)
+    # Peaked, not uniform (which any computation would match): the toy's attention is informative.
+    assert float(rows.max()) > 3.0 / inputs["input_ids"].shape[1]
+    assert bool((rows.sum(-1) <= 1 + 1e-5).all())
+
+
+def test_generation_is_unchanged_by_capture(toy):
+    sdpa, _, processor = toy
+    inputs = model_inputs(processor, [LONG_PROMPT, SHORT_PROMPT])
+    with torch.no_grad():
+        plain = sdpa.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, output_scores=True,
+                              return_dict_in_generate=True)
+    capture = AttentionCapture(sdpa)
+    positions = image_token_positions(inputs["input_ids"], sdpa.config.image_token_id)
+    with torch.no_grad(), capture.recording(positions):
+        captured = sdpa.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, output_scores=True,
+                                 return_dict_in_generate=True)
+    assert torch.equal(plain.sequences, captured.sequences)
+    for plain_scores, captured_scores in zip(plain.scores, captured.scores, strict=True):
+        assert torch.equal(plain_scores, captured_scores)
+
+
+def test_recording_swaps_only_the_language_model_and_restores_it(toy):
+    sdpa, _, processor = toy
+    inputs = model_inputs(processor, [SHORT_PROMPT])
+    capture = AttentionCapture(sdpa)
+    positions = image_token_positions(inputs["input_ids"], sdpa.config.image_token_id)
+    with pytest.raises(KeyError), capture.recording(positions):
+        assert sdpa.config.text_config._attn_implementation == "aas_capture_sdpa"
+        assert sdpa.config.vision_config._attn_implementation == "sdpa"
+        raise KeyError("interrupted")
+    assert sdpa.config.text_config._attn_implementation == "sdpa"
+    # After an interrupted recording the next one starts clean.
+    with torch.no_grad(), capture.recording(positions):
+        sequences = sdpa.generate(**inputs, do_sample=False, max_new_tokens=3)
+    assert capture.rows().shape == (1, sequences.shape[1] - inputs["input_ids"].shape[1], 144)
+
+
+def test_image_token_positions_follow_left_padding():
+    ids = torch.tensor([[0, 0, 5, 9, 9, 9, 7],
+                        [5, 6, 9, 9, 9, 7, 8]])
+    assert image_token_positions(ids, 9).tolist() == [[3, 4, 5], [2, 3, 4]]
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        image_token_positions(torch.tensor([[9, 9, 1], [9, 1, 1]]), 9)
+
+
+@pytest.mark.parametrize(("layers", "heads", "message"), [
+    ([3], "all", "out of range"),
+    ([-4], "all", "out of range"),
+    ("all", [0, -4], "twice"),
+    ("all", [], "empty"),
+    ("some", "all", "'all' or a list"),
+])
+def test_bad_layer_and_head_selections_are_rejected(toy, layers, heads, message):
+    sdpa, _, _ = toy
+    with pytest.raises(ValueError, match=message):
+        AttentionCapture(sdpa, layers=layers, heads=heads)
+
+
+def test_eager_model_cannot_be_captured(toy):
+    _, eager, _ = toy
+    with pytest.raises(ValueError, match="'eager'"):
+        AttentionCapture(eager)
+
+
+def test_flash_padding_mask_gives_the_same_newest_query_mask_as_sdpa():
+    """Flash attention passes the 2D padding mask (B, K); SDPA a 4D bool mask (B, 1, Q, K) or an
+    additive float one. All must give the newest query the same visible keys."""
+    from stages.capture import _additive_mask_row
+
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    causal = torch.ones(3, 5, dtype=torch.bool).tril(diagonal=2)                 # 3 queries, 5 keys
+    sdpa_bool = causal[None, None] & padding.bool()[:, None, None, :]
+    sdpa_float = torch.zeros(sdpa_bool.shape).masked_fill(~sdpa_bool, torch.finfo(torch.float32).min)
+    like = torch.zeros(())
+    expected = torch.tensor([[-torch.inf, -torch.inf, 0, 0, 0],
+                             [0, 0, 0, 0, 0]]).repeat_interleave(2, 0)[:, None]      # (B * H_kv, 1, K)
+    assert torch.equal(_additive_mask_row(padding, 2, 2, 5, like), expected)
+    assert torch.equal(_additive_mask_row(sdpa_bool, 2, 2, 5, like), expected)
+    float_bias = _additive_mask_row(sdpa_float, 2, 2, 5, like)
+    assert torch.equal(float_bias == 0, expected == 0) and bool((float_bias[expected != 0] < -1e30).all())
+    assert _additive_mask_row(None, 2, 2, 5, like).shape == (1, 1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
+def test_capture_on_gpu_matches_eager(tmp_path, implementation):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if implementation == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = build_toy_llava(tmp_path / "llava", CAPTIONS, seed=1, num_key_value_heads=2)
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, attn_implementation=implementation, dtype=torch.bfloat16).to("cuda").eval()
+    eager = LlavaForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.bfloat16).to("cuda").eval()
+    inputs = model_inputs(processor, [LONG_PROMPT, SHORT_PROMPT]).to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    eager_sequences, expected = eager_rows(eager, inputs)
+    sequences, rows = captured_rows(model, inputs)
+    steps = min(sequences.shape[1], eager_sequences.shape[1]) - inputs["input_ids"].shape[1]
+    assert steps > 0
+    # Step 0 reads the same prompt either way; bf16 kernels may make later tokens diverge.
+    torch.testing.assert_close(rows[:, :1], expected[:, :1], rtol=2e-2, atol=2e-3)
+    if torch.equal(sequences, eager_sequences):
+        torch.testing.assert_close(rows, expected, rtol=2e-2, atol=2e-3)
