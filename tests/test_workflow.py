@@ -54,6 +54,14 @@ def test_dry_run_plans_every_stage_per_shard(tmp_path):
     assert jobs["synthetic_data"] == jobs["toy_lmm"] == jobs["toy_sam"] == 1
 
 
+def test_lint_finds_nothing_but_the_missing_conda_envs(tmp_path):
+    """The only lint is "Specify a conda environment or container": software comes from pyproject.toml."""
+    write_config(tmp_path)
+    result = snakemake(tmp_path, "--lint", check=False)
+    lints = {line.strip() for line in (result.stdout + result.stderr).splitlines() if line.startswith("    * ")}
+    assert lints <= {"* Specify a conda environment or container for each rule.:"}, lints
+
+
 def test_bad_config_stops_with_the_key_named(tmp_path):
     config = write_config(tmp_path)
     config["segment"]["pooling"] = "mean"

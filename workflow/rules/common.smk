@@ -63,12 +63,16 @@ def shard_artifacts(kind, suffix="parquet"):
 
 
 def final_targets():
-    """Metrics of every evaluated data set, masks of the others, and the visualisations."""
+    """Every shard artifact, the metrics of every evaluated data set, and the visualisations.
+
+    Shard artifacts are targets themselves so that a deleted shard file is rebuilt (and what
+    gathers it rerun) even when the metrics downstream of it are present."""
     targets = []
     for name, ds in DATASETS.items():
+        for shard in SHARDS:
+            targets += [artifact(name, kind, shard) for kind in ("generations", "phrases", "masks")]
+            targets.append(artifact(name, "attention", shard, "zarr"))
         if ds["task"] in EVALUATED_TASKS:
             targets.append(f"{OUT}/{name}/metrics/{ds['task']}.json")
-        else:
-            targets += [artifact(name, "masks", shard) for shard in SHARDS]
         targets.append(f"{OUT}/{name}/visualize")
     return targets
