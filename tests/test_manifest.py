@@ -151,3 +151,11 @@ def test_cli_uses_config_dataset_and_shards(tmp_path, monkeypatch):
     assert list(table["file"]) == ["imgs/a.png", "imgs/b.png", "imgs/c.png"]
     with pytest.raises(SystemExit, match="'other' is not in config.yaml"):
         manifest.main(["--config", "config.yaml", "--dataset", "other", "--out", "m.parquet"])
+
+
+def test_a_10000_px_square_image_gets_an_error_row_by_default(tmp_path):
+    Image.new("L", (10000, 10000), 128).save(tmp_path / "huge.png", compress_level=1)
+    save_image(tmp_path / "small.png", (8, 6))
+    rows = {r["image_id"]: r for r in manifest.run(folder_dataset(tmp_path), 1, tmp_path / "m.parquet").to_pylist()}
+    assert rows["huge"]["error"] == "image has 10000 x 10000 = 100000000 pixels, above max_pixels=50000000"
+    assert rows["small"]["error"] is None
