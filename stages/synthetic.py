@@ -1,7 +1,8 @@
 """The embedded toy data set: coloured shapes on textured backgrounds, with masks and captions.
 
-Everything follows from ``SyntheticConfig.seed``: image ``i`` is drawn from the random generator
-``numpy.random.default_rng([seed, i])``, so an image does not depend on how many images are made.
+Everything follows from ``SyntheticConfig.seed``: image ``i`` of split ``s`` (train, val or test) is
+drawn from the random generator :func:`scene_rng` = ``numpy.random.default_rng([seed, SPLITS.index(s), i])``,
+so an image does not depend on how many images are made, and the splits never share a scene stream.
 Three steps per image, each usable on its own:
 
 1. :func:`generate_scene` draws a :class:`Scene` (size, background, 1-4 objects of distinct
@@ -13,11 +14,11 @@ Three steps per image, each usable on its own:
 
 :func:`run` writes the data set in both ground-truth layouts the pipeline reads::
 
-    out_dir/images/<id>.jpg                   id = "toy_000000", "toy_000001", ...
+    out_dir/images/<id>.jpg                   id = "toy_<split>_000000", "toy_<split>_000001", ...
     out_dir/instances.json                    COCO instances: integer image ids 1.., file_name "<id>.jpg",
                                               one category per shape
-    out_dir/val_gcg_coco_mask_gt.json         GranD-f mask file: string image ids, category_id 1
-    out_dir/val_gcg_coco_caption_gt.json      GranD-f caption file: {image_id, caption, labels}
+    out_dir/<split>_gcg_coco_mask_gt.json     GranD-f mask file: string image ids, category_id 1
+    out_dir/<split>_gcg_coco_caption_gt.json  GranD-f caption file: {image_id, caption, labels}
 
 Annotations of an image are in the scene's object order in both files, and ``labels[k]`` of the
 caption file is the phrase of the image's k-th mask annotation. Masks are COCO compressed RLE with
@@ -73,7 +74,7 @@ PLACEMENT_TRIES = 20
 ROTATION_RANGE = math.radians(20)
 JPEG_QUALITY = 95
 ID_PREFIX = "toy_"
-SPLIT = "val"
+SPLITS = ("train", "val", "test")
 # Smallest allowed image side: there the smallest shape still covers more than MIN_VISIBLE_PIXELS,
 # so the first object of a scene always fits and no scene is empty.
 MIN_SIDE = 48
@@ -81,18 +82,21 @@ MIN_SIDE = 48
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """The config's ``synthetic`` section: ``num_images`` images whose sides lie in
-    ``image_size`` = [smallest, largest] pixels, all drawn from ``seed``."""
+    """The config's ``synthetic`` section: ``num_images`` images of split ``split`` whose sides lie
+    in ``image_size`` = [smallest, largest] pixels, all drawn from ``seed``."""
 
     num_images: int = 6
     seed: int = 0
     image_size: tuple[int, int] = (96, 160)
+    split: str = "val"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ConfigError(f"synthetic.num_images must be a positive integer, got {self.num_images!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"synthetic.seed must be a non-negative integer, got {self.seed!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"synthetic.split must be one of {SPLITS}, got {self.split!r}")
         sizes = tuple(self.image_size)
         if (len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes)
                 or not MIN_SIDE <= sizes[0] <= sizes[1]):
@@ -146,17 +150,44 @@ class SyntheticPaths:
     caption_gt: Path
 
 
-def output_paths(out_dir: str | os.PathLike) -> SyntheticPaths:
-    """Where :func:`run` writes the data set under ``out_dir``."""
+def output_paths(out_dir: str | os.PathLike, split: str = "val") -> SyntheticPaths:
+    """Where :func:`run` writes split ``split`` of the data set under ``out_dir``."""
     out_dir = Path(out_dir)
     return SyntheticPaths(images=out_dir / "images", instances=out_dir / "instances.json",
-                          mask_gt=out_dir / f"{SPLIT}_gcg_coco_mask_gt.json",
-                          caption_gt=out_dir / f"{SPLIT}_gcg_coco_caption_gt.json")
+                          mask_gt=out_dir / f"{split}_gcg_coco_mask_gt.json",
+                          caption_gt=out_dir / f"{split}_gcg_coco_caption_gt.json")
 
 
-def image_id_of(index: int) -> str:
-    """String id of image ``index``: "toy_000000", "toy_000001", ..."""
-    return f"{ID_PREFIX}{index:06d}"
+def image_id_of(index: int, split: str = "val") -> str:
+    """String id of image ``index`` of ``split``: "toy_val_000000", "toy_val_000001", ..."""
+    return f"{ID_PREFIX}{split}_{index:06d}"
+
+
+def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The random generator of image ``index`` of ``split``: everything of that image follows from it."""
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered image of the world: its scene, pixels uint8 (H, W, 3), one visible bool (H, W)
+    mask per object (scene order), the caption and each object's phrase in it."""
+
+    scene: Scene
+    pixels: np.ndarray
+    masks: list[np.ndarray]
+    caption: str
+    labels: list[str]
+
+
+def make_example(seed: int, split: str, index: int, image_size: tuple[int, int]) -> Example:
+    """Image ``index`` of ``split``, exactly as :func:`run` writes it (training code draws its
+    examples here, in memory, from the train split)."""
+    rng = scene_rng(seed, split, index)
+    scene = generate_scene(rng, image_id_of(index, split), *image_size)
+    pixels, masks = render_scene(scene)
+    caption, labels = describe_scene(scene, rng)
+    return Example(scene, pixels, masks, caption, labels)
 
 
 def _unit_outline(shape: str) -> np.ndarray:
@@ -384,18 +415,16 @@ def _write_json(data: Any, path: Path) -> None:
 def run(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> SyntheticPaths:
     """Generate ``cfg.num_images`` images and write them with both ground-truth layouts under
     ``out_dir`` (see the module docstring); every file appears whole or not at all."""
-    paths = output_paths(out_dir)
-    min_side, max_side = cfg.image_size
+    paths = output_paths(out_dir, cfg.split)
     instance_images, instance_anns, gcg_images, gcg_anns, captions = [], [], [], [], []
     category_ids = {shape: index + 1 for index, shape in enumerate(SHAPES)}
     with atomic_path(paths.images) as images_tmp:
         images_tmp.mkdir()
         for index in range(cfg.num_images):
-            rng = np.random.default_rng([cfg.seed, index])
-            image_id = image_id_of(index)
-            scene = generate_scene(rng, image_id, min_side, max_side)
-            pixels, masks = render_scene(scene)
-            caption, labels = describe_scene(scene, rng)
+            example = make_example(cfg.seed, cfg.split, index, cfg.image_size)
+            scene, masks, caption, labels = example.scene, example.masks, example.caption, example.labels
+            image_id = scene.image_id
+            pixels = example.pixels
             file_name = f"{image_id}.jpg"
             Image.fromarray(pixels).save(images_tmp / file_name, quality=JPEG_QUALITY, subsampling=0)
 
@@ -419,9 +448,9 @@ def run(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> SyntheticPaths:
     return paths
 
 
-def list_captions(out_dir: str | os.PathLike) -> list[str]:
-    """Every caption of the data set written under ``out_dir``, in image order."""
-    with output_paths(out_dir).caption_gt.open(encoding="utf-8") as f:
+def list_captions(out_dir: str | os.PathLike, split: str = "val") -> list[str]:
+    """Every caption of split ``split`` written under ``out_dir``, in image order."""
+    with output_paths(out_dir, split).caption_gt.open(encoding="utf-8") as f:
         return [ann["caption"] for ann in json.load(f)["annotations"]]
 
 

@@ -29,6 +29,7 @@ from stages.synthetic import (
     describe_scene,
     generate_scene,
     list_captions,
+    make_example,
     render_scene,
     run,
     shape_mask,
@@ -54,9 +55,8 @@ def scenes_of(cfg: SyntheticConfig) -> list[tuple[Scene, str, list[str]]]:
     """The scenes :func:`run` draws for ``cfg``, with their captions and labels."""
     result = []
     for index in range(cfg.num_images):
-        rng = np.random.default_rng([cfg.seed, index])
-        scene = generate_scene(rng, f"toy_{index:06d}", *cfg.image_size)
-        result.append((scene, *describe_scene(scene, rng)))
+        example = make_example(cfg.seed, cfg.split, index, cfg.image_size)
+        result.append((example.scene, example.caption, example.labels))
     return result
 
 
@@ -75,7 +75,7 @@ def test_same_seed_same_bytes_and_pixels(dataset, tmp_path):
     for name in ["instances.json", "val_gcg_coco_mask_gt.json", "val_gcg_coco_caption_gt.json"]:
         assert (dataset / name).read_bytes() == (again / name).read_bytes(), name
     files = sorted(p.name for p in (dataset / "images").iterdir())
-    assert files == [f"toy_{i:06d}.jpg" for i in range(6)]
+    assert files == [f"toy_val_{i:06d}.jpg" for i in range(6)]
     for name in files:
         assert np.array_equal(np.asarray(Image.open(dataset / "images" / name)),
                               np.asarray(Image.open(again / "images" / name)))
@@ -89,7 +89,7 @@ def test_other_seed_other_data(dataset, tmp_path):
 def test_image_does_not_depend_on_dataset_size(dataset, tmp_path):
     run(SyntheticConfig(num_images=2, seed=0, image_size=(96, 160)), tmp_path)
     assert list_captions(tmp_path) == list_captions(dataset)[:2]
-    for name in ["toy_000000.jpg", "toy_000001.jpg"]:
+    for name in ["toy_val_000000.jpg", "toy_val_000001.jpg"]:
         assert (tmp_path / "images" / name).read_bytes() == (dataset / "images" / name).read_bytes()
 
 
@@ -113,7 +113,7 @@ def test_files_load_with_pycocotools_and_project_loaders(dataset):
     assert sorted(instances.getImgIds()) == [1, 2, 3, 4, 5, 6]
     for image_id in instances.getImgIds():
         image = instances.loadImgs(image_id)[0]
-        assert image["file_name"] == f"toy_{image_id - 1:06d}.jpg"
+        assert image["file_name"] == f"toy_val_{image_id - 1:06d}.jpg"
         assert 1 <= len(instances.getAnnIds(imgIds=image_id)) <= 4
 
     mask_gt = COCO(str(dataset / "val_gcg_coco_mask_gt.json"))
@@ -243,3 +243,15 @@ def test_config_from_yaml_list():
     assert cfg == SyntheticConfig(3, 5, (100, 100))
     scene = generate_scene(np.random.default_rng(0), "x", 100, 100)
     assert (scene.width, scene.height) == (100, 100)
+
+
+def test_splits_draw_distinct_scenes_and_name_their_files(tmp_path):
+    val = make_example(0, "val", 0, (96, 160))
+    test = make_example(0, "test", 0, (96, 160))
+    train = make_example(0, "train", 0, (96, 160))
+    assert len({val.caption, test.caption, train.caption}) == 3
+    assert (val.scene.image_id, test.scene.image_id) == ("toy_val_000000", "toy_test_000000")
+    paths = run(SyntheticConfig(num_images=2, seed=0, split="test"), tmp_path)
+    assert paths.mask_gt.name == "test_gcg_coco_mask_gt.json"
+    assert sorted(p.name for p in paths.images.iterdir()) == ["toy_test_000000.jpg", "toy_test_000001.jpg"]
+    assert list_captions(tmp_path, "test")[0] == test.caption

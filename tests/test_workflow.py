@@ -103,7 +103,7 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
     assert planned_jobs(tmp_path) == {}
     snakemake(tmp_path, "--report", "report.html")
     report = (tmp_path / "report.html").read_text(errors="replace")
-    assert "toy_000000_overlay.png" in report and "instance_seg.json" in report
+    assert "toy_val_000000_overlay.png" in report and "instance_seg.json" in report
 
     deleted = out / "toy_instances" / "masks" / "shard-1.parquet"
     kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet") if p != deleted}

@@ -7,6 +7,7 @@ SHARDS = list(range(config["shards"]))
 TOY_LMM = f"{OUT}/models/toy-llava"
 TOY_SAM = f"{OUT}/models/toy-sam.safetensors"
 SYNTHETIC = f"{OUT}/synthetic"
+SYNTHETIC_SPLIT = config["synthetic"]["split"]
 EVALUATED_TASKS = ("instance_seg", "gcg")
 
 

@@ -5,8 +5,8 @@ rule synthetic_data:
     output:
         images=directory(f"{SYNTHETIC}/images"),
         instances=f"{SYNTHETIC}/instances.json",
-        mask_gt=f"{SYNTHETIC}/val_gcg_coco_mask_gt.json",
-        caption_gt=f"{SYNTHETIC}/val_gcg_coco_caption_gt.json",
+        mask_gt=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_mask_gt.json",
+        caption_gt=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_caption_gt.json",
     params:
         synthetic=config["synthetic"],
     log:
@@ -19,7 +19,7 @@ rule synthetic_data:
 
 rule toy_lmm:
     input:
-        captions=f"{SYNTHETIC}/val_gcg_coco_caption_gt.json",
+        captions=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_caption_gt.json",
     output:
         directory(TOY_LMM),
     params:
