@@ -17,7 +17,7 @@ from stages.config import ConfigError
 from stages.generate import GenerateConfig, LMMConfig, build_prompt, expand_to_square, token_char_spans
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.tables import read_table, write_table
-from stages.models.registry import load_lmm
+from stages.models.registry import LMM_FAMILIES, load_lmm
 from stages.models.toy_lmm import LLAVA_V1_SYSTEM, build_toy_llava
 
 CAPTIONS = ["A red square sits left of a blue circle.", "Two green triangles, one small dog and a cat."]
@@ -276,7 +276,9 @@ def test_a_failing_batch_is_retried_image_by_image(tmp_path, toy_path, edge_case
 # --- configuration errors -------------------------------------------------------------------------
 
 def test_unknown_family_is_a_config_error_listing_known_ones(toy_path):
-    with pytest.raises(ConfigError, match=r"unknown LMM family 'llava-next-9'.*\['llava'\]"):
+    known = re.escape(str(sorted(LMM_FAMILIES)))
+    assert {"llava", "llava_original", "difflmm"} <= set(LMM_FAMILIES)
+    with pytest.raises(ConfigError, match=rf"unknown LMM family 'llava-next-9'.*{known}"):
         load_lmm("llava-next-9", str(toy_path), dtype=None, attn_implementation="sdpa", device="cpu")
 
 

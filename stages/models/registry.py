@@ -68,8 +68,23 @@ def _load_llava(path: str, dtype: torch.dtype, attn_implementation: str, device:
     return load_llava(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
 
 
+def _load_llava_original(path: str, dtype: torch.dtype, attn_implementation: str,
+                         device: torch.device) -> LoadedLMM:
+    from stages.models.llava_original import load_llava_original
+
+    return load_llava_original(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+
+
+def _load_difflmm(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> LoadedLMM:
+    from stages.models.difflmm import load_difflmm
+
+    return load_difflmm(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+
+
 LMM_FAMILIES: dict[str, LMMLoader] = {
     "llava": _load_llava,
+    "llava_original": _load_llava_original,
+    "difflmm": _load_difflmm,
 }
 
 

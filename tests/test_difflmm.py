@@ -1,0 +1,345 @@
+"""The difflmm family: tiny SD-1.5, CLIP, Vicuna and a DiffLMM LoRA checkpoint in the published layouts,
+fabricated into a fake Hugging Face cache, loaded through the registry by the LoRA's hub id, checked
+against an independent reimplementation of REFERENCE §5 and the release's SDCLIPBlock (full diffusers
+UNet forward hooked at up-block 1, DDIMScheduler.add_noise, LoRA merged by hand W + alpha/r * B @ A),
+then run through the generate stage with attention capture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_llava_original import llama_fields, snapshot, tokenizer_image_token, vicuna_like_tokenizer
+
+from stages import generate
+from stages.capture import eager_reference_rows, image_token_positions
+from stages.config import ConfigError
+from stages.generate import GenerateConfig, LMMConfig, build_prompt
+from stages.io.attention import open_attention, read_rows
+from stages.io.tables import read_table, write_table
+from stages.models.difflmm import NOISE_SEED
+from stages.models.llava_original import LLAVA_V1_SYSTEM
+from stages.models.registry import load_lmm
+
+LORA_ID = "Shengcao1006/difflmm-llava-v1.5-7b-lora"
+BASE_ID = "lmsys/vicuna-7b-v1.5"
+SD_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CLIP_ID = "openai/clip-vit-large-patch14-336"
+RESOLUTION = 64              # SD input; VAE factor 4 -> latent 16; up-block 1 -> 8 x 8
+CLIP_SIDE, CLIP_PATCH = 56, 7  # 64 * 7 / 8 = 56 px, 8 x 8 patches
+GRID = 8
+SD_CHANNELS, CLIP_HIDDEN, CROSS = 16, 24, 12
+TIMESTEP = 100
+LORA_R, LORA_ALPHA = 4, 8
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUESTION = "Describe the image in detail."
+
+
+def write_sd(folder) -> None:
+    """SD-1.5's folder layout: model_index.json, vae/, unet/, scheduler/ (PNDM, as published),
+    text_encoder/, tokenizer/ (CLIP BPE vocab.json + merges.txt)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(3)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(8, 8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=RESOLUTION).save_pretrained(folder / "vae")
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 8, SD_CHANNELS, SD_CHANNELS), norm_num_groups=4, cross_attention_dim=CROSS,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    with torch.no_grad():      # random, not zero-initialised output convs: informative features
+        for parameter in unet.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    unet.save_pretrained(folder / "unet")
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                  steps_offset=1, set_alpha_to_one=False).save_pretrained(folder / "scheduler")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1,
+             **{f"{c}</w>": 2 + i for i, c in enumerate("abcdefgh")}}
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(folder / "tokenizer")
+    text_config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=CROSS, intermediate_size=24,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}))
+
+
+def write_clip(folder) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(4)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_HIDDEN, intermediate_size=48, num_hidden_layers=3,
+                                     num_attention_heads=4, image_size=CLIP_SIDE, patch_size=CLIP_PATCH,
+                                     initializer_range=0.2)).save_pretrained(folder)
+
+
+def write_base(folder) -> None:
+    """Vicuna's layout: LlamaForCausalLM.save_pretrained, tokenizer, generation_config.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = vicuna_like_tokenizer()
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(5)
+    LlamaForCausalLM(LlamaConfig(**llama_fields(len(tokenizer)))).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_length": 4096}))
+
+
+def write_lora(folder, base_folder) -> None:
+    """The LoRA layout: config.json (Llama + mm_* fields), adapter_config.json + adapter_model.safetensors,
+    non_lora_trainables.bin (keys base_model.model.model.mm_projector.*)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(base_folder)
+    vocab_size = base.config.vocab_size
+    config = {"_name_or_path": BASE_ID, "architectures": ["LlavaLlamaForCausalLM"],
+              "model_type": "llava_llama", **llama_fields(vocab_size), "image_aspect_ratio": "pad",
+              "mm_hidden_size": [16, 16, 8, 8, CLIP_HIDDEN],
+              "mm_patch_merge_type": "flat", "mm_projector_lr": None, "mm_projector_type": "SDCLIPBlock",
+              "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+              "mm_vision_resolution": RESOLUTION,
+              "mm_vision_sd_clip": CLIP_ID, "mm_vision_sd_clip_proj_in": CLIP_HIDDEN,
+              "mm_vision_sd_clip_proj_out": CROSS, "mm_vision_sd_concat_clip": True,
+              "mm_vision_sd_ensemble_size": 1, "mm_vision_sd_implicit_caption": True,
+              "mm_vision_sd_pe": GRID * GRID, "mm_vision_sd_timestep": TIMESTEP,
+              "mm_vision_select_feature": "patch", "mm_vision_select_layer": 1,
+              "mm_vision_tower": SD_ID, "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
+              "torch_dtype": "bfloat16", "tune_mm_mlp_adapter": False, "use_mm_proj": True}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    peft_model = get_peft_model(base, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS,
+                                                 lora_dropout=0.05, bias="none", task_type="CAUSAL_LM"))
+    torch.manual_seed(6)
+    with torch.no_grad():                      # LoRA B starts at zero: make the adapter change the model
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.3)
+    peft_model.save_pretrained(folder)
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    adapter["base_model_name_or_path"] = BASE_ID
+    (folder / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+    width = SD_CHANNELS + CLIP_HIDDEN
+    hidden = config["hidden_size"]
+    shapes = {"clip_projector.0.weight": (CROSS, CLIP_HIDDEN), "clip_projector.0.bias": (CROSS,),
+              "clip_projector.2.weight": (CROSS, CROSS), "clip_projector.2.bias": (CROSS,),
+              "clip_pe": (GRID * GRID, CROSS), "vt_pe": (GRID * GRID, width),
+              "sd_norm_layer.weight": (SD_CHANNELS,), "sd_norm_layer.bias": (SD_CHANNELS,),
+              "clip_norm_layer.weight": (CLIP_HIDDEN,), "clip_norm_layer.bias": (CLIP_HIDDEN,),
+              "linear.0.weight": (hidden, width), "linear.0.bias": (hidden,),
+              "linear.2.weight": (hidden, hidden), "linear.2.bias": (hidden,)}
+    generator = torch.Generator().manual_seed(7)
+    trainables = {f"base_model.model.model.mm_projector.{key}": torch.randn(shape, generator=generator) * 0.5
+                  + (1.0 if key.endswith("norm_layer.weight") else 0.0) for key, shape in shapes.items()}
+    torch.save(trainables, folder / "non_lora_trainables.bin")
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    """(cache, {repo id: snapshot folder}) holding SD, CLIP, Vicuna and the DiffLMM LoRA."""
+    cache = tmp_path_factory.mktemp("hub")
+    folders = {repo: snapshot(cache, repo) for repo in (SD_ID, CLIP_ID, BASE_ID, LORA_ID)}
+    write_sd(folders[SD_ID])
+    write_clip(folders[CLIP_ID])
+    write_base(folders[BASE_ID])
+    write_lora(folders[LORA_ID], folders[BASE_ID])
+    return cache, folders
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = hub_cache[0]
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub_cache[1]
+
+
+@pytest.fixture
+def loaded(offline_hub):
+    return load_lmm("difflmm", LORA_ID, dtype=torch.float32, attn_implementation="sdpa",
+                    device=torch.device("cpu"))
+
+
+class ReferenceDiffLMM:
+    """REFERENCE §5 with the release's SDCLIPBlock, written from the published layouts."""
+
+    def __init__(self, folders):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from safetensors.torch import load_file
+        from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+        sd = folders[SD_ID]
+        self.vae = AutoencoderKL.from_pretrained(sd / "vae").eval()
+        self.unet = UNet2DConditionModel.from_pretrained(sd / "unet").eval()
+        self.scheduler = DDIMScheduler.from_pretrained(sd / "scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(sd / "tokenizer")
+        ids = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            text = CLIPTextModel.from_pretrained(sd / "text_encoder")(ids).last_hidden_state
+        self.null = text.mean(1, keepdim=True)
+        self.clip = CLIPVisionModel.from_pretrained(folders[CLIP_ID]).eval()
+        raw = torch.load(folders[LORA_ID] / "non_lora_trainables.bin", weights_only=True)
+        self.p = {key.removeprefix("base_model.model.model.mm_projector."): value
+                  for key, value in raw.items()}
+        vocab_size = json.loads((folders[LORA_ID] / "config.json").read_text())["vocab_size"]
+        self.vocab_size = vocab_size
+        self.llm = LlamaForCausalLM.from_pretrained(folders[BASE_ID],
+                                                    config=LlamaConfig(**llama_fields(vocab_size)),
+                                                    attn_implementation="eager").eval()
+        adapter = load_file(folders[LORA_ID] / "adapter_model.safetensors")
+        merged = 0
+        with torch.no_grad():
+            for name, module in self.llm.named_modules():
+                key = f"base_model.model.{name}"
+                if f"{key}.lora_A.weight" in adapter:
+                    a, b = adapter[f"{key}.lora_A.weight"], adapter[f"{key}.lora_B.weight"]
+                    module.weight += LORA_ALPHA / LORA_R * b @ a
+                    merged += 1
+        assert merged == len(TARGETS) * llama_fields(0)["num_hidden_layers"]
+
+    @torch.no_grad()
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(1, 3, R, R) -> (N, hidden)."""
+        gelu, norm = torch.nn.functional.gelu, torch.nn.functional.layer_norm
+        p = self.p
+        small = torch.nn.functional.interpolate(pixel_values, size=(CLIP_SIDE, CLIP_SIDE), mode="bilinear")
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        clip_input = ((small * 0.5 + 0.5) - mean) / std
+        clip = self.clip(clip_input, output_hidden_states=True).hidden_states[-2][:, 1:]
+        caption = (gelu(clip @ p["clip_projector.0.weight"].T + p["clip_projector.0.bias"])
+                   @ p["clip_projector.2.weight"].T + p["clip_projector.2.bias"] + p["clip_pe"] + self.null)
+        posterior = self.vae.encode(pixel_values).latent_dist
+        generator = torch.Generator().manual_seed(NOISE_SEED)
+        eps = torch.randn(posterior.mean.shape[1:], generator=generator)[None]
+        noise = torch.randn(posterior.mean.shape[1:], generator=generator)[None]
+        latents = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
+        noisy = self.scheduler.add_noise(latents, noise, torch.tensor([TIMESTEP]))
+        captured = []
+        hook = self.unet.up_blocks[1].register_forward_hook(lambda module, args, out: captured.append(out))
+        self.unet(noisy, TIMESTEP, encoder_hidden_states=caption)
+        hook.remove()
+        sd = captured[0].permute(0, 2, 3, 1).reshape(1, GRID * GRID, SD_CHANNELS)
+        sd_normed = norm(sd, (SD_CHANNELS,), p["sd_norm_layer.weight"], p["sd_norm_layer.bias"])
+        clip_normed = norm(clip, (CLIP_HIDDEN,), p["clip_norm_layer.weight"], p["clip_norm_layer.bias"])
+        joined = torch.cat([sd_normed, clip_normed], -1)
+        joined = joined + p["vt_pe"]
+        return (gelu(joined @ p["linear.0.weight"].T + p["linear.0.bias"]) @ p["linear.2.weight"].T
+                + p["linear.2.bias"])[0]
+
+    @torch.no_grad()
+    def logits(self, ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
+        cut = ids.index(-200)
+        embed = self.llm.get_input_embeddings()
+        embeds = torch.cat([embed(torch.tensor(ids[:cut])), self.image_tokens(pixel_values),
+                            embed(torch.tensor(ids[cut + 1:]))])
+        return self.llm(inputs_embeds=embeds[None]).logits[0]
+
+
+def noise_image(seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_loaded_model_layout(loaded):
+    model = loaded.model
+    assert loaded.family == "difflmm" and loaded.grid == (GRID, GRID)
+    assert loaded.patch_size == RESOLUTION // GRID
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(model.model.vision_tower).__name__ == "DiffusionVisionTower"
+    assert model.generation_config.suppress_tokens == [loaded.image_token_id]
+    assert build_prompt(loaded.processor, QUESTION, None) == \
+        f"{LLAVA_V1_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"
+
+
+def test_logits_equal_the_reference_reimplementation(loaded, offline_hub):
+    processor = loaded.processor
+    prompt = build_prompt(processor, QUESTION, None)
+    inputs = processor(images=[noise_image(0)], text=[prompt], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    first = ids.index(loaded.image_token_id)
+    assert ids.count(loaded.image_token_id) == GRID * GRID
+    sentinel_ids = ids[:first] + [-200] + ids[first + GRID * GRID:]
+    assert sentinel_ids == tokenizer_image_token(processor.tokenizer, prompt)
+
+    reference = ReferenceDiffLMM(offline_hub)
+    expected = reference.logits(sentinel_ids, inputs["pixel_values"])
+    with torch.no_grad():
+        actual = loaded.model(**inputs).logits[0]
+    torch.testing.assert_close(actual[:, :reference.vocab_size], expected, rtol=1e-4, atol=1e-4)
+    assert expected[-1].std() > 0.5
+
+
+def test_image_features_do_not_depend_on_the_batch(loaded):
+    processor, model = loaded.processor, loaded.model
+    pixels = processor.image_processor([noise_image(1), noise_image(2)], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        pair = model.model.vision_tower(pixels).last_hidden_state
+        alone = model.model.vision_tower(pixels[1:]).last_hidden_state
+    assert pair.shape == (2, GRID * GRID, SD_CHANNELS + CLIP_HIDDEN)
+    torch.testing.assert_close(pair[1:], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pair[0], pair[1])
+
+
+def test_generate_stage_runs_with_capture(offline_hub, tmp_path):
+    rows = []
+    for k in range(2):
+        noise_image(10 + k).save(tmp_path / f"img{k}.png")
+        rows.append({"image_id": f"img{k}", "file": str(tmp_path / f"img{k}.png"), "width": RESOLUTION,
+                     "height": RESOLUTION, "shard": 0, "error": None})
+    write_table(rows, tmp_path / "manifest.parquet", "manifest")
+    generations, attention = tmp_path / "gen.parquet", tmp_path / "attn.zarr"
+    generate.run(GenerateConfig(max_new_tokens=4, batch_size=2), LMMConfig(family="difflmm", path=LORA_ID),
+                 tmp_path / "manifest.parquet", 0, generations, attention, device="cpu")
+    table = read_table(generations, "generations")
+    store = open_attention(attention)
+    assert table["error"].isna().all() and (table["num_tokens"] > 0).all()
+    assert (table["grid_h"] == GRID).all() and (table["grid_w"] == GRID).all()
+    assert store.shape == (int(table["num_tokens"].sum()), GRID, GRID)
+    values = read_rows(store, 0, store.shape[0])
+    assert (values >= 0).all() and (values.reshape(len(values), -1).sum(axis=1) <= 1 + 1e-2).all()
+
+    # The stored rows are the eager output_attentions rows of the same model (the release's way).
+    eager = load_lmm("difflmm", LORA_ID, dtype=torch.float32, attn_implementation="eager",
+                     device=torch.device("cpu"))
+    prompt = build_prompt(eager.processor, QUESTION, None)
+    images = [Image.open(tmp_path / f"{image_id}.png").convert("RGB") for image_id in table["image_id"]]
+    inputs = eager.processor(images=images, text=[prompt] * 2, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = eager.model.generate(**inputs, do_sample=False, max_new_tokens=4, output_attentions=True,
+                                   return_dict_in_generate=True)
+    positions = image_token_positions(inputs["input_ids"], eager.image_token_id)
+    expected = eager_reference_rows(out.attentions, positions)
+    generated = out.sequences[:, inputs["input_ids"].shape[1]:]
+    for b, row in enumerate(table.itertuples()):
+        assert list(row.token_ids) == generated[b, :row.num_tokens].tolist()
+        stored = values[row.row_offset:row.row_offset + row.num_tokens]
+        np.testing.assert_allclose(stored, expected[b, :row.num_tokens].reshape(-1, GRID, GRID).numpy(),
+                                   rtol=1e-2, atol=1e-4)
+    assert float(values.max()) > 3.0 / inputs["input_ids"].shape[1]      # peaked, not uniform
+
+
+def test_wrong_projector_type_is_a_config_error(offline_hub, tmp_path):
+    local = tmp_path / "lora"
+    local.mkdir()
+    for item in offline_hub[LORA_ID].iterdir():
+        (local / item.name).write_bytes(item.read_bytes())
+    config = json.loads((local / "config.json").read_text())
+    config["mm_projector_type"] = "mlp2x_gelu"
+    (local / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="SDCLIPBlock"):
+        load_lmm("difflmm", str(local), dtype=torch.float32, attn_implementation="sdpa",
+                 device=torch.device("cpu"))
