@@ -95,11 +95,11 @@ MASKS = _schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("phrase_index", pa.int32()),
-        # Which of SAM's multimask outputs (0, 1, 2) this is.
+        # Which of SAM's multimask outputs (0, 1, 2) this is; 0 with segment.prompt: attention (no SAM).
         pa.field("mask_index", pa.int32()),
         pa.field("text", pa.string()),
         pa.field("category_id", pa.int64()),
-        # SAM's predicted IoU for this mask.
+        # SAM's predicted IoU for this mask (1.0 with segment.prompt: attention).
         pa.field("score", pa.float32()),
         # Point prompt: (column, row) of the chosen pixel of the original image.
         pa.field("point_x", pa.float32()),

@@ -14,19 +14,26 @@ Per image (REFERENCE.md section 3):
    straight to ``(H, W)``;
 6. SAM is prompted, one ``set_image`` and one ``predict_torch`` call for all phrases of the image:
    ``point``: the first argmax pixel (row ``r``, column ``c``) as a positive point; or ``mask``:
-   the map as low-resolution mask logits plus a box.
+   the map as low-resolution mask logits plus a box;
+   or, with ``prompt: attention`` (a control, "no SAM"), no SAM at all: the mask is the upsampled map
+   thresholded at ``attention_thresh`` times its maximum (``map >= attention_thresh * max``; no
+   pixel when the maximum is not positive), the point is still the argmax pixel, the score is 1.0
+   (the map's scale carries no calibrated confidence; GLaMM's evaluation also scores every mask
+   1.0), ``mask_index`` is 0 (there is one mask; ``more_masks`` has no effect) and no SAM model is
+   loaded (the ``sam`` section is unused).
 
 Point convention (:mod:`schemas.artifacts`): a point is the pixel index ``(x, y) = (c, r)`` (column,
 row) in the original image, integer-valued. That is what SAM receives (through
 ``apply_coords_torch``; SAM's prompt encoder itself adds 0.5 to reach the pixel centre), as in the
 release, and what the MASKS table stores in ``point_x`` / ``point_y``.
 
-Output: the shard's MASKS table; COCO compressed RLE of each mask, SAM's predicted IoU as score.
+Output: the shard's MASKS table; COCO compressed RLE of each mask, SAM's predicted IoU as score
+(1.0 with ``prompt: attention``).
 Error rows (``error`` set, ``image_id`` kept) for phrase or generation error rows, an unreadable image,
 attention rows with NaN/inf (a phrase using such a row; or every row of the image), a phrase with no
 tokens, and any other failure of one image: the shard always completes. A mask SAM predicts empty
 keeps all its fields (RLE, score, point) but is marked as an error row, so that evaluators skip it
-as the release does.
+as the release does; so does an empty attention mask (a map whose maximum is not positive).
 """
 
 from __future__ import annotations
@@ -56,13 +63,17 @@ log = logging.getLogger(__name__)
 
 POOLS = ("mean", "max")
 UPSAMPLES = ("pad", "original")
-PROMPTS = ("point", "mask")
+PROMPTS = ("point", "mask", "attention")
 # Probabilities are clipped to [eps, 1 - eps] before the inverse sigmoid (logits within +-6.9).
 MASK_PROMPT_EPS = 1e-3
 # Mask index kept by default: the last of SAM's three multimask outputs.
 DEFAULT_MASK_INDEX = 2
 # An empty mask is no prediction (the release skips it); its row keeps every field but is an error row.
 EMPTY_MASK_ERROR = "SAM predicted an empty mask"
+# prompt: attention: the phrase map has no positive value, so thresholding it keeps no pixel.
+EMPTY_ATTENTION_MASK_ERROR = "attention map has no positive value: empty mask"
+# prompt: attention: the score of every mask (the map gives no calibrated confidence).
+ATTENTION_SCORE = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class SegmentConfig:
     more_masks: bool = False
     mask_temperature: float = 0.0002
     box_thresh: float = 0.75
+    attention_thresh: float = 0.5
 
     def __post_init__(self) -> None:
         for key, allowed in (("pool", POOLS), ("upsample", UPSAMPLES), ("prompt", PROMPTS)):
@@ -83,6 +95,8 @@ class SegmentConfig:
                 raise ConfigError(f"segment.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not self.mask_temperature > 0:
             raise ConfigError(f"segment.mask_temperature must be > 0, got {self.mask_temperature}")
+        if not 0 <= self.attention_thresh <= 1:
+            raise ConfigError(f"segment.attention_thresh must be in [0, 1], got {self.attention_thresh}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,15 @@ def mask_prompt(image_map: torch.Tensor, temperature: float, box_thresh: float,
     return logits, box.float()
 
 
+def attention_mask(image_map: torch.Tensor, thresh: float) -> np.ndarray:
+    """``prompt: attention``: bool ``(H, W)`` mask ``image_map >= thresh * max(image_map)``; empty
+    when the maximum is not positive (a centred map with no positive evidence)."""
+    peak = image_map.max()
+    if not bool(peak > 0):
+        return np.zeros(tuple(image_map.shape), dtype=bool)
+    return (image_map >= thresh * peak).cpu().numpy()
+
+
 def encode_rle(mask: np.ndarray) -> tuple[str, int]:
     """COCO compressed RLE of a bool/uint8 ``(H, W)`` mask: ``(counts as text, area in pixels)``."""
     from pycocotools import mask as mask_utils
@@ -210,7 +233,7 @@ def _phrase_problem(token_indices: Sequence[int] | None, finite: torch.Tensor) -
     return None
 
 
-def segment_image(cfg: SegmentConfig, predictor: SamPredictor, generation: dict[str, Any],
+def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation: dict[str, Any],
                   phrases: list[dict[str, Any]], image_file: str, attention: zarr.Array,
                   device: torch.device) -> list[dict[str, Any]]:
     """MASKS rows of one image, in the order of its ``phrases`` (PHRASES rows as dicts).
@@ -220,7 +243,8 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor, generation: dict[
     :class:`ImageFailure` when nothing of the image can be segmented.
 
     Memory: one upsampled map (float32, at most ``max(H, W)**2``) at a time, then SAM's masks of
-    all phrases at once (bool ``(P, 3, H, W)``, as ``predict_torch`` returns them).
+    all phrases at once (bool ``(P, 3, H, W)``, as ``predict_torch`` returns them). With
+    ``prompt: attention`` ``predictor`` is unused (may be None) and each mask is encoded at once.
     """
     image_id = generation["image_id"]
     num_tokens = generation["num_tokens"]
@@ -261,7 +285,15 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor, generation: dict[
         if cfg.remove_corner:
             phrase_map = remove_corners(phrase_map)
         image_map = upsample_map(phrase_map, height, width, cfg.upsample)
-        if cfg.prompt == "point":
+        if cfg.prompt == "attention":
+            point_x, point_y = argmax_pixel(image_map)
+            counts, area = encode_rle(attention_mask(image_map, cfg.attention_thresh))
+            rows_of_phrase[position].append({
+                "image_id": image_id, "phrase_index": phrase["phrase_index"], "mask_index": 0,
+                "text": phrase["text"], "category_id": phrase["category_id"], "score": ATTENTION_SCORE,
+                "point_x": point_x, "point_y": point_y, "rle_counts": counts, "height": height,
+                "width": width, "area": area, "error": EMPTY_ATTENTION_MASK_ERROR if area == 0 else None})
+        elif cfg.prompt == "point":
             points.append(argmax_pixel(image_map))
         else:
             size = predictor.model.prompt_encoder.mask_input_size[0]
@@ -269,7 +301,10 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor, generation: dict[
             mask_logits.append(logits)
             boxes.append(box)
         del image_map  # free it before the next phrase's map is computed
+    if cfg.prompt == "attention":
+        return [row for rows in rows_of_phrase for row in rows]
 
+    assert predictor is not None, "SAM prompts need a predictor"
     predictor.set_image(image)
     original_size = (height, width)
     if cfg.prompt == "point":
@@ -325,7 +360,7 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     (three with ``more_masks``), each phrase error row one error row. An image with no phrase row
     gets one error row (its generation error when it has one); a phrase row whose image is not in
     the generations table gets an error row. SAM runs in float32 on ``device`` (default:
-    :func:`default_device`).
+    :func:`default_device`); with ``prompt: attention`` no SAM is loaded (``sam_cfg`` is unused).
     """
     from segment_anything import SamPredictor
 
@@ -338,7 +373,8 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     for phrase in read_arrow(phrases_path, "phrases").to_pylist():
         phrases_by_image.setdefault(phrase["image_id"], []).append(phrase)
     attention = open_attention(attention_path)
-    predictor = SamPredictor(load_sam(sam_cfg.type, sam_cfg.checkpoint, device))
+    predictor = None if cfg.prompt == "attention" else SamPredictor(
+        load_sam(sam_cfg.type, sam_cfg.checkpoint, device))
 
     out: list[dict[str, Any]] = []
     for generation in generations:

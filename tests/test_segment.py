@@ -19,9 +19,12 @@ from stages.io.attention import AttentionWriter
 from stages.io.tables import read_arrow, write_table
 from stages.models.sam import build_toy_sam, load_sam
 from stages.segment import (
+    ATTENTION_SCORE,
+    EMPTY_ATTENTION_MASK_ERROR,
     EMPTY_MASK_ERROR,
     SamConfig,
     SegmentConfig,
+    attention_mask,
     centre_rows,
     mask_prompt,
     pool_phrase,
@@ -237,6 +240,86 @@ def test_mask_prompt_mode(tmp_path, sam_checkpoint):
         assert mask_utils.decode({"size": [40, 70], "counts": row["rle_counts"]}).sum() == row["area"]
 
 
+# --- attention-only control (no SAM) -----------------------------------------------------------------
+
+def decode(row):
+    rle = {"size": [row["height"], row["width"]], "counts": row["rle_counts"]}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def test_attention_mode_masks_a_planted_blob_without_sam(tmp_path):
+    """A 2 x 2-cell blob (rows 2-3, columns 3-4 of the 6 x 6 grid) on a 60 x 60 image: cells are
+    10 px, so the blob covers pixels rows 20..40, columns 30..50. No SAM checkpoint exists: none is
+    loaded."""
+    blob = [(1, (i, j), 0.5) for i in (2, 3) for j in (3, 4)]
+    rows = rows_with_peaks(4, blob)
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (60, 60), "rows": rows, "phrases": [[1]]}])
+    [row] = run_segment(paths, tmp_path / "no-such-sam.safetensors", prompt="attention")
+    assert row["error"] is None and row["mask_index"] == 0
+    assert row["score"] == ATTENTION_SCORE == 1.0
+    mask = decode(row)
+    assert mask.shape == (60, 60) and int(mask.sum()) == row["area"]
+    blob_pixels = np.zeros((60, 60), dtype=bool)
+    blob_pixels[20:40, 30:50] = True
+    near = np.zeros((60, 60), dtype=bool)
+    near[18:42, 28:52] = True
+    assert mask[25:35, 35:45].all()    # the blob's interior is covered (bicubic rounds its corners)
+    assert not (mask & ~near).any()               # nothing beyond 2 px around it
+    assert (mask & blob_pixels).sum() / (mask | blob_pixels).sum() > 0.6
+    # the point is still the argmax, inside the blob
+    assert 20 <= row["point_y"] < 40 and 30 <= row["point_x"] < 50
+
+
+def test_attention_threshold_grows_the_mask():
+    image_map = torch.linspace(0, 1, 100).reshape(10, 10)
+    low, high = attention_mask(image_map, 0.2), attention_mask(image_map, 0.8)
+    assert low.dtype == bool and low.shape == (10, 10)
+    assert high.sum() < low.sum() and not (high & ~low).any()
+    assert attention_mask(image_map, 1.0).sum() == 1   # only the maximum
+    assert not attention_mask(image_map - 2.0, 0.5).any()  # no positive value: empty
+
+
+@pytest.mark.parametrize("mode", ["pad", "original"])
+def test_attention_mode_rle_has_the_image_size(tmp_path, mode):
+    rows = rows_with_peaks(3, [(1, (2, 3), 0.5), (2, (4, 1), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "x", "size": (50, 80), "rows": rows, "phrases": [[1], [2]]}])
+    out = run_segment(paths, tmp_path / "unused.safetensors", prompt="attention", upsample=mode,
+                      more_masks=True)
+    assert [(r["phrase_index"], r["mask_index"]) for r in out] == [(0, 0), (1, 0)]  # one mask per phrase
+    for row, cell in zip(out, [(2, 3), (4, 1)]):
+        assert (row["height"], row["width"]) == (50, 80) and row["error"] is None
+        mask = decode(row)
+        assert mask.shape == (50, 80) and int(mask.sum()) == row["area"] > 0
+        assert_point_in_cell(row, cell, mode)
+        assert mask[int(row["point_y"]), int(row["point_x"])]
+
+
+def test_attention_mode_shard_completes_with_error_rows(tmp_path):
+    nan_rows = rows_with_peaks(3, [(2, (2, 2), 0.5)])
+    nan_rows[1, 0, 0] = np.nan
+    flat = rows_with_peaks(2)  # every token the same: the centred map is 0 everywhere
+    good = rows_with_peaks(3, [(1, (3, 3), 0.5)])
+    images = [
+        {"image_id": "nan", "size": (30, 30), "rows": nan_rows, "phrases": [[2], [1, 2]]},
+        {"image_id": "flat", "size": (30, 30), "rows": flat, "phrases": [[0]]},
+        {"image_id": "unreadable", "size": None, "rows": good, "phrases": [[1]]},
+        {"image_id": "phrase_error", "size": (30, 30), "rows": good, "phrases": ["no noun phrase"]},
+        {"image_id": "generation_error", "size": (30, 30), "generation_error": "out of memory"},
+        {"image_id": "ok", "size": (30, 30), "rows": good, "phrases": [[1]]},
+    ]
+    out = run_segment(write_shard(tmp_path, images), tmp_path / "unused.safetensors", prompt="attention")
+    summary = [(r["image_id"], r["phrase_index"], r["error"]) for r in out]
+    assert summary[0] == ("nan", 0, None)
+    assert summary[1][:2] == ("nan", None) and "tokens [1] hold NaN/inf" in summary[1][2]
+    assert summary[2] == ("flat", 0, EMPTY_ATTENTION_MASK_ERROR)
+    assert out[2]["area"] == 0 and out[2]["rle_counts"] and out[2]["point_x"] is not None
+    assert summary[3][:2] == ("unreadable", None) and "unreadable image" in summary[3][2]
+    assert summary[4] == ("phrase_error", None, "no noun phrase")
+    assert summary[5] == ("generation_error", None, "generation failed: out of memory")
+    assert summary[6] == ("ok", 0, None)
+    assert len(summary) == 7
+
+
 # --- error rows ---------------------------------------------------------------------------------------
 
 def test_failures_become_error_rows_and_the_shard_completes(tmp_path, sam_checkpoint):
@@ -356,7 +439,8 @@ def test_config_yaml_sections_build_the_configs():
 @pytest.mark.parametrize("mapping, match", [
     ({"pool": "median"}, "segment.pool"), ({"upsample": "stretch"}, "segment.upsample"),
     ({"prompt": "box"}, "segment.prompt"), ({"mask_temperature": 0}, "mask_temperature"),
-    ({"temperature": 1}, "unknown key"),
+    ({"temperature": 1}, "unknown key"), ({"attention_thresh": 1.5}, "attention_thresh"),
+    ({"attention_thresh": -0.1}, "attention_thresh"),
 ])
 def test_bad_segment_config_is_a_config_error(mapping, match):
     with pytest.raises(ConfigError, match=match):

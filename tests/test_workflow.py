@@ -54,6 +54,25 @@ def test_dry_run_plans_every_stage_per_shard(tmp_path):
     assert jobs["synthetic_data"] == jobs["toy_lmm"] == jobs["toy_sam"] == 1
 
 
+def test_each_variant_runs_every_data_set_again(tmp_path):
+    write_config(tmp_path, shards=2, variants={"max_pool": {"segment": {"pool": "max"}}})
+    jobs = planned_jobs(tmp_path)
+    assert jobs["generate"] == jobs["segment"] == 2 * 2 * 2
+    assert jobs["manifest"] == 2 and jobs["summary"] == 1
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"segment": {"pooling": "max"}}, "variants.bad.segment"),
+    ({"segment": {"pool": "median"}}, "variants.bad.segment.pool"),
+    ({"training": {}}, "training"),
+])
+def test_bad_variant_override_is_named(tmp_path, override, named):
+    write_config(tmp_path, variants={"bad": override})
+    result = snakemake(tmp_path, "--cores", "1", "--dry-run", check=False)
+    assert result.returncode != 0
+    assert named in result.stdout + result.stderr
+
+
 def test_lint_finds_nothing_but_the_missing_conda_envs(tmp_path):
     """The only lint is "Specify a conda environment or container": software comes from pyproject.toml."""
     write_config(tmp_path)
@@ -90,14 +109,16 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
     write_config(tmp_path, shards=2)
     snakemake(tmp_path, "--cores", "2")
     out = tmp_path / "results"
+    run = out / "main"
     for dataset, task in [("toy_instances", "instance_seg"), ("toy_gcg", "gcg")]:
-        metrics = json.loads((out / dataset / "metrics" / f"{task}.json").read_text())
+        metrics = json.loads((run / dataset / "metrics" / f"{task}.json").read_text())
         assert task in metrics
         assert metrics[task]["num_images"] > 0
         for shard in (0, 1):
-            assert (out / dataset / "masks" / f"shard-{shard}.parquet").exists()
-            assert (out / dataset / "attention" / f"shard-{shard}.zarr").is_dir()
-        assert list((out / dataset / "visualize").glob("*_overlay.png"))
+            assert (run / dataset / "masks" / f"shard-{shard}.parquet").exists()
+            assert (run / dataset / "attention" / f"shard-{shard}.zarr").is_dir()
+        assert list((run / dataset / "visualize").glob("*_overlay.png"))
+    assert "point_accuracy" in (out / "summary.md").read_text()
     for rule in ("generate", "phrases", "segment"):
         assert list((out / "logs" / rule).rglob("*.log")) and list((out / "benchmarks" / rule).rglob("*.tsv"))
     assert planned_jobs(tmp_path) == {}
@@ -105,12 +126,12 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
     report = (tmp_path / "report.html").read_text(errors="replace")
     assert "toy_val_000000_overlay.png" in report and "instance_seg.json" in report
 
-    deleted = out / "toy_instances" / "masks" / "shard-1.parquet"
+    deleted = run / "toy_instances" / "masks" / "shard-1.parquet"
     kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet") if p != deleted}
     deleted.unlink()
     jobs = planned_jobs(tmp_path)
     assert jobs.pop("segment") == 1
-    assert set(jobs) <= {"evaluate_instance_seg", "visualize", "all"}, jobs
+    assert set(jobs) <= {"evaluate_instance_seg", "visualize", "summary", "all"}, jobs
     assert "evaluate_instance_seg" in jobs
     snakemake(tmp_path, "--cores", "2")
     assert deleted.exists()

@@ -1,5 +1,12 @@
-# Helpers shared by the rules: paths, shard lists, per-stage params and input functions.
+# Helpers shared by the rules: runs, paths, shard lists, per-stage params and input functions.
+#
+# A "run" is the main configuration ("main") or one of config["variants"] (controls), which override
+# whole keys of the stage sections; every run processes every data set under {out}/{run}/{dataset}.
+import copy
 from pathlib import Path
+
+import jsonschema
+import yaml
 
 OUT = config["out"]
 DATASETS = config["datasets"]
@@ -9,18 +16,70 @@ TOY_SAM = f"{OUT}/models/toy-sam.safetensors"
 SYNTHETIC = f"{OUT}/synthetic"
 SYNTHETIC_SPLIT = config["synthetic"]["split"]
 EVALUATED_TASKS = ("instance_seg", "gcg")
+RUN_SECTIONS = ("lmm", "generate", "phrases", "sam", "segment")
+MAIN_RUN = "main"
+
+
+def _merged(base, override):
+    """`base` with `override`'s keys replaced (nested mappings merged key by key)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _runs():
+    """Run name -> its stage sections, each variant's overrides validated against the schema."""
+    if MAIN_RUN in config["variants"]:
+        raise ValueError(f"variants: the name {MAIN_RUN!r} is the main run's; choose another")
+    schema = yaml.safe_load(Path(workflow.basedir, "schemas", "config.schema.yaml").read_text())
+    runs = {MAIN_RUN: {name: config[name] for name in RUN_SECTIONS}}
+    for variant, overrides in config["variants"].items():
+        sections = {name: _merged(config[name], overrides.get(name, {})) for name in RUN_SECTIONS}
+        for name, section in sections.items():
+            try:
+                jsonschema.Draft202012Validator(schema["properties"][name]).validate(section)
+            except jsonschema.ValidationError as error:
+                path = ".".join(map(str, error.absolute_path))
+                raise ValueError(f"variants.{variant}.{name}{'.' + path if path else ''}: {error.message}") from None
+        runs[variant] = sections
+    return runs
+
+
+RUNS = _runs()
 
 
 wildcard_constraints:
+    run="|".join(RUNS),
     dataset="|".join(DATASETS) or "^$",
     shard=r"\d+",
 
 
-def artifact(dataset, kind, shard=None, suffix="parquet"):
-    """Path of one artifact of a data set; `kind` is a folder of {out}/{dataset}."""
-    name = "manifest" if shard is None else f"shard-{shard}"
-    folder = f"{OUT}/{dataset}" if shard is None else f"{OUT}/{dataset}/{kind}"
-    return f"{folder}/{name}.{suffix}"
+def manifest_path(dataset):
+    """The manifest of a data set (shared by every run)."""
+    return f"{OUT}/manifests/{dataset}.parquet"
+
+
+def artifact(run, dataset, kind, shard, suffix="parquet"):
+    """Path of one shard's artifact of `kind` (generations, attention, phrases, masks)."""
+    return f"{OUT}/{run}/{dataset}/{kind}/shard-{shard}.{suffix}"
+
+
+def section(wildcards, name):
+    """The run's config section `name`."""
+    return RUNS[wildcards.run][name]
+
+
+def section_params(*names):
+    """Params function: the run's sections `names` (what decides the stage's output)."""
+
+    def params(wildcards):
+        return {name: section(wildcards, name) for name in names}
+
+    return params
 
 
 def dataset_config(wildcards):
@@ -35,18 +94,25 @@ def dataset_inputs(wildcards):
 
 
 def lmm_inputs(wildcards):
-    """The LMM folder when it is local (the toy model is then built by rule toy_lmm)."""
-    path = config["lmm"]["path"]
-    return [path] if path == TOY_LMM or Path(path).is_dir() else []
+    """The run's LMM folder when it is local (toy models are then built by their rules)."""
+    path = section(wildcards, "lmm")["path"]
+    return [path] if path.startswith(f"{OUT}/models/") or Path(path).is_dir() else []
+
+
+def sam_inputs(wildcards):
+    """The run's SAM checkpoint, except in attention-only runs, which use no SAM."""
+    if section(wildcards, "segment")["prompt"] == "attention":
+        return []
+    return [section(wildcards, "sam")["checkpoint"]]
 
 
 def generate_params(wildcards):
-    """Everything that decides generate's output: the generate and lmm sections and the question."""
-    section = dict(config["generate"])
+    """Everything that decides generate's output: the run's generate and lmm sections and the question."""
+    generate = dict(section(wildcards, "generate"))
     question = DATASETS[wildcards.dataset].get("question")
     if question:
-        section["question"] = question
-    return {"generate": section, "lmm": config["lmm"]}
+        generate["question"] = question
+    return {"generate": generate, "lmm": section(wildcards, "lmm")}
 
 
 def instances_input(wildcards):
@@ -55,25 +121,36 @@ def instances_input(wildcards):
 
 
 def shard_artifacts(kind, suffix="parquet"):
-    """Input function: one data set's artifact of `kind` for every shard."""
+    """Input function: one run's and data set's artifact of `kind` for every shard."""
 
     def inputs(wildcards):
-        return [artifact(wildcards.dataset, kind, shard, suffix) for shard in SHARDS]
+        return [artifact(wildcards.run, wildcards.dataset, kind, shard, suffix) for shard in SHARDS]
 
     return inputs
 
 
+def metrics_path(run, dataset):
+    return f"{OUT}/{run}/{dataset}/metrics/{DATASETS[dataset]['task']}.json"
+
+
+def all_metrics():
+    """Metrics of every run on every evaluated data set."""
+    return [metrics_path(run, name) for run in RUNS for name, ds in DATASETS.items()
+            if ds["task"] in EVALUATED_TASKS]
+
+
 def final_targets():
-    """Every shard artifact, the metrics of every evaluated data set, and the visualisations.
+    """Every shard artifact of every run, the metrics, their summary and the visualisations.
 
     Shard artifacts are targets themselves so that a deleted shard file is rebuilt (and what
     gathers it rerun) even when the metrics downstream of it are present."""
     targets = []
-    for name, ds in DATASETS.items():
-        for shard in SHARDS:
-            targets += [artifact(name, kind, shard) for kind in ("generations", "phrases", "masks")]
-            targets.append(artifact(name, "attention", shard, "zarr"))
-        if ds["task"] in EVALUATED_TASKS:
-            targets.append(f"{OUT}/{name}/metrics/{ds['task']}.json")
-        targets.append(f"{OUT}/{name}/visualize")
+    for run in RUNS:
+        for name in DATASETS:
+            for shard in SHARDS:
+                targets += [artifact(run, name, kind, shard) for kind in ("generations", "phrases", "masks")]
+                targets.append(artifact(run, name, "attention", shard, "zarr"))
+            targets.append(f"{OUT}/{run}/{name}/visualize")
+    if all_metrics():
+        targets.append(f"{OUT}/summary.md")
     return targets

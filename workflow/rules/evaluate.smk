@@ -1,24 +1,24 @@
-# Evaluators: gather every shard of a data set.
+# Evaluators (gather every shard of a run and data set) and the summary over runs.
 
 
 rule evaluate_instance_seg:
     input:
         unpack(dataset_inputs),
-        manifest=artifact("{dataset}", "manifest"),
+        manifest=manifest_path("{dataset}"),
         masks=shard_artifacts("masks"),
         phrases=shard_artifacts("phrases"),
     output:
-        predictions=f"{OUT}/{{dataset}}/predictions/instance_seg.json",
+        predictions=f"{OUT}/{{run}}/{{dataset}}/predictions/instance_seg.json",
         metrics=report(
-            f"{OUT}/{{dataset}}/metrics/instance_seg.json",
+            f"{OUT}/{{run}}/{{dataset}}/metrics/instance_seg.json",
             caption="../report/metrics.rst",
             category="Metrics",
-            subcategory="{dataset}",
+            subcategory="{run}: {dataset}",
         ),
     log:
-        f"{OUT}/logs/evaluate_instance_seg/{{dataset}}.log",
+        f"{OUT}/logs/evaluate_instance_seg/{{run}}/{{dataset}}.log",
     benchmark:
-        f"{OUT}/benchmarks/evaluate_instance_seg/{{dataset}}.tsv"
+        f"{OUT}/benchmarks/evaluate_instance_seg/{{run}}/{{dataset}}.tsv"
     script:
         "../scripts/evaluate_instance_seg.py"
 
@@ -26,23 +26,37 @@ rule evaluate_instance_seg:
 rule evaluate_gcg:
     input:
         unpack(dataset_inputs),
-        manifest=artifact("{dataset}", "manifest"),
+        manifest=manifest_path("{dataset}"),
         generations=shard_artifacts("generations"),
         masks=shard_artifacts("masks"),
     output:
-        mask_predictions=f"{OUT}/{{dataset}}/predictions/gcg_masks.json",
-        caption_predictions=f"{OUT}/{{dataset}}/predictions/gcg_captions.json",
+        mask_predictions=f"{OUT}/{{run}}/{{dataset}}/predictions/gcg_masks.json",
+        caption_predictions=f"{OUT}/{{run}}/{{dataset}}/predictions/gcg_captions.json",
         metrics=report(
-            f"{OUT}/{{dataset}}/metrics/gcg.json",
+            f"{OUT}/{{run}}/{{dataset}}/metrics/gcg.json",
             caption="../report/metrics.rst",
             category="Metrics",
-            subcategory="{dataset}",
+            subcategory="{run}: {dataset}",
         ),
     params:
         gcg=config["evaluate"]["gcg"],
     log:
-        f"{OUT}/logs/evaluate_gcg/{{dataset}}.log",
+        f"{OUT}/logs/evaluate_gcg/{{run}}/{{dataset}}.log",
     benchmark:
-        f"{OUT}/benchmarks/evaluate_gcg/{{dataset}}.tsv"
+        f"{OUT}/benchmarks/evaluate_gcg/{{run}}/{{dataset}}.tsv"
     script:
         "../scripts/evaluate_gcg.py"
+
+
+rule summary:
+    input:
+        all_metrics(),
+    output:
+        table=report(f"{OUT}/summary.md", caption="../report/summary.rst", category="Metrics"),
+        json=f"{OUT}/summary.json",
+    log:
+        f"{OUT}/logs/summary.log",
+    benchmark:
+        f"{OUT}/benchmarks/summary.tsv"
+    script:
+        "../scripts/summary.py"

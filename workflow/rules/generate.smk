@@ -1,20 +1,20 @@
-# LMM generation with attention capture: one GPU job per shard.
+# LMM generation with attention capture: one GPU job per run, data set and shard.
 
 
 rule generate:
     input:
-        manifest=artifact("{dataset}", "manifest"),
+        manifest=manifest_path("{dataset}"),
         lmm=lmm_inputs,
     output:
-        generations=artifact("{dataset}", "generations", "{shard}"),
-        attention=directory(artifact("{dataset}", "attention", "{shard}", "zarr")),
+        generations=artifact("{run}", "{dataset}", "generations", "{shard}"),
+        attention=directory(artifact("{run}", "{dataset}", "attention", "{shard}", "zarr")),
     params:
         stage=generate_params,
     resources:
         gpu=1,
     log:
-        f"{OUT}/logs/generate/{{dataset}}/shard-{{shard}}.log",
+        f"{OUT}/logs/generate/{{run}}/{{dataset}}/shard-{{shard}}.log",
     benchmark:
-        f"{OUT}/benchmarks/generate/{{dataset}}/shard-{{shard}}.tsv"
+        f"{OUT}/benchmarks/generate/{{run}}/{{dataset}}/shard-{{shard}}.tsv"
     script:
         "../scripts/generate.py"

@@ -1,11 +1,11 @@
-# One manifest per data set: image ids, files, sizes and the shard of every image.
+# One manifest per data set (shared by every run): image ids, files, sizes and shards.
 
 
 rule manifest:
     input:
         unpack(dataset_inputs),
     output:
-        artifact("{dataset}", "manifest"),
+        manifest_path("{dataset}"),
     params:
         dataset=dataset_config,
         shards=config["shards"],

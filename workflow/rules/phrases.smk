@@ -3,15 +3,15 @@
 
 rule phrases:
     input:
-        generations=artifact("{dataset}", "generations", "{shard}"),
+        generations=artifact("{run}", "{dataset}", "generations", "{shard}"),
         instances=instances_input,
     output:
-        artifact("{dataset}", "phrases", "{shard}"),
+        artifact("{run}", "{dataset}", "phrases", "{shard}"),
     params:
-        phrases=config["phrases"],
+        stage=section_params("phrases"),
     log:
-        f"{OUT}/logs/phrases/{{dataset}}/shard-{{shard}}.log",
+        f"{OUT}/logs/phrases/{{run}}/{{dataset}}/shard-{{shard}}.log",
     benchmark:
-        f"{OUT}/benchmarks/phrases/{{dataset}}/shard-{{shard}}.tsv"
+        f"{OUT}/benchmarks/phrases/{{run}}/{{dataset}}/shard-{{shard}}.tsv"
     script:
         "../scripts/phrases.py"

@@ -1,23 +1,22 @@
-# Attention peaks as SAM prompts: one GPU job per shard.
+# Attention peaks as SAM prompts: one GPU job per run, data set and shard.
 
 
 rule segment:
     input:
-        manifest=artifact("{dataset}", "manifest"),
-        generations=artifact("{dataset}", "generations", "{shard}"),
-        attention=artifact("{dataset}", "attention", "{shard}", "zarr"),
-        phrases=artifact("{dataset}", "phrases", "{shard}"),
-        sam=config["sam"]["checkpoint"],
+        manifest=manifest_path("{dataset}"),
+        generations=artifact("{run}", "{dataset}", "generations", "{shard}"),
+        attention=artifact("{run}", "{dataset}", "attention", "{shard}", "zarr"),
+        phrases=artifact("{run}", "{dataset}", "phrases", "{shard}"),
+        sam=sam_inputs,
     output:
-        artifact("{dataset}", "masks", "{shard}"),
+        artifact("{run}", "{dataset}", "masks", "{shard}"),
     params:
-        segment=config["segment"],
-        sam=config["sam"],
+        stage=section_params("segment", "sam"),
     resources:
         gpu=1,
     log:
-        f"{OUT}/logs/segment/{{dataset}}/shard-{{shard}}.log",
+        f"{OUT}/logs/segment/{{run}}/{{dataset}}/shard-{{shard}}.log",
     benchmark:
-        f"{OUT}/benchmarks/segment/{{dataset}}/shard-{{shard}}.tsv"
+        f"{OUT}/benchmarks/segment/{{run}}/{{dataset}}/shard-{{shard}}.tsv"
     script:
         "../scripts/segment.py"

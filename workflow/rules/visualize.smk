@@ -3,24 +3,24 @@
 
 rule visualize:
     input:
-        manifest=artifact("{dataset}", "manifest"),
+        manifest=manifest_path("{dataset}"),
         generations=shard_artifacts("generations"),
         attention=shard_artifacts("attention", "zarr"),
         phrases=shard_artifacts("phrases"),
         masks=shard_artifacts("masks"),
     output:
         report(
-            directory(f"{OUT}/{{dataset}}/visualize"),
+            directory(f"{OUT}/{{run}}/{{dataset}}/visualize"),
             patterns=["{name}.png"],
             caption="../report/visualize.rst",
             category="Overlays",
-            subcategory="{dataset}",
+            subcategory="{run}: {dataset}",
         ),
     params:
         visualize=config["visualize"],
     log:
-        f"{OUT}/logs/visualize/{{dataset}}.log",
+        f"{OUT}/logs/visualize/{{run}}/{{dataset}}.log",
     benchmark:
-        f"{OUT}/benchmarks/visualize/{{dataset}}.tsv"
+        f"{OUT}/benchmarks/visualize/{{run}}/{{dataset}}.tsv"
     script:
         "../scripts/visualize.py"

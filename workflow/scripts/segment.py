@@ -5,8 +5,8 @@ from stages.devices import claimed_device
 from stages.runner import stage_logging
 
 with stage_logging(snakemake.log[0], threads=snakemake.threads):  # noqa: F821 (injected by Snakemake)
-    cfg = from_mapping(segment.SegmentConfig, snakemake.params.segment, where="segment")  # noqa: F821
-    sam_cfg = from_mapping(segment.SamConfig, snakemake.params.sam, where="sam")  # noqa: F821
+    cfg = from_mapping(segment.SegmentConfig, snakemake.params.stage["segment"], where="segment")  # noqa: F821
+    sam_cfg = from_mapping(segment.SamConfig, snakemake.params.stage["sam"], where="sam")  # noqa: F821
     inputs = snakemake.input  # noqa: F821
     with claimed_device() as device:
         segment.run(cfg, sam_cfg, inputs.manifest, inputs.generations, inputs.attention, inputs.phrases,

@@ -1,0 +1,114 @@
+"""Training the tiny SAM on the toy world: one step learns, runs are deterministic, the file loads."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.config import ConfigError
+from stages.models.sam import build_sam, load_sam
+from stages.synthetic import make_example
+from stages.train_sam import (
+    TrainSamConfig,
+    batch_loss,
+    batch_points,
+    central_pixel,
+    evaluate_sam,
+    main,
+    prepare_image,
+    train_sam_model,
+    train_step,
+    train_toy_sam,
+)
+
+# a few small images and steps: seconds on a CPU
+FAST = TrainSamConfig(num_train_images=3, steps=2, batch_size=2, image_size=(48, 64), warmup_steps=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """This model's ops are tiny: one thread is faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch_and_changes_the_weights():
+    torch.manual_seed(0)
+    sam = build_sam("tiny").train()
+    examples = [make_example(0, "train", i, (48, 64)) for i in range(2)]
+    images = [prepare_image(e.pixels, e.masks, sam.image_encoder.img_size) for e in examples]
+    assert images[0].targets.shape == (len(examples[0].masks), 256, 256)
+    points = batch_points(images, FAST, np.random.default_rng(0))
+    for image, pts in zip(images, points):  # every point lies inside its object's visible mask
+        for mask, (x, y) in zip(image.masks, pts):
+            assert mask[int(y), int(x)]
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    optimiser = torch.optim.AdamW(sam.parameters(), lr=1e-3)
+    first = train_step(sam, optimiser, images, points, FAST)
+    with torch.no_grad():
+        _, after = batch_loss(sam, images, points, FAST)
+    assert np.isfinite(first["loss"]) and after["loss"] < first["loss"]
+    changed = [k for k, v in sam.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("image_encoder.") for k in changed)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+    assert any(k.startswith("prompt_encoder.") for k in changed)
+
+
+def test_training_is_deterministic_and_leaves_global_state_alone():
+    rng_before, threads_before = torch.random.get_rng_state(), torch.get_num_threads()
+    first, history = train_sam_model(FAST, progress=False)
+    again, _ = train_sam_model(FAST, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert torch.get_num_threads() == threads_before
+    assert len(history) == FAST.steps and not first.training
+    a, b = first.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other, _ = train_sam_model(TrainSamConfig(**{**FAST.__dict__, "seed": 1}), progress=False)
+    assert not all(torch.equal(a[k], other.state_dict()[k]) for k in a)
+
+
+def test_saved_file_loads_and_predicts_through_segments_predictor(tmp_path):
+    from segment_anything import SamPredictor
+
+    path = train_toy_sam(tmp_path / "models" / "toy-sam.safetensors", FAST, progress=False)
+    assert path.is_file() and not list(path.parent.glob(".*tmp*"))  # written atomically
+    sam = load_sam("tiny", path, "cpu")
+    trained, _ = train_sam_model(FAST, progress=False)
+    state = load_file(path)
+    assert all(torch.equal(state[k], v) for k, v in trained.state_dict().items())
+    predictor = SamPredictor(sam)
+    example = make_example(0, "val", 0, (48, 64))
+    predictor.set_image(example.pixels)
+    size = example.pixels.shape[:2]
+    coords = torch.tensor([central_pixel(m) for m in example.masks], dtype=torch.float32)[:, None, :]
+    masks, scores, low_res = predictor.predict_torch(
+        predictor.transform.apply_coords_torch(coords, size), torch.ones(coords.shape[:2]),
+        multimask_output=True)
+    assert masks.shape == (len(example.masks), 3, *size) and scores.shape == (len(example.masks), 3)
+    metrics = evaluate_sam(sam, 1, image_size=(48, 64))
+    assert metrics["num_objects"] == len(example.masks)
+    assert all(0 <= metrics[k] <= 1 for k in ("iou_mask0", "iou_mask1", "iou_mask2", "iou_best"))
+
+
+def test_cli_writes_a_loadable_file(tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    main(["--out", str(out), "--steps", "1", "--num-train-images", "2", "--batch-size", "1",
+          "--no-progress"])
+    assert "wrote" in capsys.readouterr().out
+    load_sam("tiny", out)
+
+
+def test_central_pixel_lies_inside_a_ring():
+    yy, xx = np.mgrid[:21, :21]
+    ring = np.abs(np.hypot(yy - 10, xx - 10) - 8) < 1.5  # centroid (10, 10) lies outside the ring
+    x, y = central_pixel(ring)
+    assert ring[y, x]
+
+
+@pytest.mark.parametrize("key, value", [("steps", 0), ("batch_size", -1), ("lr", 0.0),
+                                        ("image_size", (20, 30)), ("num_threads", 0)])
+def test_bad_config_is_a_config_error(key, value):
+    with pytest.raises(ConfigError, match=key):
+        TrainSamConfig(**{key: value})
