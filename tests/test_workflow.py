@@ -24,8 +24,15 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
+# The shipped config with its toy training cut to a few steps (the workflow, not the models, is tested).
+FAST = {"synthetic": {"num_images": 6, "seed": 0, "image_size": [96, 160], "split": "test"},
+        "train": {"lmm": {"num_train_images": 32, "steps": 4, "batch_size": 4, "lr": 0.003, "seed": 0},
+                  "sam": {"num_train_images": 8, "steps": 2, "batch_size": 4, "lr": 0.005, "seed": 0}}}
+
+
 def write_config(workdir: Path, **overrides) -> dict:
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config.update(FAST)
     config.update(overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -45,13 +52,14 @@ def planned_jobs(workdir: Path) -> dict[str, int]:
 
 
 def test_dry_run_plans_every_stage_per_shard(tmp_path):
-    write_config(tmp_path, shards=3)
+    config = write_config(tmp_path, shards=3)
     jobs = planned_jobs(tmp_path)
-    datasets = 2
-    assert jobs["generate"] == jobs["phrases"] == jobs["segment"] == 3 * datasets
+    datasets, runs = 2, 1 + len(config["variants"])
+    assert runs == 3
+    assert jobs["generate"] == jobs["phrases"] == jobs["segment"] == 3 * datasets * runs
     assert jobs["manifest"] == datasets
-    assert jobs["evaluate_instance_seg"] == jobs["evaluate_gcg"] == 1
-    assert jobs["synthetic_data"] == jobs["toy_lmm"] == jobs["toy_sam"] == 1
+    assert jobs["evaluate_instance_seg"] == jobs["evaluate_gcg"] == runs
+    assert jobs["synthetic_data"] == jobs["train_lmm"] == jobs["random_lmm"] == jobs["train_sam"] == 1
 
 
 def test_each_variant_runs_every_data_set_again(tmp_path):
@@ -59,6 +67,7 @@ def test_each_variant_runs_every_data_set_again(tmp_path):
     jobs = planned_jobs(tmp_path)
     assert jobs["generate"] == jobs["segment"] == 2 * 2 * 2
     assert jobs["manifest"] == 2 and jobs["summary"] == 1
+    assert "random_lmm" not in jobs
 
 
 @pytest.mark.parametrize("override, named", [
@@ -124,7 +133,9 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
     assert planned_jobs(tmp_path) == {}
     snakemake(tmp_path, "--report", "report.html")
     report = (tmp_path / "report.html").read_text(errors="replace")
-    assert "toy_val_000000_overlay.png" in report and "instance_seg.json" in report
+    assert "toy_test_000000_overlay.png" in report and "instance_seg.json" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert {row["run"] for row in summary} == {"main", "random_lmm", "attention_only"}
 
     deleted = run / "toy_instances" / "masks" / "shard-1.parquet"
     kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet") if p != deleted}
@@ -143,4 +154,5 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
     config["segment"]["pool"] = "max"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     jobs = planned_jobs(tmp_path)
-    assert jobs.get("segment") == 4 and "generate" not in jobs and "phrases" not in jobs, jobs
+    runs = 1 + len(config["variants"])
+    assert jobs.get("segment") == 2 * 2 * runs and "generate" not in jobs and "phrases" not in jobs, jobs

@@ -58,6 +58,23 @@ wildcard_constraints:
     shard=r"\d+",
 
 
+def _world():
+    """The toy world the models are trained on: the synthetic section's seed and image sizes."""
+    return {"world_seed": config["synthetic"]["seed"], "image_size": config["synthetic"]["image_size"]}
+
+
+def train_lmm_params(wildcards):
+    """The LMM training section, the world, and every question the pipeline asks."""
+    questions = [config["generate"]["question"]]
+    questions += [ds["question"] for ds in DATASETS.values() if ds.get("question")]
+    return {**config["train"]["lmm"], **_world(), "questions": list(dict.fromkeys(questions))}
+
+
+def train_sam_params(wildcards):
+    """The SAM training section and the world."""
+    return {**config["train"]["sam"], **_world()}
+
+
 def manifest_path(dataset):
     """The manifest of a data set (shared by every run)."""
     return f"{OUT}/manifests/{dataset}.parquet"

@@ -1,4 +1,6 @@
-# The embedded default's inputs, built deterministically: a synthetic data set and tiny models.
+# The embedded default's inputs, built deterministically: the toy world's evaluated split and the
+# toy models, trained on the world's train split (the LMM on captions only).
+TOY_LMM_RANDOM = f"{OUT}/models/toy-llava-random"
 
 
 rule synthetic_data:
@@ -17,30 +19,41 @@ rule synthetic_data:
         "../scripts/synthetic_data.py"
 
 
-rule toy_lmm:
-    input:
-        captions=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_caption_gt.json",
+rule train_lmm:
     output:
         directory(TOY_LMM),
     params:
-        seed=config["synthetic"]["seed"],
-        questions=[config["generate"]["question"]] + [ds["question"] for ds in DATASETS.values() if ds.get("question")],
+        train=train_lmm_params,
     log:
-        f"{OUT}/logs/toy_lmm.log",
+        f"{OUT}/logs/train_lmm.log",
     benchmark:
-        f"{OUT}/benchmarks/toy_lmm.tsv"
+        f"{OUT}/benchmarks/train_lmm.tsv"
     script:
-        "../scripts/toy_lmm.py"
+        "../scripts/train_lmm.py"
 
 
-rule toy_sam:
+rule random_lmm:
+    output:
+        directory(TOY_LMM_RANDOM),
+    params:
+        train=train_lmm_params,
+        untrained=True,
+    log:
+        f"{OUT}/logs/random_lmm.log",
+    benchmark:
+        f"{OUT}/benchmarks/random_lmm.tsv"
+    script:
+        "../scripts/train_lmm.py"
+
+
+rule train_sam:
     output:
         TOY_SAM,
     params:
-        seed=config["synthetic"]["seed"],
+        train=train_sam_params,
     log:
-        f"{OUT}/logs/toy_sam.log",
+        f"{OUT}/logs/train_sam.log",
     benchmark:
-        f"{OUT}/benchmarks/toy_sam.tsv"
+        f"{OUT}/benchmarks/train_sam.tsv"
     script:
-        "../scripts/toy_sam.py"
+        "../scripts/train_sam.py"
