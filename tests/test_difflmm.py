@@ -343,3 +343,27 @@ def test_wrong_projector_type_is_a_config_error(offline_hub, tmp_path):
     with pytest.raises(ConfigError, match="SDCLIPBlock"):
         load_lmm("difflmm", str(local), dtype=torch.float32, attn_implementation="sdpa",
                  device=torch.device("cpu"))
+
+
+def test_base_model_can_be_named_like_the_release_model_base(offline_hub, tmp_path, loaded):
+    """lmm.base (the release's --model-base) overrides adapter_config's base; a missing one is named."""
+    local = tmp_path / "lora"
+    local.mkdir()
+    for item in offline_hub[LORA_ID].iterdir():
+        (local / item.name).write_bytes(item.read_bytes())
+    adapter = json.loads((local / "adapter_config.json").read_text())
+    adapter["base_model_name_or_path"] = None
+    (local / "adapter_config.json").write_text(json.dumps(adapter))
+    with pytest.raises(ConfigError, match="set lmm.base"):
+        load_lmm("difflmm", str(local), dtype=torch.float32, attn_implementation="sdpa",
+                 device=torch.device("cpu"))
+    named = load_lmm("difflmm", str(local), dtype=torch.float32, attn_implementation="sdpa",
+                     device=torch.device("cpu"), base=BASE_ID)
+    reference = loaded.model.state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in named.model.state_dict().items())
+
+
+def test_base_is_refused_for_full_checkpoints():
+    with pytest.raises(ConfigError, match="lmm.base"):
+        load_lmm("llava", "results/models/toy-llava", dtype=torch.float32, attn_implementation="sdpa",
+                 device=torch.device("cpu"), base=BASE_ID)

@@ -277,15 +277,18 @@ def _build_tower(raw: dict[str, Any], dtype: torch.dtype, attn_implementation: s
     return tower.to(dtype)
 
 
-def _merged_language_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype, attn_implementation: str):
-    """(base LlamaForCausalLM with the LoRA of ``folder`` merged, base model source)."""
+def _merged_language_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype, attn_implementation: str,
+                           base: str | None):
+    """(base LlamaForCausalLM with the LoRA of ``folder`` merged, base model source); ``base`` None
+    takes ``adapter_config.json``'s ``base_model_name_or_path``."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    adapter = json.loads((folder / "adapter_config.json").read_text())
-    base = adapter.get("base_model_name_or_path")
+    if base is None:
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        base = adapter.get("base_model_name_or_path")
     if not base:
-        raise ConfigError(f"{folder}/adapter_config.json names no base_model_name_or_path")
+        raise ConfigError(f"{folder}/adapter_config.json names no base_model_name_or_path; set lmm.base")
     base_folder = resolve_checkpoint(base)
     llm = LlamaForCausalLM.from_pretrained(base_folder, config=_text_config(raw), dtype=dtype,
                                            attn_implementation=attn_implementation)
@@ -293,11 +296,12 @@ def _merged_language_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype
 
 
 def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
-                 device: torch.device) -> LoadedLMM:
+                 device: torch.device, base: str | None = None) -> LoadedLMM:
     """Load a DiffLMM LoRA checkpoint (folder or hub id) as a LLaVA model with the diffusion tower.
 
-    The base model, SD-1.5 and CLIP come from the ids / folders the checkpoint names
-    (``adapter_config.json``'s ``base_model_name_or_path``, ``mm_vision_tower``, ``mm_vision_sd_clip``).
+    The base model is ``base`` (the release's ``--model-base``, e.g. ``lmsys/vicuna-7b-v1.5``) or, when
+    None, ``adapter_config.json``'s ``base_model_name_or_path``; SD-1.5 and CLIP come from the ids /
+    folders the checkpoint names (``mm_vision_tower``, ``mm_vision_sd_clip``).
     Returns the model in eval mode (``dtype`` on ``device``) and a ``LlavaProcessor`` (R px CLIP
     preprocessing, base tokenizer + "<image>", llava_v1 template) expanding "<image>" to N tokens.
     """
@@ -313,7 +317,7 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     _check_fields(raw, path)
     projector_state = non_lora_state(folder)
     tower = _build_tower(raw, dtype, attn_implementation)
-    llm, base_folder = _merged_language_model(folder, raw, dtype, attn_implementation)
+    llm, base_folder = _merged_language_model(folder, raw, dtype, attn_implementation, base)
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
     added_ids = _add_image_token(tokenizer)
 

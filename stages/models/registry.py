@@ -1,7 +1,8 @@
 """Registry of LMM families: family name -> loader returning the model and its processor.
 
-A loader takes ``(path, dtype, attn_implementation, device)`` and returns a :class:`LoadedLMM` whose
-model is in eval mode on ``device``. ``path`` is a local folder or a hub id; a loader raises
+A loader takes ``(path, dtype, attn_implementation, device, base)`` and returns a :class:`LoadedLMM`
+whose model is in eval mode on ``device``; ``base`` is the base language model of a LoRA checkpoint
+(the release's ``--model-base``), None for the checkpoint's own choice. ``path`` is a local folder or a hub id; a loader raises
 :class:`~stages.config.ConfigError` naming ``path`` when neither works. Heavy imports happen inside
 the loaders.
 """
@@ -59,26 +60,36 @@ def model_source(path: str) -> str:
     return path
 
 
-LMMLoader = Callable[[str, "torch.dtype", str, "torch.device"], LoadedLMM]
+LMMLoader = Callable[[str, "torch.dtype", str, "torch.device", "str | None"], LoadedLMM]
 
 
-def _load_llava(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> LoadedLMM:
+def _no_base(family: str, base: str | None) -> None:
+    if base is not None:
+        raise ConfigError(f"lmm.base ({base!r}) names the base model of a LoRA checkpoint; family {family!r} "
+                          "loads full checkpoints: leave lmm.base null")
+
+
+def _load_llava(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+                base: str | None) -> LoadedLMM:
     from stages.models.llava import load_llava
 
+    _no_base("llava", base)
     return load_llava(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
 
 
 def _load_llava_original(path: str, dtype: torch.dtype, attn_implementation: str,
-                         device: torch.device) -> LoadedLMM:
+                         device: torch.device, base: str | None) -> LoadedLMM:
     from stages.models.llava_original import load_llava_original
 
+    _no_base("llava_original", base)
     return load_llava_original(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
 
 
-def _load_difflmm(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> LoadedLMM:
+def _load_difflmm(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+                  base: str | None) -> LoadedLMM:
     from stages.models.difflmm import load_difflmm
 
-    return load_difflmm(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+    return load_difflmm(path, dtype=dtype, attn_implementation=attn_implementation, device=device, base=base)
 
 
 LMM_FAMILIES: dict[str, LMMLoader] = {
@@ -89,11 +100,12 @@ LMM_FAMILIES: dict[str, LMMLoader] = {
 
 
 def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation: str,
-             device: torch.device) -> LoadedLMM:
-    """Load the LMM of ``family`` from ``path``; unknown family -> ConfigError listing the known ones."""
+             device: torch.device, base: str | None = None) -> LoadedLMM:
+    """Load the LMM of ``family`` from ``path`` (``base``: a LoRA checkpoint's base model, None = the
+    checkpoint's own); unknown family -> ConfigError listing the known ones."""
     try:
         loader = LMM_FAMILIES[family]
     except KeyError:
         raise ConfigError(f"unknown LMM family {family!r} (lmm.family); "
                           f"known: {sorted(LMM_FAMILIES)}") from None
-    return loader(path, dtype, attn_implementation, device)
+    return loader(path, dtype, attn_implementation, device, base)
