@@ -143,8 +143,9 @@ def run(config: Mapping[str, Any], image: str | Path, out_dir: str | Path, *, qu
         except ImageError as exc:
             picture = render_error(entry.image_id, str(exc))
         picture.save(out / f"{entry.image_id}_overlay.png")
-        answer = generations.loc[entry.image_id]
-        print(f"== {entry.image_id}: {answer['error'] or answer['answer']}")
+        generation = generations.loc[entry.image_id]
+        failed = isinstance(generation["error"], str)
+        print(f"== {entry.image_id}: {'error: ' + generation['error'] if failed else generation['answer']}")
         for row in kept[kept["image_id"] == entry.image_id].itertuples():
             print(f"   {row.text!r}: score {row.score:.2f}, point ({row.point_x:.0f}, {row.point_y:.0f}), "
                   f"area {row.area}")
