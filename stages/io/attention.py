@@ -94,7 +94,7 @@ def open_attention(path: str | os.PathLike) -> zarr.Array:
     """Open a shard's attention rows read-only, checking the schema version.
 
     Returns the ``rows`` array (float16, (total_tokens, grid_h, grid_w)); the group's attributes
-    are available as ``array.attrs`` merged with the group's under ``open_attention_attrs``.
+    (model, grid, reduction) come from :func:`attention_attrs`.
     """
     path = Path(path)
     if not path.exists():
