@@ -64,16 +64,19 @@ class InstanceSegEvaluator:
     - ``AP`` ... ``AR100``: pycocotools COCOeval, iouType ``segm``, ``useCats=1``, all ground-truth
       categories, restricted to the evaluated images; fractions in [0, 1]; None where pycocotools
       reports -1 (no ground truth to measure against).
-    - ``point_accuracy``: among the point prompts of the phrases that have at least one mask row
-      without error (one point per phrase, not per mask: the masks of a phrase share its point;
-      phrases without a point, as in mask-prompt mode, are not counted), the share that falls
-      inside the union of the ground-truth masks (crowd regions included, as the release does) of
-      the predicted category in that image. A point (x, y) (x right, y down) lies in the pixel of
+    - ``point_accuracy``: among the point prompts of the phrases that reached SAM with a category
+      (one point per phrase, not per mask: the masks of a phrase share its point; phrases without
+      a point, as in mask-prompt mode, are not counted), the share that falls inside the union of
+      the ground-truth masks (crowd regions included, as the release does) of the phrase's category
+      in that image. A point whose SAM mask came out empty (error row "SAM predicted an empty
+      mask") still counts: it is a predicted point, and leaving it out would hide exactly the
+      points that missed every object. A point (x, y) (x right, y down) lies in the pixel of
       column floor(x) and row floor(y): the pixel itself for integer (column, row) points and for
       pixel centres (column + 0.5, row + 0.5) alike; a point outside the image is a miss. None
       when there is no point. (The release's ``eval_instance_seg.py`` counts one point per
-      prediction, so with ``more_masks`` it counts a phrase's point up to three times; with one
-      mask per phrase both agree.)
+      prediction, i.e. per non-empty mask, so with ``more_masks`` it counts a phrase's point up to
+      three times and never counts the point of an empty mask; with one non-empty mask per phrase
+      both agree.)
     - Counts: ``num_images`` (evaluated images), ``num_images_with_predictions``,
       ``num_predictions``, ``num_points``, ``num_phrase_error_rows`` and ``num_mask_error_rows``
       (error rows of each table; an upstream error may appear in both).
@@ -124,8 +127,7 @@ class InstanceSegEvaluator:
         results = self._results(good)
         gt_ids = [self._gt_ids[image_id] for image_id in self._image_ids]
         metrics: dict[str, Any] = coco_segm_summary(self._gt, results_coco(self._gt, results), gt_ids)
-        points = good.drop_duplicates(["image_id", "phrase_index"])
-        points = points[points["point_x"].notna() & points["point_y"].notna()]
+        points = self._points()
         hits = self._point_hits(points)
         metrics.update(
             point_accuracy=hits / len(points) if len(points) else None,
@@ -137,6 +139,14 @@ class InstanceSegEvaluator:
             num_mask_error_rows=self._num_mask_error_rows,
         )
         return {"instance_seg": metrics}
+
+    def _points(self) -> pd.DataFrame:
+        """One row per phrase that got a point prompt and a category (mask rows with or without
+        error: an empty SAM mask keeps its point), restricted to the evaluated images."""
+        rows = concat_tables(self._masks, "masks")
+        rows = rows[rows["point_x"].notna() & rows["point_y"].notna() & rows["category_id"].notna()
+                    & rows["phrase_index"].notna() & rows["image_id"].isin(set(self._image_ids))]
+        return rows.drop_duplicates(["image_id", "phrase_index"])
 
     def _point_hits(self, points: pd.DataFrame) -> int:
         """How many ``points`` fall inside the ground-truth union of their predicted category."""

@@ -159,12 +159,16 @@ def test_point_accuracy_counts_points_per_phrase_against_the_category_union(tmp_
         mask_row("1", 3, near, 1, (5.5, 5.5)),                  # centre of its bottom-right pixel: inside
         mask_row("1", 4, other, 1, (3, 7)),                     # inside `other`, but that is category 2
         *[mask_row("1", 5, far, 1, (9, 7), mask_index=k, score=0.3 + 0.1 * k) for k in range(3)],
-        {**mask_row("1", 6, near, 1, (3, 3)), "error": "empty mask"},   # error row: no point
+        # SAM gave an empty mask: no prediction, but its point was predicted and counts (a hit).
+        {**mask_row("1", 6, near, 1, (3, 3)), "error": "SAM predicted an empty mask"},
+        {**mask_row("1", 7, far, 1, (0, 0)), "error": "SAM predicted an empty mask"},  # a miss
+        # An upstream error (the phrase never reached SAM): no point, not counted.
+        {**mask_row("1", 8, near, 1, (3, 3)), "point_x": None, "point_y": None, "error": "no category"},
     ]
     metrics = evaluate_in_memory(tmp_path, gt, ["1"], masks)
     # more_masks: phrase 5 has three masks but one point, inside the second mask of category 1.
-    assert metrics["num_predictions"] == 8 and metrics["num_points"] == 6
-    assert metrics["point_accuracy"] == pytest.approx(3 / 6)
+    assert metrics["num_predictions"] == 8 and metrics["num_points"] == 8
+    assert metrics["point_accuracy"] == pytest.approx(4 / 8)
 
 
 def test_points_outside_the_image_are_misses(tmp_path):
