@@ -16,7 +16,8 @@
 #   gpu_paths   bench/gpu_paths.py: generate (fp16, bf16; sdpa, flash if importable) and segment
 #               stages on the GPU vs eager and CPU references, on the toy models
 #   bench_7b    bench/bench_7b.py: LLaVA-1.5-7B-shaped random model, plain vs capture, batches 1 and 8
-#   pytest_cpu  the same test files' CPU tests, under the GPU machine's torch (lowest priority: last)
+#   toy_sweep   bench/toy_sweep.py: trains the toy-world LMM configs of bench/toy_sweep_plan.json side by
+#               side on the GPU and reports val naming/grounding metrics (with what budget is left)
 # A total budget (GPU_CHECK_BUDGET seconds, default 480) caps every step's timeout so that the script
 # ends in time; a step that would get under 20 s is skipped. Exit status: 0 when every step returned 0.
 set +e
@@ -55,7 +56,7 @@ if [ "$MODE" = gpu ]; then
   export PYTHONPATH=/tmp/site:$PWD
   PATHS_ARGS=""
   BENCH_ARGS=""
-  CPU_TEST_FILES=$TEST_FILES
+  SWEEP_ARGS="--device cuda --parallel 4"
 else
   # Here: the project's venv (its own pins; PYTHON=<interpreter> for another one); SITE=<folder> puts
   # a folder of installed wheels in front, as /tmp/site is on the GPU machine.
@@ -64,7 +65,7 @@ else
   export PYTHONPATH=${SITE:+$SITE:}$PWD
   PATHS_ARGS="--device cpu --dtypes float32,bfloat16 --max-new-tokens 6"
   BENCH_ARGS="--tiny --device cpu --batches 1,2 --repeats 2"
-  CPU_TEST_FILES="tests/test_capture.py tests/test_devices.py"   # the whole set takes > 5 min on 2 cores
+  SWEEP_ARGS="--device cpu --parallel 2 --num-val 4 --workers 2"
 fi
 echo "mode $MODE, python $PY, PYTHONPATH=$PYTHONPATH, OUT=$OUT, budget ${BUDGET}s"
 
@@ -142,21 +143,23 @@ step pytest_gpu 120 "$PY" -m pytest -p no:cacheprovider -q -m gpu -rs $TEST_FILE
 step gpu_paths 150 "$PY" bench/gpu_paths.py --workdir /tmp/aas-gpu-paths $PATHS_ARGS
 # shellcheck disable=SC2086
 step bench_7b 240 "$PY" bench/bench_7b.py $BENCH_ARGS
-# shellcheck disable=SC2086
-step pytest_cpu 150 env OMP_NUM_THREADS=2 "$PY" -m pytest -p no:cacheprovider -q -m "not slow and not gpu" $XDIST \
-  $CPU_TEST_FILES
+# The toy world's training sweep (bench/toy_sweep_plan.json) with whatever budget is left.
+step toy_sweep 400 "$PY" bench/toy_sweep.py --out /tmp/aas-toy-sweep --plan "${SWEEP_PLAN:-bench/toy_sweep_plan.json}" \
+  $SWEEP_ARGS
 
 {
   echo
   echo "================ SUMMARY ($MODE, $(($(date +%s) - T0)) s) ================"
   printf "%b" "$SUMMARY"
   echo "--- pytest"
-  for f in pytest_gpu pytest_cpu; do
+  for f in pytest_gpu; do
     [ -f "$OUT/$f.log" ] && echo "$f: $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/$f.log" | tail -1)"
     [ -f "$OUT/$f.log" ] && grep -E '^(FAILED|ERROR|SKIPPED)' "$OUT/$f.log" | head -20
   done
   echo "--- gpu_paths"
   [ -f "$OUT/gpu_paths.log" ] && grep '^RESULT' "$OUT/gpu_paths.log"
+  echo "--- toy_sweep"
+  [ -f "$OUT/toy_sweep.log" ] && grep -E '^(RESULT|drew)' "$OUT/toy_sweep.log"
   echo "--- bench_7b"
   [ -f "$OUT/bench_7b.log" ] && sed -n '/^RESULT bench_7b/,$p' "$OUT/bench_7b.log" | grep -v '^  runs'
   [ -f "$OUT/bench_7b.log" ] && grep -E '^(built|init|batch [0-9]|eager check)' "$OUT/bench_7b.log"

@@ -233,16 +233,17 @@ def learning_rate(cfg: TrainLmmConfig, step: int) -> float:
 class Trainer:
     """Holds model, processor, data and optimiser; :meth:`step` runs one optimisation step."""
 
-    def __init__(self, cfg: TrainLmmConfig, work_dir: str | os.PathLike):
+    def __init__(self, cfg: TrainLmmConfig, work_dir: str | os.PathLike, device: str = "cpu"):
         import torch
 
         from stages.synthetic import make_example
 
         self.cfg = cfg
+        self.device = torch.device(device)
         examples = [make_example(cfg.world_seed, "train", i, cfg.image_size) for i in range(cfg.num_train_images)]
         corpus = vocabulary_corpus([ex.caption for ex in examples], cfg.questions)
         self.model, self.processor = init_model(cfg, corpus, work_dir)
-        self.model.train()
+        self.model.to(self.device).train()
         self.data = build_train_data(cfg, self.processor, examples)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -267,6 +268,7 @@ class Trainer:
         import torch
 
         batch = self.next_batch() if batch is None else batch
+        batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.num_steps)
         loss = answer_loss(self.model, batch)
@@ -281,21 +283,30 @@ class Trainer:
         out_dir = Path(out_dir)
         self.model.eval()
         with atomic_path(out_dir) as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.to("cpu").save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
         return out_dir
 
 
 def train_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmConfig(), *,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, device: str = "cpu") -> Path:
     """Train the toy LLaVA of ``cfg`` on train-split captions and write it to ``out_dir`` (llava-hf
-    layout, loads with stock ``LlavaForConditionalGeneration`` / ``AutoProcessor``); atomic."""
+    layout, loads with stock ``LlavaForConditionalGeneration`` / ``AutoProcessor``); atomic.
+
+    ``device``: "cpu" (the default run) or "cuda[:N]"; deterministic on either, but a GPU's float
+    reductions differ from the CPU's, so the two give (slightly) different models."""
     import torch
     from tqdm import tqdm
 
+    if torch.device(device).type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
+    # On a GPU some kernels (e.g. the image-feature scatter's backward) have no deterministic
+    # implementation: warn there instead of failing.
+    torch.use_deterministic_algorithms(True, warn_only=torch.device(device).type == "cuda")
     # One intra-op thread: the same float reductions on every machine, and on a shared 2-core box
     # several times faster than two oversubscribed threads.
     torch.set_num_threads(1)
@@ -303,7 +314,7 @@ def train_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmCo
         with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as work:
             torch.manual_seed(cfg.seed)
             start = time.perf_counter()
-            trainer = Trainer(cfg, work)
+            trainer = Trainer(cfg, work, device)
             log.info("training data ready in %.1f s (%d images)", time.perf_counter() - start, cfg.num_train_images)
             bar = tqdm(range(cfg.steps), desc="train toy llava", unit="step", disable=not progress)
             running = None
