@@ -2,17 +2,20 @@
 
 A loader takes ``(path, dtype, attn_implementation, device, base)`` and returns a :class:`LoadedLMM`
 whose model is in eval mode on ``device``; ``base`` is the base language model of a LoRA checkpoint
-(the release's ``--model-base``), None for the checkpoint's own choice. ``path`` is a local folder or a hub id; a loader raises
-:class:`~stages.config.ConfigError` naming ``path`` when neither works. Heavy imports happen inside
-the loaders.
+(the release's ``--model-base``), None for the checkpoint's own choice. ``path`` is a local folder
+or a hub id; a loader raises :class:`~stages.config.ConfigError` naming ``path`` when neither works.
+Heavy imports happen inside the loaders.
+
+Coordinate conventions: a feature grid has ``rows`` x ``columns`` cells, cell (r, c) in row r from
+the top and column c from the left; grids are flattened row-major (index r * columns + c).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
@@ -22,13 +25,41 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's feature-grid cells sit in one input sequence.
+
+    ``positions``: (rows * columns,) int64 sequence indices into that batch item's ``input_ids``
+    (left padding included, so they are the key positions the language model attends to), row-major
+    over the grid: cell (r, c) is the token at ``positions[r * columns + c]``. ``grid``: (rows,
+    columns). Tokens of the image that are no grid cell (LLaVA-NeXT's row-end newline tokens, a
+    second grid) are simply not listed.
+    """
+
+    positions: "torch.Tensor"   # (rows * columns,) int64 sequence indices, row-major over the grid
+    grid: tuple[int, int]       # (rows, columns)
+
+    def __post_init__(self) -> None:
+        rows, columns = self.grid
+        if rows < 1 or columns < 1 or tuple(self.positions.shape) != (rows * columns,):
+            raise ValueError(f"an image layout on a {rows} x {columns} grid needs {rows * columns} "
+                             f"positions, got shape {tuple(self.positions.shape)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoadedLMM:
     """A loaded LMM: the model, its processor (tokenizer + image processor + chat template) and facts
     the generate stage needs.
 
-    ``image_token_id``: id of the image placeholder token in ``input_ids``; ``patch_size``: pixels per
-    feature-grid cell of the vision tower; ``grid``: (rows, columns) of the feature grid the image
-    tokens are laid on, row-major (LLaVA-1.5: 24 x 24).
+    ``image_token_id``: id of the image placeholder token in ``input_ids``.
+    ``image_layouts``: the processor's batch output (``input_ids``, ``attention_mask``,
+    ``pixel_values``, ``image_sizes`` / ``image_grid_thw`` ...; one image per batch item) -> one
+    :class:`ImageLayout` per batch item, on the device of ``input_ids``; raises ValueError when the
+    batch does not hold the image tokens the model expects. Grids may differ between items.
+    ``pad_to_square``: True when the model was trained on images padded to a centred square with the
+    processor's mean colour (LLaVA-1.5 ``expand2square``): the generate stage then pads before the
+    processor and the grid covers that square. False: the image goes to the processor as it is and
+    the grid covers the whole image, stretched to the grid's aspect. (``generate.pad_to_square``
+    may override it; the store records what the grids cover.)
     """
 
     family: str
@@ -36,8 +67,30 @@ class LoadedLMM:
     model: Any
     processor: Any
     image_token_id: int
-    patch_size: int
-    grid: tuple[int, int]
+    image_layouts: Callable[[Mapping[str, Any]], list[ImageLayout]]
+    pad_to_square: bool
+
+
+def uniform_layouts(image_token_id: int,
+                    grid: tuple[int, int]) -> Callable[[Mapping[str, Any]], list[ImageLayout]]:
+    """:attr:`LoadedLMM.image_layouts` for models whose every image fills one fixed grid with its
+    image tokens in row-major order (LLaVA-1.5: 24 x 24 = 576 "<image>" tokens per image).
+
+    The returned function finds the ``image_token_id`` tokens of each ``input_ids`` row (B, L) and
+    raises ValueError unless every row holds exactly ``rows * columns`` of them.
+    """
+    rows, columns = int(grid[0]), int(grid[1])
+
+    def layouts(inputs: Mapping[str, Any]) -> list[ImageLayout]:
+        is_image = inputs["input_ids"] == image_token_id
+        counts = is_image.sum(dim=1).tolist()
+        if any(count != rows * columns for count in counts):
+            raise ValueError(f"the {rows} x {columns} feature grid needs {rows * columns} image tokens "
+                             f"(id {image_token_id}) per sequence; the processor gave {counts}")
+        positions = is_image.nonzero()[:, 1].view(len(counts), rows * columns)
+        return [ImageLayout(positions[b], (rows, columns)) for b in range(len(counts))]
+
+    return layouts
 
 
 # A hub id: "name" or "owner/name" (letters, digits, "-", "_", "."), not starting with a dot.
