@@ -53,6 +53,7 @@ class LMMConfig:
     family: str = "llava"
     path: str = "results/models/toy-llava"
     base: str | None = None
+    grid: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     attn_implementation: Literal["sdpa", "flash_attention_2"] = "sdpa"
 
@@ -319,7 +320,8 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     rows = manifest[manifest["shard"] == shard]
     torch_device = resolve_device(device)
     lmm = load_lmm(lmm_cfg.family, lmm_cfg.path, dtype=resolve_dtype(lmm_cfg.dtype, torch_device),
-                   attn_implementation=lmm_cfg.attn_implementation, device=torch_device, base=lmm_cfg.base)
+                   attn_implementation=lmm_cfg.attn_implementation, device=torch_device, base=lmm_cfg.base,
+                   grid=lmm_cfg.grid)
     try:
         capture = AttentionCapture(lmm.model, layers=generate_cfg.layers, heads=generate_cfg.heads)
     except ValueError as exc:

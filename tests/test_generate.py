@@ -306,9 +306,17 @@ def test_pad_to_square_auto_follows_the_model_and_true_false_override_it(tmp_pat
 
 # --- configuration errors -------------------------------------------------------------------------
 
+def test_lmm_grid_is_refused_for_a_family_with_one_grid(tmp_path, toy_path, edge_case_manifest):
+    with pytest.raises(ConfigError, match=r"lmm.grid \('base'\).*family 'llava' has one grid"):
+        generate.run(GenerateConfig(), LMMConfig(path=str(toy_path), grid="base"), edge_case_manifest, 0,
+                     tmp_path / "g.parquet", tmp_path / "a.zarr", device="cpu")
+    with pytest.raises(ConfigError, match=r"lmm.grid 'middle' unknown for family 'llava_next'"):
+        load_lmm("llava_next", str(toy_path), dtype=None, attn_implementation="sdpa", device="cpu", grid="middle")
+
+
 def test_unknown_family_is_a_config_error_listing_known_ones(toy_path):
     known = re.escape(str(sorted(LMM_FAMILIES)))
-    assert {"llava", "llava_original", "difflmm"} <= set(LMM_FAMILIES)
+    assert {"llava", "llava_original", "difflmm", "llava_next"} <= set(LMM_FAMILIES)
     with pytest.raises(ConfigError, match=rf"unknown LMM family 'llava-next-9'.*{known}"):
         load_lmm("llava-next-9", str(toy_path), dtype=None, attn_implementation="sdpa", device="cpu")
 

@@ -2,9 +2,11 @@
 
 A loader takes ``(path, dtype, attn_implementation, device, base)`` and returns a :class:`LoadedLMM`
 whose model is in eval mode on ``device``; ``base`` is the base language model of a LoRA checkpoint
-(the release's ``--model-base``), None for the checkpoint's own choice. ``path`` is a local folder
-or a hub id; a loader raises :class:`~stages.config.ConfigError` naming ``path`` when neither works.
-Heavy imports happen inside the loaders.
+(the release's ``--model-base``), None for the checkpoint's own choice. A family whose image
+features can be laid on more than one grid (:data:`GRID_CHOICES`) also takes ``grid`` (``lmm.grid``)
+as a keyword. ``path`` is a local folder or a hub id; a loader raises
+:class:`~stages.config.ConfigError` naming ``path`` when neither works. Heavy imports happen inside
+the loaders.
 
 Coordinate conventions: a feature grid has ``rows`` x ``columns`` cells, cell (r, c) in row r from
 the top and column c from the left; grids are flattened row-major (index r * columns + c).
@@ -113,7 +115,10 @@ def model_source(path: str) -> str:
     return path
 
 
-LMMLoader = Callable[[str, "torch.dtype", str, "torch.device", "str | None"], LoadedLMM]
+LMMLoader = Callable[..., LoadedLMM]
+
+# Families whose features can be read on more than one grid -> the choices of lmm.grid (first: default).
+GRID_CHOICES: dict[str, tuple[str, ...]] = {"llava_next": ("highres", "base")}
 
 
 def _no_base(family: str, base: str | None) -> None:
@@ -145,20 +150,40 @@ def _load_difflmm(path: str, dtype: torch.dtype, attn_implementation: str, devic
     return load_difflmm(path, dtype=dtype, attn_implementation=attn_implementation, device=device, base=base)
 
 
+def _load_llava_next(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+                     base: str | None, *, grid: str = GRID_CHOICES["llava_next"][0]) -> LoadedLMM:
+    from stages.models.llava_next import load_llava_next
+
+    _no_base("llava_next", base)
+    return load_llava_next(path, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                           grid=grid)
+
+
 LMM_FAMILIES: dict[str, LMMLoader] = {
     "llava": _load_llava,
     "llava_original": _load_llava_original,
     "difflmm": _load_difflmm,
+    "llava_next": _load_llava_next,
 }
 
 
 def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation: str,
-             device: torch.device, base: str | None = None) -> LoadedLMM:
+             device: torch.device, base: str | None = None, grid: str | None = None) -> LoadedLMM:
     """Load the LMM of ``family`` from ``path`` (``base``: a LoRA checkpoint's base model, None = the
-    checkpoint's own); unknown family -> ConfigError listing the known ones."""
+    checkpoint's own; ``grid``: which feature grid the rows map onto, for families in
+    :data:`GRID_CHOICES`, None = the family's default). Unknown family -> ConfigError listing the
+    known ones; a ``grid`` the family does not offer -> ConfigError naming lmm.grid."""
     try:
         loader = LMM_FAMILIES[family]
     except KeyError:
         raise ConfigError(f"unknown LMM family {family!r} (lmm.family); "
                           f"known: {sorted(LMM_FAMILIES)}") from None
-    return loader(path, dtype, attn_implementation, device, base)
+    if grid is None:
+        return loader(path, dtype, attn_implementation, device, base)
+    choices = GRID_CHOICES.get(family)
+    if choices is None:
+        raise ConfigError(f"lmm.grid ({grid!r}) chooses between feature grids of families "
+                          f"{sorted(GRID_CHOICES)}; family {family!r} has one grid: leave lmm.grid null")
+    if grid not in choices:
+        raise ConfigError(f"lmm.grid {grid!r} unknown for family {family!r}; known: {list(choices)}")
+    return loader(path, dtype, attn_implementation, device, base, grid=grid)
