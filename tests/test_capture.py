@@ -223,3 +223,17 @@ def test_capture_on_gpu_matches_eager(tmp_path, implementation):
     torch.testing.assert_close(rows[:, :1], expected[:, :1], rtol=2e-2, atol=2e-3)
     if torch.equal(sequences, eager_sequences):
         torch.testing.assert_close(rows, expected, rtol=2e-2, atol=2e-3)
+
+    # Items with different numbers of image keys (per-image grids): item 1 reads 90 of its keys.
+    uniform = image_token_positions(inputs["input_ids"], model.config.image_token_id)
+    ragged = [uniform[0], torch.cat([uniform[1].flip(0)[::2], torch.arange(18, device="cuda")])]
+    capture = AttentionCapture(model)
+    with torch.no_grad(), capture.recording(ragged):
+        model.generate(**inputs, do_sample=False, max_new_tokens=1)
+    with torch.no_grad():
+        out = eager.generate(**inputs, do_sample=False, max_new_tokens=1, output_attentions=True,
+                             return_dict_in_generate=True)
+    for b, item in enumerate(capture.item_rows()):
+        alone = [tuple(layer[b:b + 1] for layer in step) for step in out.attentions]
+        reference = eager_reference_rows(alone, ragged[b][None])[0]
+        torch.testing.assert_close(item, reference, rtol=2e-2, atol=2e-3)
