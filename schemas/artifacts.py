@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 VERSION_KEY = b"aas.schema_version"
 ARTIFACT_KEY = b"aas.artifact"
 
@@ -57,9 +57,13 @@ GENERATIONS = _schema(
         pa.field("token_ends", pa.list_(pa.int32())),
         pa.field("token_special", pa.list_(pa.bool_())),
         pa.field("num_tokens", pa.int32(), nullable=False),
-        # Token j's attention row is attention/rows[row_offset + j] (rows of one image are contiguous).
-        pa.field("row_offset", pa.int64(), nullable=False),
-        # Feature grid (rows x columns) the attention rows are laid on.
+        # Element offset of this image's maps in the attention store's flat `values` array: with
+        # n = grid_h * grid_w, token j's map is values[attention_offset + j * n : attention_offset +
+        # (j + 1) * n], row-major over the grid; the image's num_tokens maps are one contiguous slice.
+        # On an error row: the store's size at that point (nothing stored).
+        pa.field("attention_offset", pa.int64(), nullable=False),
+        # This image's feature grid (rows x columns) its maps are laid on; images of one shard may differ
+        # (LLaVA-NeXT, Qwen2.5-VL). Null on an error row.
         pa.field("grid_h", pa.int32()),
         pa.field("grid_w", pa.int32()),
         # "eos" (end-of-sequence emitted), "length" (max_new_tokens reached) or "error".
@@ -121,13 +125,20 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 # Attention store: one Zarr v3 group per shard, `attention/shard-K.zarr`.
-ATTENTION_ARRAY = "rows"
-# Array `rows`: float16, shape (total_tokens_of_shard, grid_h, grid_w), dimension names below;
-# chunked and sharded along the token axis only. Row r is the attention of the query that emitted
-# one generated token over the image tokens, reduced over the chosen layers and heads (raw softmax
-# probabilities: a row sums to at most 1; no normalisation is applied).
-ATTENTION_DIMENSIONS = ("token", "y", "x")
+ATTENTION_ARRAY = "values"
+# Array `values`: float16, 1-D, shape (total_elements_of_shard,), dimension name below; every captured
+# map of the shard, image after image, token after token, each map row-major over its image's grid
+# (grid_h, grid_w from the generations table; an image's maps are values[attention_offset :
+# attention_offset + num_tokens * grid_h * grid_w]). Chunked and sharded along its only axis (chunks
+# of about 2 MiB). A map is the attention of the query that emitted one generated token over the
+# image tokens, reduced over the chosen layers and heads (raw softmax probabilities: a map sums to at
+# most 1; no normalisation is applied).
+ATTENTION_DIMENSIONS = ("element",)
 ATTENTION_DTYPE = "float16"
-# Group attributes: schema_version, artifact="attention", model (id or path), grid [h, w],
+# What the feature grids cover (attribute `grid_covers`): "padded_square" (the image was padded to a
+# centred square of its longer side before encoding, LLaVA-1.5's expand2square; the grid covers that
+# square) or "image" (the grid covers the whole image, stretched to the grid's aspect).
+GRID_COVERS = ("padded_square", "image")
+# Group attributes: schema_version, artifact="attention", model (id or path), grid_covers,
 # reduction {"layers": "all" | [int], "heads": "all" | [int], "statistic": "mean"}.
-ATTENTION_ATTRS = ("schema_version", "artifact", "model", "grid", "reduction")
+ATTENTION_ATTRS = ("schema_version", "artifact", "model", "grid_covers", "reduction")

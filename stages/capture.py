@@ -14,8 +14,10 @@ and on the side computes ``softmax(q_newest · K^T * scaling + mask)`` for each 
 attention: each query head reads its key/value head) and adds it to a float32 (batch, heads, keys)
 buffer of the step; at the end of the step (a forward hook on the model) the selected heads are
 summed, the image-key columns gathered and divided by layers x heads. Memory is O(steps x image
-tokens) plus that one buffer; no (heads x queries x keys) tensor is kept. The vision tower's
-attention is never touched (its sub-config keeps its own implementation).
+tokens) plus that one buffer; no (heads x queries x keys) tensor is kept. Each batch item may have
+its own number of image keys (per-image grids: LLaVA-NeXT, Qwen2.5-VL): the gather indices are then
+padded to the longest item and each item keeps its own length, so a step still costs one gather.
+The vision tower's attention is never touched (its sub-config keeps its own implementation).
 
 Cost: besides three small kernels per layer and step, the capture reads each layer's keys once more
 for the newest query (the SDPA/flash kernel does not return its probabilities), i.e. about half the
@@ -117,6 +119,31 @@ def image_token_positions(input_ids: torch.Tensor, image_token_id: int) -> torch
     return is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
 
 
+def padded_positions(
+        image_positions: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Key positions of the image tokens of a batch as one gather index and per-item lengths.
+
+    ``image_positions``: a (B, N) int tensor (every item has N image keys), or B 1-D int tensors
+    (item b has N_b image keys, in the order its rows are wanted, e.g. row-major over its grid), all
+    on one device. Returns ``(padded, lengths)``: ``padded`` (B, max N_b) int64 on that device, item
+    b's positions first, then copies of its first position as padding (any valid key would do: the
+    padded columns are dropped); ``lengths`` [N_0, ..., N_{B-1}]. ValueError for an empty batch or
+    an item without image keys.
+    """
+    if isinstance(image_positions, torch.Tensor):
+        if image_positions.dim() != 2 or 0 in image_positions.shape:
+            raise ValueError("image positions must be (B, N) with B, N > 0, "
+                             f"got {tuple(image_positions.shape)}")
+        return image_positions.long(), [image_positions.shape[1]] * image_positions.shape[0]
+    items = [torch.as_tensor(p).long().reshape(-1) for p in image_positions]
+    lengths = [len(p) for p in items]
+    if not items or min(lengths) == 0:
+        raise ValueError(f"every batch item needs image positions; got lengths {lengths}")
+    longest = max(lengths)
+    padded = torch.stack([torch.cat([p, p[:1].expand(longest - len(p))]) for p in items])
+    return padded, lengths
+
+
 def _normalise_indices(selection: Literal["all"] | Sequence[int], size: int, what: str) -> list[int]:
     """``"all"`` -> 0..size-1; a list of (possibly negative, Python-style) indices -> non-negative ones."""
     if isinstance(selection, str):
@@ -167,7 +194,7 @@ class _Recording:
     head selection, the head sum and the image-column gather run once per step.
     """
 
-    image_positions: torch.Tensor          # (B, N_img) int64 key positions
+    image_positions: torch.Tensor          # (B, N_max) int64 key positions, padded per item
     heads: torch.Tensor | None             # selected query heads, None = all
     num_layers: int                        # number of selected layers
     num_heads: int                         # number of selected heads
@@ -175,7 +202,7 @@ class _Recording:
     layers_seen: int = 0
     mask_source: torch.Tensor | None = None  # the attention mask `bias` was built from
     bias: torch.Tensor | None = None       # (B * H_kv, 1, K) additive mask of the newest query, query dtype
-    rows: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per step (B, N_img) float32
+    rows: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per step (B, N_max) float32
 
     def start_step(self) -> None:
         self.step_sum, self.mask_source, self.bias = None, None, None
@@ -239,6 +266,9 @@ class AttentionCapture:
             out = model.generate(**inputs, do_sample=False, max_new_tokens=T)
         rows = capture.rows()        # (B, steps, N_img) float32; row j belongs to generated token j
 
+    With a different number of image keys per item, pass one 1-D position tensor per item and read
+    ``capture.item_rows()``: item b's (steps, N_b) rows.
+
     Outside ``recording`` the model is untouched.
     """
 
@@ -257,6 +287,7 @@ class AttentionCapture:
         self._attention_modules = [decoder_layers[i].self_attn for i in self.layers]
         self._recording: _Recording | None = None
         self._rows: torch.Tensor | None = None
+        self._lengths: list[int] = []
         self._text_implementation()
         register_capture_attention()
 
@@ -269,20 +300,23 @@ class AttentionCapture:
         return implementation
 
     @contextlib.contextmanager
-    def recording(self, image_positions: torch.Tensor) -> Iterator[AttentionCapture]:
+    def recording(self,
+                  image_positions: torch.Tensor | Sequence[torch.Tensor]) -> Iterator[AttentionCapture]:
         """Capture every forward call of the model made inside the block.
 
-        ``image_positions``: (B, N_img) int64 key positions of the image tokens of each sequence
-        (see :func:`image_token_positions`), on the model's device. Rows of a previous recording
-        are discarded.
+        ``image_positions``: key positions of the image tokens of each sequence, on the model's
+        device: a (B, N_img) int64 tensor (see :func:`image_token_positions`), or B 1-D tensors
+        when items have different numbers of image tokens (see :func:`padded_positions`). Rows of a
+        previous recording are discarded.
         """
         if self._recording is not None:
             raise RuntimeError("a recording is already open on this model")
+        padded, lengths = padded_positions(image_positions)
         original = self._text_implementation()
-        heads = None if self._all_heads else torch.tensor(self.heads, device=image_positions.device)
-        recording = _Recording(image_positions=image_positions.long(), heads=heads,
+        heads = None if self._all_heads else torch.tensor(self.heads, device=padded.device)
+        recording = _Recording(image_positions=padded, heads=heads,
                                num_layers=len(self.layers), num_heads=len(self.heads))
-        self._recording, self._rows = recording, None
+        self._recording, self._rows, self._lengths = recording, None, lengths
         hooks = [self.model.register_forward_pre_hook(lambda module, args: recording.start_step()),
                  self.model.register_forward_hook(lambda module, args, output: recording.end_step())]
         for module in self._attention_modules:
@@ -297,15 +331,28 @@ class AttentionCapture:
             for hook in hooks:
                 hook.remove()
             self._recording = None
-            batch, num_image = image_positions.shape
             self._rows = (torch.stack(recording.rows, dim=1) if recording.rows
-                          else torch.zeros(batch, 0, num_image, device=image_positions.device))
+                          else torch.zeros(padded.shape[0], 0, padded.shape[1], device=padded.device))
+            _zero_padding(self._rows, lengths)
 
     def rows(self) -> torch.Tensor:
-        """Rows of the last recording: (B, steps, N_img) float32 on the model's device."""
+        """Rows of the last recording: (B, steps, N_max) float32 on the model's device; item b's
+        rows are ``[:, :, :N_b]``, the columns after them are 0 (see :meth:`item_rows`)."""
         if self._rows is None:
             raise RuntimeError("no finished recording")
         return self._rows
+
+    def item_rows(self) -> list[torch.Tensor]:
+        """Rows of the last recording per batch item: B tensors (steps, N_b) float32 (views of
+        :meth:`rows`), column k belonging to item b's k-th image position."""
+        rows = self.rows()
+        return [rows[b, :, :length] for b, length in enumerate(self._lengths)]
+
+
+def _zero_padding(rows: torch.Tensor, lengths: Sequence[int]) -> None:
+    """Set the padded columns of ``rows`` (B, steps, N_max) to 0 in place: item b's columns >= N_b."""
+    for b, length in enumerate(lengths):
+        rows[b, :, length:] = 0
 
 
 def eager_reference_rows(attentions: Sequence[Sequence[torch.Tensor]], image_positions: torch.Tensor,
@@ -314,10 +361,12 @@ def eager_reference_rows(attentions: Sequence[Sequence[torch.Tensor]], image_pos
     """The same rows computed the release's way, from eager ``output_attentions=True`` generation.
 
     ``attentions``: ``generate(..., output_attentions=True, return_dict_in_generate=True).attentions``,
-    per step a tuple over layers of (B, H, Q, K) probabilities; ``image_positions``: (B, N_img);
-    ``layers`` / ``heads``: non-negative indices, None = all. Returns (B, steps, N_img) float32.
-    Used as the reference in tests and benchmarks.
+    per step a tuple over layers of (B, H, Q, K) probabilities; ``image_positions``: (B, N_img), or
+    B 1-D tensors of per-item lengths N_b; ``layers`` / ``heads``: non-negative indices, None = all.
+    Returns (B, steps, N_max) float32, item b's rows in ``[:, :, :N_b]`` and 0 after them, as
+    :meth:`AttentionCapture.rows`. Used as the reference in tests and benchmarks.
     """
+    image_positions, lengths = padded_positions(image_positions)
     steps = []
     for step_attentions in attentions:
         selected = layers if layers is not None else range(len(step_attentions))
@@ -327,4 +376,6 @@ def eager_reference_rows(attentions: Sequence[Sequence[torch.Tensor]], image_pos
             newest = newest[:, :, list(heads)]
         mean = newest.mean(dim=(0, 2))                                             # (B, K)
         steps.append(mean.gather(1, image_positions.to(mean.device)))
-    return torch.stack(steps, dim=1)
+    rows = torch.stack(steps, dim=1)
+    _zero_padding(rows, lengths)
+    return rows

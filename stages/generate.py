@@ -1,15 +1,20 @@
 """Generate stage (GPU, one job per shard): answer each image and capture its attention rows.
 
 For every image of the shard: the chat prompt (the model's own template, optional system message,
-the configured question), the image optionally padded to a square with the image processor's mean
-colour (LLaVA-1.5 ``expand2square``), greedy decoding in left-padded batches, and for every
-generated token g_j the attention row of the query that emitted it over the image tokens, reduced
-over the configured layers and heads (:mod:`stages.capture`), reshaped to the feature grid.
+the configured question), the image padded to a square with the image processor's mean colour
+(LLaVA-1.5 ``expand2square``) when the model was trained that way (``generate.pad_to_square: auto``
+follows ``LoadedLMM.pad_to_square``; true / false override it), greedy decoding in left-padded
+batches, and for every generated token g_j the attention row of the query that emitted it over the
+image tokens, reduced over the configured layers and heads (:mod:`stages.capture`), laid on that
+image's own feature grid (``LoadedLMM.image_layouts``: cell (r, c) of the grid is the token at one
+sequence position; images of one batch may have different grids).
 
 Outputs (schemas in :mod:`schemas.artifacts`): the generations table (one row per manifest row of
 the shard, in manifest order: answer text, token ids, each token's character span in the answer,
-finish reason, row offset into the store) and the attention store (float16 rows
-(total_tokens, grid_h, grid_w); an image's rows are contiguous). An image that cannot be used
+finish reason, the image's grid and the offset of its maps in the store) and the attention store
+(every image's float16 (num_tokens, grid_h, grid_w) maps, one contiguous slice each, in one flat
+array; its ``grid_covers`` attribute says whether the grids cover the padded square or the whole
+image, which the segment stage follows). An image that cannot be used
 (manifest error, unreadable file, a failure while generating) becomes an error row with the reason
 (num_tokens 0, finish_reason "error"), never a crash of the shard; model-level problems (unknown
 family, missing model, bad layer/head indices) raise ConfigError.
@@ -48,6 +53,7 @@ class LMMConfig:
     family: str = "llava"
     path: str = "results/models/toy-llava"
     base: str | None = None
+    grid: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     attn_implementation: Literal["sdpa", "flash_attention_2"] = "sdpa"
 
@@ -58,12 +64,16 @@ class GenerateConfig:
 
     question: str = "Describe the image in detail."
     system_prompt: str | None = None
-    pad_to_square: bool = True
+    pad_to_square: Literal["auto"] | bool = "auto"
     max_new_tokens: int = 24
     batch_size: int = 2
     layers: Literal["all"] | tuple[int, ...] = "all"
     heads: Literal["all"] | tuple[int, ...] = "all"
-    tokens_per_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.pad_to_square != "auto" and not isinstance(self.pad_to_square, bool):
+            raise ConfigError("generate.pad_to_square must be auto, true or false, "
+                              f"got {self.pad_to_square!r}")
 
 
 @dataclasses.dataclass
@@ -78,7 +88,8 @@ class _Item:
 @dataclasses.dataclass
 class _Answer:
     """Generation of one image: ``token_ids`` (T,) trimmed after the first end-of-sequence token and
-    ``rows`` (T, grid_h, grid_w) float32, row j = attention of the query that emitted token j."""
+    ``rows`` (T, grid_h, grid_w) float32 on the image's own grid, row j = attention of the query that
+    emitted token j."""
 
     token_ids: list[int]
     rows: np.ndarray
@@ -210,34 +221,37 @@ def _eos_ids(model: Any) -> set[int]:
 
 def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, images: list[Image.Image],
                     cfg: GenerateConfig, device: torch.device) -> list[_Answer]:
-    """Greedy generation for ``images`` (one left-padded batch) with attention capture."""
+    """Greedy generation for ``images`` (one left-padded batch) with attention capture; each image's
+    rows are laid on its own grid (``lmm.image_layouts``). A batch whose image tokens do not fit the
+    model's layout is a ConfigError (a model/processor problem, not an image's)."""
     import torch
 
-    from stages.capture import CaptureError, image_token_positions
+    from stages.capture import CaptureError
 
     inputs = lmm.processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
     inputs = inputs.to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(lmm.model.dtype)
-    pixel_grid = tuple(size // lmm.patch_size for size in inputs["pixel_values"].shape[-2:])
-    positions = image_token_positions(inputs["input_ids"], lmm.image_token_id)
-    grid = lmm.grid
-    if pixel_grid != grid or positions.shape[1] != grid[0] * grid[1]:
-        raise ConfigError(f"the processor of {lmm.path!r} gives {positions.shape[1]} image tokens on a "
-                          f"{pixel_grid} pixel grid; the vision tower's grid is {grid}")
-    with torch.inference_mode(), capture.recording(positions):
+    try:
+        layouts = lmm.image_layouts(inputs)
+    except ValueError as exc:
+        raise ConfigError(f"the processor of {lmm.path!r} (lmm.path) does not give the image tokens its "
+                          f"model expects: {exc}") from None
+    with torch.inference_mode(), capture.recording([layout.positions for layout in layouts]):
         sequences = lmm.model.generate(**inputs, do_sample=False, num_beams=1,
                                        max_new_tokens=cfg.max_new_tokens)
+    item_rows = [rows.float().cpu().numpy() for rows in capture.item_rows()]
     generated = sequences[:, inputs["input_ids"].shape[1]:].cpu()
-    rows = capture.rows().float().cpu().numpy()
-    if rows.shape[1] != generated.shape[1]:
-        raise CaptureError(f"captured {rows.shape[1]} steps for {generated.shape[1]} generated tokens")
+    if item_rows[0].shape[0] != generated.shape[1]:
+        raise CaptureError(f"captured {item_rows[0].shape[0]} steps for {generated.shape[1]} "
+                           "generated tokens")
     eos_ids = _eos_ids(lmm.model)
     answers = []
-    for b in range(len(images)):
+    for b, layout in enumerate(layouts):
         ids = generated[b].tolist()
         ends = [j for j, token_id in enumerate(ids) if token_id in eos_ids]
         num_tokens, reason = (ends[0] + 1, "eos") if ends else (len(ids), "length")
-        answers.append(_Answer(ids[:num_tokens], rows[b, :num_tokens].reshape(num_tokens, *grid), reason))
+        rows = item_rows[b][:num_tokens].reshape(num_tokens, *layout.grid)
+        answers.append(_Answer(ids[:num_tokens], rows, reason))
     return answers
 
 
@@ -279,10 +293,10 @@ def _batches(items: Iterator[_Item], batch_size: int) -> Iterator[list[_Item]]:
         yield group
 
 
-def _error_row(image_id: str, prompt: str, reason: str, row_offset: int) -> dict[str, Any]:
+def _error_row(image_id: str, prompt: str, reason: str, attention_offset: int) -> dict[str, Any]:
     """A generations row for an image that produced no tokens."""
     return {"image_id": image_id, "prompt": prompt, "answer": None, "token_ids": [], "token_starts": [],
-            "token_ends": [], "token_special": [], "num_tokens": 0, "row_offset": row_offset,
+            "token_ends": [], "token_special": [], "num_tokens": 0, "attention_offset": attention_offset,
             "grid_h": None, "grid_w": None, "finish_reason": "error", "error": reason}
 
 
@@ -306,7 +320,8 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     rows = manifest[manifest["shard"] == shard]
     torch_device = resolve_device(device)
     lmm = load_lmm(lmm_cfg.family, lmm_cfg.path, dtype=resolve_dtype(lmm_cfg.dtype, torch_device),
-                   attn_implementation=lmm_cfg.attn_implementation, device=torch_device, base=lmm_cfg.base)
+                   attn_implementation=lmm_cfg.attn_implementation, device=torch_device, base=lmm_cfg.base,
+                   grid=lmm_cfg.grid)
     try:
         capture = AttentionCapture(lmm.model, layers=generate_cfg.layers, heads=generate_cfg.heads)
     except ValueError as exc:
@@ -314,17 +329,18 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
                           f"{exc}") from None
     # LLaVA-1.5's expand2square colour: tuple(int(x * 255) for x in image_mean), truncated.
     background = tuple(int(255 * c) for c in lmm.processor.image_processor.image_mean)
-    grid = lmm.grid
+    pad = lmm.pad_to_square if generate_cfg.pad_to_square == "auto" else generate_cfg.pad_to_square
     prompt = build_prompt(lmm.processor, generate_cfg.question, generate_cfg.system_prompt)
     lmm.processor.tokenizer.padding_side = "left"
     reduction = {"layers": _reduction_value(generate_cfg.layers),
                  "heads": _reduction_value(generate_cfg.heads), "statistic": "mean"}
-    log.info("shard %d: %d images, prompt %r, grid %s", shard, len(rows), prompt, grid)
+    log.info("shard %d: %d images, prompt %r, %s", shard, len(rows), prompt,
+             "padded to squares" if pad else "not padded")
 
     table: list[dict[str, Any]] = []
-    items = (_prepare(row, generate_cfg.pad_to_square, background) for row in rows.itertuples(index=False))
-    with AttentionWriter(attention_path, grid, model=lmm_cfg.path, reduction=reduction,
-                         tokens_per_chunk=generate_cfg.tokens_per_chunk) as writer, \
+    items = (_prepare(row, pad, background) for row in rows.itertuples(index=False))
+    with AttentionWriter(attention_path, model=lmm_cfg.path, reduction=reduction,
+                         grid_covers="padded_square" if pad else "image") as writer, \
             tqdm(total=len(rows), desc=f"generate shard {shard}", unit="image") as progress:
         for group in _batches(items, generate_cfg.batch_size):
             with_image = [item for item in group if item.image is not None]
@@ -332,14 +348,14 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
                            if with_image else [])
             for item in group:
                 if item.image is None:
-                    table.append(_error_row(item.image_id, prompt, item.error, writer.num_rows))
+                    table.append(_error_row(item.image_id, prompt, item.error, writer.num_values))
                     continue
                 answer = next(answers)
                 if isinstance(answer, str):
-                    table.append(_error_row(item.image_id, prompt, answer, writer.num_rows))
+                    table.append(_error_row(item.image_id, prompt, answer, writer.num_values))
                     continue
                 table.append(_generation_row(item.image_id, prompt, answer, lmm.processor.tokenizer,
-                                             writer.append(answer.rows), grid))
+                                             writer.append(answer.rows)))
             progress.update(len(group))
     write_table(table, generations_path, "generations")
     errors = sum(row["error"] is not None for row in table)
@@ -347,13 +363,14 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
              sum(row["num_tokens"] for row in table))
 
 
-def _generation_row(image_id: str, prompt: str, answer: _Answer, tokenizer: Any, row_offset: int,
-                    grid: tuple[int, int]) -> dict[str, Any]:
+def _generation_row(image_id: str, prompt: str, answer: _Answer, tokenizer: Any,
+                    attention_offset: int) -> dict[str, Any]:
     text, starts, ends, special = token_char_spans(tokenizer, answer.token_ids)
+    _, grid_h, grid_w = answer.rows.shape
     return {"image_id": image_id, "prompt": prompt, "answer": text, "token_ids": answer.token_ids,
             "token_starts": starts, "token_ends": ends, "token_special": special,
-            "num_tokens": len(answer.token_ids), "row_offset": row_offset, "grid_h": grid[0],
-            "grid_w": grid[1], "finish_reason": answer.finish_reason, "error": None}
+            "num_tokens": len(answer.token_ids), "attention_offset": attention_offset, "grid_h": grid_h,
+            "grid_w": grid_w, "finish_reason": answer.finish_reason, "error": None}
 
 
 def _reduction_value(selection: str | Sequence[int]) -> str | list[int]:

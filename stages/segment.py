@@ -2,8 +2,9 @@
 
 Per image (REFERENCE.md section 3):
 
-1. rows ``A``: float32 ``(T, h, w)``, the attention rows of the image's T generated tokens, read
-   from the shard's attention store at ``row_offset .. row_offset + T``;
+1. rows ``A``: float32 ``(T, h, w)``, the attention maps of the image's T generated tokens on the
+   image's own grid (``grid_h`` x ``grid_w`` of its generations row), read from the shard's
+   attention store at ``attention_offset`` (one contiguous slice of ``T * h * w`` values);
 2. ``A - mean_t A[t]``: the mean row over every generated token with finite values is subtracted
    (this removes the attention sinks shared by all tokens);
 3. each phrase's rows (its ``token_indices``) are pooled into one ``(h, w)`` map, mean or max;
@@ -11,7 +12,9 @@ Per image (REFERENCE.md section 3):
 5. the map is upsampled bicubically (``align_corners=False``) to the image: ``pad`` upsamples to
    ``(L, L)`` with ``L = max(H, W)`` and keeps the centre ``H x W`` (rows from ``(L - H) // 2``,
    columns from ``(L - W) // 2``, where LLaVA's pad-to-square put the image); ``original`` upsamples
-   straight to ``(H, W)``;
+   straight to ``(H, W)``; ``auto`` (default) takes the one matching what the store says its grids
+   cover (attribute ``grid_covers``: "padded_square" -> ``pad``, "image" -> ``original``), so a model
+   that does not pad (LLaVA-NeXT, Qwen2.5-VL) and one that does (LLaVA-1.5) are both mapped right;
 6. SAM is prompted, one ``set_image`` and one ``predict_torch`` call for all phrases of the image:
    ``point``: the first argmax pixel (row ``r``, column ``c``) as a positive point; or ``mask``:
    the map as low-resolution mask logits plus a box;
@@ -42,7 +45,7 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from stages.config import ConfigError, from_mapping
-from stages.io.attention import open_attention, read_rows
+from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
-from stages.io.tables import read_arrow, write_table
+from stages.io.tables import ArtifactError, read_arrow, write_table
 
 if TYPE_CHECKING:
     import zarr
@@ -62,7 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POOLS = ("mean", "max")
-UPSAMPLES = ("pad", "original")
+UPSAMPLES = ("auto", "pad", "original")
+# segment.upsample: auto -> the mode matching the attention store's grid_covers attribute.
+UPSAMPLE_OF_GRID_COVERS = {"padded_square": "pad", "image": "original"}
 PROMPTS = ("point", "mask", "attention")
 # Probabilities are clipped to [eps, 1 - eps] before the inverse sigmoid (logits within +-6.9).
 MASK_PROMPT_EPS = 1e-3
@@ -81,7 +86,7 @@ class SegmentConfig:
     """The ``segment`` config section (see the module docstring for each step)."""
 
     pool: str = "mean"
-    upsample: str = "pad"
+    upsample: str = "auto"
     remove_corner: bool = False
     prompt: str = "point"
     more_masks: bool = False
@@ -141,8 +146,11 @@ def upsample_map(phrase_map: torch.Tensor, height: int, width: int, mode: str) -
     ``pad``: the map covers the image padded to a centred ``L x L`` square (``L = max(height,
     width)``); it is upsampled to ``(L, L)`` and the image's ``height x width`` window is cut out
     (top row ``(L - height) // 2``, left column ``(L - width) // 2``). ``original``: upsampled
-    straight to ``(height, width)``. One map at a time, so memory peaks at ``L * L`` floats.
+    straight to ``(height, width)``. The map may have any grid (h != w included): it is stretched
+    over the square or the image. One map at a time, so memory peaks at ``L * L`` floats.
     """
+    if mode not in ("pad", "original"):
+        raise ValueError(f"upsample mode must be 'pad' or 'original', got {mode!r}")
     grid = phrase_map[None, None]
     if mode == "original":
         return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
@@ -238,6 +246,8 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
                   device: torch.device) -> list[dict[str, Any]]:
     """MASKS rows of one image, in the order of its ``phrases`` (PHRASES rows as dicts).
 
+    ``cfg.upsample`` must be resolved ("pad" or "original"; :func:`run` resolves "auto").
+
     A phrase error row, a phrase without tokens or one using a non-finite attention row gives an
     error row; every other phrase gives one mask row (three with ``more_masks``). Raises
     :class:`ImageFailure` when nothing of the image can be segmented.
@@ -248,14 +258,13 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
     """
     image_id = generation["image_id"]
     num_tokens = generation["num_tokens"]
-    rows_np = read_rows(attention, generation["row_offset"], num_tokens)
-    if rows_np.shape[0] != num_tokens:
-        raise ImageFailure(f"attention store holds {rows_np.shape[0]} rows at offset "
-                           f"{generation['row_offset']}, expected {num_tokens}")
     grid = (generation["grid_h"], generation["grid_w"])
-    if None not in grid and tuple(rows_np.shape[1:]) != grid:
-        raise ImageFailure(f"attention rows are laid on {tuple(rows_np.shape[1:])}, "
-                           f"the generation says {grid}")
+    if None in grid:
+        raise ImageFailure("the generation row has no feature grid (grid_h, grid_w)")
+    try:
+        rows_np = read_rows(attention, generation["attention_offset"], num_tokens, grid)
+    except ArtifactError as exc:
+        raise ImageFailure(str(exc)) from None
     centred, finite = centre_rows(torch.from_numpy(rows_np).to(device))
     finite = finite.cpu()
     if not bool(finite.any()):
@@ -361,6 +370,7 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     gets one error row (its generation error when it has one); a phrase row whose image is not in
     the generations table gets an error row. SAM runs in float32 on ``device`` (default:
     :func:`default_device`); with ``prompt: attention`` no SAM is loaded (``sam_cfg`` is unused).
+    ``upsample: auto`` follows the store's ``grid_covers`` attribute.
     """
     from segment_anything import SamPredictor
 
@@ -373,6 +383,9 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     for phrase in read_arrow(phrases_path, "phrases").to_pylist():
         phrases_by_image.setdefault(phrase["image_id"], []).append(phrase)
     attention = open_attention(attention_path)
+    if cfg.upsample == "auto":
+        cfg = replace(cfg, upsample=UPSAMPLE_OF_GRID_COVERS[attention_attrs(attention_path)["grid_covers"]])
+    log.info("segment: maps upsampled with %r", cfg.upsample)
     predictor = None if cfg.prompt == "attention" else SamPredictor(
         load_sam(sam_cfg.type, sam_cfg.checkpoint, device))
 

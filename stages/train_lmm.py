@@ -397,7 +397,8 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
         exact_captions += gen.answer == ex.caption
         if isinstance(gen.error, str) or not gen.num_tokens:
             continue
-        rows = torch.from_numpy(np.asarray(read_rows(store, gen.row_offset, gen.num_tokens), dtype=np.float32))
+        rows = torch.from_numpy(np.asarray(read_rows(store, gen.attention_offset, gen.num_tokens,
+                                                     (gen.grid_h, gen.grid_w)), dtype=np.float32))
         centred, _ = centre_rows(rows)
         for ph in table[(table["image_id"] == gen.image_id) & table["error"].isna()].itertuples(index=False):
             root = str(ph.root).lower()

@@ -6,7 +6,7 @@ For each of the first ``num_images`` rows of the manifest (manifest order, all s
   SAM point prompt as a marker and the phrase (with SAM's score) as a label; error reasons of the
   image's generation, phrase and mask rows are listed under the picture;
 - ``<image_id>_attention.png``: a thumbnail of the image, then one tile per generated token (the
-  first ``max_tokens``): the token's attention row over the feature grid, upsampled with nearest
+  first ``max_tokens``): the token's attention map over the image's feature grid, upsampled with nearest
   neighbours and coloured from its own minimum (dark) to its own maximum (bright), captioned with
   the token's text; tiles of tokens that ground a phrase are framed in that phrase's colour.
 
@@ -302,14 +302,12 @@ class _AttentionStores:
     def __init__(self) -> None:
         self._open: dict[str, zarr.Array] = {}
 
-    def rows(self, path: str, offset: int, count: int) -> np.ndarray:
+    def rows(self, path: str, offset: int, count: int, grid: tuple[int, int]) -> np.ndarray:
+        """``count`` maps (count, *grid) float32 from element ``offset`` of the store at ``path``;
+        ArtifactError (a ValueError) when they lie outside it."""
         if path not in self._open:
             self._open[path] = open_attention(path)
-        store = self._open[path]
-        if offset < 0 or offset + count > store.shape[0]:
-            raise ValueError(f"attention rows {offset}..{offset + count} are outside {path} "
-                             f"({store.shape[0]} rows)")
-        return read_rows(store, offset, count)
+        return read_rows(self._open[path], offset, count, grid)
 
 
 def _phrase_token_colours(phrases: pd.DataFrame) -> dict[int, tuple[int, int, int]]:
@@ -344,7 +342,8 @@ def _attention_picture(image_id: str, image_rgb: np.ndarray, generation: Mapping
     if int(generation["num_tokens"]) == 0:
         return render_error(image_id, "the answer has no generated tokens")
     count = min(int(generation["num_tokens"]), MAX_TOKENS_SHOWN)
-    rows = stores.rows(attention_path, int(generation["row_offset"]), count)
+    grid = (int(generation["grid_h"]), int(generation["grid_w"]))
+    rows = stores.rows(attention_path, int(generation["attention_offset"]), count, grid)
     return render_attention_grid(image_rgb, generation, rows, token_colours=_phrase_token_colours(phrases))
 
 

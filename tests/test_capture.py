@@ -80,6 +80,46 @@ def test_captured_rows_equal_eager_rows(toy, prompts, layers, heads, ref_layers,
     assert bool((rows.sum(-1) <= 1 + 1e-5).all())
 
 
+def test_items_with_different_numbers_of_image_keys_in_one_batch(toy):
+    """Per-image grids give each batch item its own number of image keys (LLaVA-NeXT, Qwen2.5-VL).
+    Item 0 reads its 144 image keys, item 1 a different 90 keys (every other image key, in reverse,
+    plus its first 18 prompt keys): each item's rows equal the eager reference computed for that
+    item alone, and the padded batch tensor holds zeros after each item's length."""
+    sdpa, eager, processor = toy
+    inputs = model_inputs(processor, [LONG_PROMPT, SHORT_PROMPT])
+    uniform = image_token_positions(inputs["input_ids"], sdpa.config.image_token_id)
+    ragged = [uniform[0], torch.cat([uniform[1].flip(0)[::2], torch.arange(18)])]
+    assert [len(p) for p in ragged] == [144, 90]
+    with torch.no_grad():
+        out = eager.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, output_attentions=True,
+                             return_dict_in_generate=True)
+    capture = AttentionCapture(sdpa)
+    with torch.no_grad(), capture.recording(ragged):
+        sequences = sdpa.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    assert torch.equal(sequences, out.sequences)
+    steps = sequences.shape[1] - inputs["input_ids"].shape[1]
+    items = capture.item_rows()
+    assert [tuple(rows.shape) for rows in items] == [(steps, 144), (steps, 90)]
+    for b, rows in enumerate(items):
+        alone = [tuple(layer[b:b + 1] for layer in step) for step in out.attentions]
+        expected = eager_reference_rows(alone, ragged[b][None])[0]
+        torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-6)
+    padded = capture.rows()
+    assert padded.shape == (2, steps, 144) and bool((padded[1, :, 90:] == 0).all())
+    torch.testing.assert_close(padded, eager_reference_rows(out.attentions, ragged), rtol=1e-4, atol=1e-6)
+
+
+def test_padded_positions():
+    from stages.capture import padded_positions
+
+    padded, lengths = padded_positions([torch.tensor([4, 5, 6]), torch.tensor([9])])
+    assert padded.tolist() == [[4, 5, 6], [9, 9, 9]] and lengths == [3, 1]
+    padded, lengths = padded_positions(torch.tensor([[1, 2], [3, 4]], dtype=torch.int32))
+    assert padded.dtype == torch.int64 and lengths == [2, 2]
+    with pytest.raises(ValueError, match="needs image positions"):
+        padded_positions([torch.tensor([1]), torch.tensor([], dtype=torch.long)])
+
+
 def test_generation_is_unchanged_by_capture(toy):
     sdpa, _, processor = toy
     inputs = model_inputs(processor, [LONG_PROMPT, SHORT_PROMPT])
@@ -183,3 +223,17 @@ def test_capture_on_gpu_matches_eager(tmp_path, implementation):
     torch.testing.assert_close(rows[:, :1], expected[:, :1], rtol=2e-2, atol=2e-3)
     if torch.equal(sequences, eager_sequences):
         torch.testing.assert_close(rows, expected, rtol=2e-2, atol=2e-3)
+
+    # Items with different numbers of image keys (per-image grids): item 1 reads 90 of its keys.
+    uniform = image_token_positions(inputs["input_ids"], model.config.image_token_id)
+    ragged = [uniform[0], torch.cat([uniform[1].flip(0)[::2], torch.arange(18, device="cuda")])]
+    capture = AttentionCapture(model)
+    with torch.no_grad(), capture.recording(ragged):
+        model.generate(**inputs, do_sample=False, max_new_tokens=1)
+    with torch.no_grad():
+        out = eager.generate(**inputs, do_sample=False, max_new_tokens=1, output_attentions=True,
+                             return_dict_in_generate=True)
+    for b, item in enumerate(capture.item_rows()):
+        alone = [tuple(layer[b:b + 1] for layer in step) for step in out.attentions]
+        reference = eager_reference_rows(alone, ragged[b][None])[0]
+        torch.testing.assert_close(item, reference, rtol=2e-2, atol=2e-3)

@@ -256,8 +256,10 @@ def noise_image(seed: int) -> Image.Image:
 
 def test_loaded_model_layout(loaded):
     model = loaded.model
-    assert loaded.family == "difflmm" and loaded.grid == (GRID, GRID)
-    assert loaded.patch_size == RESOLUTION // GRID
+    assert loaded.family == "difflmm" and loaded.pad_to_square    # config.json: image_aspect_ratio "pad"
+    ids = torch.tensor([[5, *[loaded.image_token_id] * (GRID * GRID), 6]])
+    [layout] = loaded.image_layouts({"input_ids": ids})
+    assert layout.grid == (GRID, GRID) and layout.positions.tolist() == list(range(1, GRID * GRID + 1))
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert type(model.model.vision_tower).__name__ == "DiffusionVisionTower"
     assert model.generation_config.suppress_tokens == [loaded.image_token_id]
@@ -308,8 +310,8 @@ def test_generate_stage_runs_with_capture(offline_hub, tmp_path):
     store = open_attention(attention)
     assert table["error"].isna().all() and (table["num_tokens"] > 0).all()
     assert (table["grid_h"] == GRID).all() and (table["grid_w"] == GRID).all()
-    assert store.shape == (int(table["num_tokens"].sum()), GRID, GRID)
-    values = read_rows(store, 0, store.shape[0])
+    assert store.shape == (int(table["num_tokens"].sum()) * GRID * GRID,)
+    values = read_rows(store, 0, int(table["num_tokens"].sum()), (GRID, GRID))
     assert (values >= 0).all() and (values.reshape(len(values), -1).sum(axis=1) <= 1 + 1e-2).all()
 
     # The stored rows are the eager output_attentions rows of the same model (the release's way).
@@ -326,7 +328,7 @@ def test_generate_stage_runs_with_capture(offline_hub, tmp_path):
     generated = out.sequences[:, inputs["input_ids"].shape[1]:]
     for b, row in enumerate(table.itertuples()):
         assert list(row.token_ids) == generated[b, :row.num_tokens].tolist()
-        stored = values[row.row_offset:row.row_offset + row.num_tokens]
+        stored = read_rows(store, row.attention_offset, row.num_tokens, (GRID, GRID))
         np.testing.assert_allclose(stored, expected[b, :row.num_tokens].reshape(-1, GRID, GRID).numpy(),
                                    rtol=1e-2, atol=1e-4)
     assert float(values.max()) > 3.0 / inputs["input_ids"].shape[1]      # peaked, not uniform

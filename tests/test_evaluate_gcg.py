@@ -72,11 +72,11 @@ def mask_row(image_id: str, phrase_index: int, text: str, mask: np.ndarray, *, s
 
 
 def generation_row(image_id: str, answer: str) -> dict:
-    return {"image_id": image_id, "answer": answer, "num_tokens": 0, "row_offset": 0, "finish_reason": "eos"}
+    return {"image_id": image_id, "answer": answer, "num_tokens": 0, "attention_offset": 0, "finish_reason": "eos"}
 
 
 def error_row(image_id: str, artifact: str) -> dict:
-    extra = {"num_tokens": 0, "row_offset": 0, "finish_reason": "error"} if artifact == "generations" else {}
+    extra = {"num_tokens": 0, "attention_offset": 0, "finish_reason": "error"} if artifact == "generations" else {}
     return {"image_id": image_id, "error": "image could not be read", **extra}
 
 

@@ -219,12 +219,14 @@ def test_shard_completes_with_error_rows_for_unusable_inputs(edge_case_run, edge
 
 def test_generations_and_attention_store_line_up(edge_case_run, toy_processor):
     table, rows, store_path = edge_case_run
-    assert rows.shape == (int(table["num_tokens"].sum()), 12, 12)
-    assert table["row_offset"].tolist() == np.concatenate([[0], np.cumsum(table["num_tokens"])[:-1]]).tolist()
+    total = int(table["num_tokens"].sum())
+    assert rows.shape == (total * 12 * 12,)
+    sizes = table["num_tokens"] * 144
+    assert table["attention_offset"].tolist() == np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     attrs = attention_attrs(store_path)
-    assert attrs["grid"] == [12, 12]
+    assert attrs["grid_covers"] == "padded_square"          # the toy LLaVA-1.5 pads (pad_to_square: auto)
     assert attrs["reduction"] == {"layers": "all", "heads": "all", "statistic": "mean"}
-    values = read_rows(rows, 0, rows.shape[0])
+    values = read_rows(rows, 0, total, (12, 12))
     assert (values >= 0).all() and (values.reshape(len(values), -1).sum(axis=1) <= 1 + 1e-2).all()
     for row in table[table["error"].isna()].itertuples():
         assert row.num_tokens == 6 and row.finish_reason == "length" and (row.grid_h, row.grid_w) == (12, 12)
@@ -251,7 +253,8 @@ def test_end_of_sequence_trims_the_answer_and_its_rows(tmp_path, toy_path, edge_
     expected_tokens = list(first.token_ids).index(stop_id) + 1
     assert trimmed.finish_reason == "eos" and trimmed.num_tokens == expected_tokens
     assert list(trimmed.token_ids) == list(first.token_ids[:expected_tokens])
-    np.testing.assert_allclose(read_rows(eos_rows, 0, expected_tokens), read_rows(rows, 0, expected_tokens),
+    np.testing.assert_allclose(read_rows(eos_rows, 0, expected_tokens, (12, 12)),
+                               read_rows(rows, 0, expected_tokens, (12, 12)),
                                atol=1e-3)
 
 
@@ -270,14 +273,50 @@ def test_a_failing_batch_is_retried_image_by_image(tmp_path, toy_path, edge_case
     errors = dict(zip(table["image_id"], table["error"], strict=True))
     assert errors["rgba"] == "generation failed: RuntimeError: injected failure"
     assert pd.isna(errors["gray"]) and pd.isna(errors["cmyk"])
-    assert rows.shape[0] == int(table["num_tokens"].sum())
+    assert rows.shape[0] == int(table["num_tokens"].sum()) * 144
+
+
+def test_pad_to_square_auto_follows_the_model_and_true_false_override_it(tmp_path, toy_path, monkeypatch):
+    """The toy is LLaVA-1.5 (``pad_to_square`` True): auto pads a 40 x 30 image to 40 x 40 before the
+    processor and the store says its grids cover the padded square; false sends it as it is and the
+    store says the grids cover the image."""
+    image = tmp_path / "wide.png"
+    Image.fromarray(noise(30, 40, 3)).save(image)
+    manifest = tmp_path / "manifest.parquet"
+    write_table([{"image_id": "w", "file": str(image), "width": 40, "height": 30, "shard": 0, "error": None}],
+                manifest, "manifest")
+    sizes = []
+    real_generate_batch = generate._generate_batch
+
+    def recording_sizes(lmm, capture, prompt, images, cfg, device):
+        sizes.extend(image.size for image in images)
+        return real_generate_batch(lmm, capture, prompt, images, cfg, device)
+
+    monkeypatch.setattr(generate, "_generate_batch", recording_sizes)
+    for setting, size, covers in (("auto", (40, 40), "padded_square"), (False, (40, 30), "image"),
+                                  (True, (40, 40), "padded_square")):
+        sizes.clear()
+        table, _, store = run_shard(tmp_path, toy_path, manifest, name=f"pad-{setting}",
+                                    pad_to_square=setting)
+        assert sizes == [size] and attention_attrs(store)["grid_covers"] == covers
+        assert (table["grid_h"].tolist(), table["grid_w"].tolist()) == ([12], [12])
+    with pytest.raises(ConfigError, match="generate.pad_to_square"):
+        GenerateConfig(pad_to_square="yes")
 
 
 # --- configuration errors -------------------------------------------------------------------------
 
+def test_lmm_grid_is_refused_for_a_family_with_one_grid(tmp_path, toy_path, edge_case_manifest):
+    with pytest.raises(ConfigError, match=r"lmm.grid \('base'\).*family 'llava' has one grid"):
+        generate.run(GenerateConfig(), LMMConfig(path=str(toy_path), grid="base"), edge_case_manifest, 0,
+                     tmp_path / "g.parquet", tmp_path / "a.zarr", device="cpu")
+    with pytest.raises(ConfigError, match=r"lmm.grid 'middle' unknown for family 'llava_next'"):
+        load_lmm("llava_next", str(toy_path), dtype=None, attn_implementation="sdpa", device="cpu", grid="middle")
+
+
 def test_unknown_family_is_a_config_error_listing_known_ones(toy_path):
     known = re.escape(str(sorted(LMM_FAMILIES)))
-    assert {"llava", "llava_original", "difflmm"} <= set(LMM_FAMILIES)
+    assert {"llava", "llava_original", "difflmm", "llava_next"} <= set(LMM_FAMILIES)
     with pytest.raises(ConfigError, match=rf"unknown LMM family 'llava-next-9'.*{known}"):
         load_lmm("llava-next-9", str(toy_path), dtype=None, attn_implementation="sdpa", device="cpu")
 

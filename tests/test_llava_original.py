@@ -203,7 +203,14 @@ def test_family_is_registered():
 def test_loaded_model_is_llava_hf_with_an_added_image_token(loaded, offline_hub):
     vocab_size = json.loads((offline_hub[1] / "config.json").read_text())["vocab_size"]
     tokenizer = loaded.processor.tokenizer
-    assert loaded.family == "llava_original" and loaded.grid == (GRID, GRID) and loaded.patch_size == PATCH
+    assert loaded.family == "llava_original" and loaded.pad_to_square      # image_aspect_ratio "pad"
+    ids = torch.tensor([[0, 0, 1, *[loaded.image_token_id] * (GRID * GRID), 7],
+                        [1, 9, 8, *[loaded.image_token_id] * (GRID * GRID), 7]])
+    layouts = loaded.image_layouts({"input_ids": ids})
+    assert [layout.grid for layout in layouts] == [(GRID, GRID)] * 2
+    assert all(layout.positions.tolist() == list(range(3, 3 + GRID * GRID)) for layout in layouts)
+    with pytest.raises(ValueError, match=f"needs {GRID * GRID} image tokens"):
+        loaded.image_layouts({"input_ids": ids[:, :-2]})
     assert loaded.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == vocab_size
     assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
     assert loaded.model.config.vision_feature_layer == -2
@@ -267,8 +274,8 @@ def test_generate_stage_answers_with_the_release_greedy_tokens(offline_hub, tmp_
     store = open_attention(attention)
     assert table["image_id"].tolist() == ["img0", "img1"] and table["error"].isna().all()
     assert (table["grid_h"] == GRID).all() and (table["grid_w"] == GRID).all()
-    assert store.shape == (int(table["num_tokens"].sum()), GRID, GRID)
-    rows = read_rows(store, 0, store.shape[0])
+    assert store.shape == (int(table["num_tokens"].sum()) * GRID * GRID,)
+    rows = read_rows(store, 0, int(table["num_tokens"].sum()), (GRID, GRID))
     assert (rows >= 0).all() and (rows.reshape(len(rows), -1).sum(axis=1) <= 1 + 1e-2).all()
 
     # Greedy decoding of the release's computation, step by step, gives the same tokens.
@@ -302,7 +309,7 @@ def test_generate_stage_answers_with_the_release_greedy_tokens(offline_hub, tmp_
     positions = image_token_positions(inputs["input_ids"], eager.image_token_id)
     expected = eager_reference_rows(out.attentions, positions)
     for b, row in enumerate(table.itertuples()):
-        stored = rows[row.row_offset:row.row_offset + row.num_tokens]
+        stored = read_rows(store, row.attention_offset, row.num_tokens, (GRID, GRID))
         np.testing.assert_allclose(stored, expected[b, :row.num_tokens].reshape(-1, GRID, GRID).numpy(),
                                    rtol=1e-2, atol=1e-4)
     assert float(rows.max()) > 3.0 / inputs["input_ids"].shape[1]      # peaked, not uniform

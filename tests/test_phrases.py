@@ -24,7 +24,7 @@ def generation(image_id, pieces, *, special=(), error=None):
     """A generations row whose answer is the concatenation of ``pieces`` (EOS: special, empty span);
     token indices in ``special`` are flagged special while keeping their span."""
     if error is not None:
-        return {"image_id": image_id, "num_tokens": 0, "row_offset": 0, "finish_reason": "error",
+        return {"image_id": image_id, "num_tokens": 0, "attention_offset": 0, "finish_reason": "error",
                 "error": error}
     answer, starts, ends, flags = "", [], [], []
     for j, piece in enumerate(pieces):
@@ -35,7 +35,7 @@ def generation(image_id, pieces, *, special=(), error=None):
         flags.append(piece is EOS or j in special)
     return {"image_id": image_id, "prompt": "Describe the image in detail.", "answer": answer,
             "token_ids": list(range(len(pieces))), "token_starts": starts, "token_ends": ends,
-            "token_special": flags, "num_tokens": len(pieces), "row_offset": 0, "grid_h": 4, "grid_w": 4,
+            "token_special": flags, "num_tokens": len(pieces), "attention_offset": 0, "grid_h": 4, "grid_w": 4,
             "finish_reason": "eos", "error": None}
 
 

@@ -1,7 +1,8 @@
 """Segment stage: attention maps -> SAM prompts -> masks, with the toy SAM on the CPU.
 
-Shards are fabricated directly (generations via write_table, rows via AttentionWriter) on a 6 x 6
-grid; a phrase's planted attention peak at cell (i, j) must give a point in that cell's pixels.
+Shards are fabricated directly (generations via write_table, rows via AttentionWriter), mostly on a
+6 x 6 grid; a phrase's planted attention peak at cell (i, j) must give a point in that cell's pixels,
+also on non-square per-image grids, for both geometries (padded square, whole image).
 """
 
 from pathlib import Path
@@ -33,7 +34,6 @@ from stages.segment import (
 )
 
 GRID = 6
-BACKGROUND = 1.0 / (GRID * GRID)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,10 @@ def sam_checkpoint(tmp_path_factory):
     return build_toy_sam(tmp_path_factory.mktemp("sam") / "toy.safetensors", seed=0)
 
 
-def rows_with_peaks(num_tokens, peaks=(), *, sink=None):
-    """Uniform rows (T, GRID, GRID) plus ``peaks``: (token, (i, j), value) added at cell (i, j);
+def rows_with_peaks(num_tokens, peaks=(), *, sink=None, grid=(GRID, GRID)):
+    """Uniform rows (T, *grid) plus ``peaks``: (token, (i, j), value) added at cell (i, j);
     ``sink`` (value, (i, j)) is added to every token."""
-    rows = np.full((num_tokens, GRID, GRID), BACKGROUND, dtype=np.float32)
+    rows = np.full((num_tokens, *grid), 1.0 / (grid[0] * grid[1]), dtype=np.float32)
     for token, (i, j), value in peaks:
         rows[token, i, j] += value
     if sink is not None:
@@ -53,16 +53,17 @@ def rows_with_peaks(num_tokens, peaks=(), *, sink=None):
     return rows
 
 
-def write_shard(folder: Path, images):
+def write_shard(folder: Path, images, grid_covers="padded_square"):
     """Write manifest, generations, phrases and attention of a shard; return the run's paths.
 
     ``images``: dicts with ``image_id``, ``size`` ((H, W), or None for an unreadable file), ``rows``
-    (T, GRID, GRID) and ``phrases`` (token index lists, or a string: a phrase error row with that
-    reason). ``generation_error`` makes a failed generation with no phrase row.
+    (T, h, w) on the image's own grid and ``phrases`` (token index lists, or a string: a phrase error
+    row with that reason). ``generation_error`` makes a failed generation with no phrase row.
+    ``grid_covers``: the store's attribute ("padded_square" or "image").
     """
     rng = np.random.default_rng(0)
     manifest, generations, phrase_rows = [], [], []
-    with AttentionWriter(folder / "attention.zarr", (GRID, GRID), model="test",
+    with AttentionWriter(folder / "attention.zarr", model="test", grid_covers=grid_covers,
                          reduction={"layers": "all", "heads": "all", "statistic": "mean"}) as writer:
         for image in images:
             image_id = image["image_id"]
@@ -73,13 +74,15 @@ def write_shard(folder: Path, images):
                 Image.fromarray(rng.integers(0, 256, (*image["size"], 3), dtype=np.uint8)).save(file)
             manifest.append({"image_id": image_id, "file": str(file), "shard": 0})
             if "generation_error" in image:
-                generations.append({"image_id": image_id, "num_tokens": 0, "row_offset": writer.num_rows,
+                generations.append({"image_id": image_id, "num_tokens": 0,
+                                    "attention_offset": writer.num_values,
                                     "finish_reason": "error", "error": image["generation_error"]})
                 continue
             rows = image["rows"]
             offset = writer.append(rows)
             generations.append({"image_id": image_id, "answer": "...", "num_tokens": len(rows),
-                                "row_offset": offset, "grid_h": GRID, "grid_w": GRID, "finish_reason": "eos"})
+                                "attention_offset": offset, "grid_h": rows.shape[1], "grid_w": rows.shape[2],
+                                "finish_reason": "eos"})
             for k, tokens in enumerate(image["phrases"]):
                 if isinstance(tokens, str):
                     phrase_rows.append({"image_id": image_id, "text": f"phrase {k}", "error": tokens})
@@ -100,19 +103,20 @@ def run_segment(paths, checkpoint, **cfg):
     return read_arrow(paths["masks"], "masks").to_pylist()
 
 
-def cell_region(i, j, height, width, mode):
-    """Grid cell (i, j) covers the original image's pixels with column index in [x0, x1) and row
-    index in [y0, y1); returns (x0, x1, y0, y1)."""
+def cell_region(i, j, height, width, mode, grid=(GRID, GRID)):
+    """Cell (i, j) of a ``grid`` (rows, columns) covers the original image's pixels with column index
+    in [x0, x1) and row index in [y0, y1); returns (x0, x1, y0, y1)."""
+    rows, columns = grid
     if mode == "original":
-        return j * width / GRID, (j + 1) * width / GRID, i * height / GRID, (i + 1) * height / GRID
+        return j * width / columns, (j + 1) * width / columns, i * height / rows, (i + 1) * height / rows
     side = max(height, width)
     left, top = (side - width) // 2, (side - height) // 2
-    step = side / GRID
-    return j * step - left, (j + 1) * step - left, i * step - top, (i + 1) * step - top
+    step_y, step_x = side / rows, side / columns
+    return j * step_x - left, (j + 1) * step_x - left, i * step_y - top, (i + 1) * step_y - top
 
 
-def assert_point_in_cell(row, cell, mode):
-    x0, x1, y0, y1 = cell_region(*cell, row["height"], row["width"], mode)
+def assert_point_in_cell(row, cell, mode, grid=(GRID, GRID)):
+    x0, x1, y0, y1 = cell_region(*cell, row["height"], row["width"], mode, grid)
     assert x0 <= row["point_x"] < x1 and y0 <= row["point_y"] < y1, (row["point_x"], row["point_y"], cell)
     # the chosen pixel's centre (index + 0.5) is within a pixel of the cell's centre
     assert abs(row["point_x"] + 0.5 - (x0 + x1) / 2) <= 1 and abs(row["point_y"] + 0.5 - (y0 + y1) / 2) <= 1
@@ -132,6 +136,53 @@ def test_planted_peaks_give_points_in_their_cells(tmp_path, sam_checkpoint, mode
     for row in out:
         assert (row["height"], row["width"]) == ((60, 90) if row["image_id"] == "landscape" else (90, 60))
         assert_point_in_cell(row, cells[row["phrase_index"]], mode)
+
+
+@pytest.mark.parametrize(("grid_covers", "mode"), [("padded_square", "pad"), ("image", "original")])
+def test_each_image_uses_its_own_grid_and_the_store_geometry(tmp_path, sam_checkpoint, grid_covers, mode):
+    """Two images of one shard on different non-square grids (4 x 7 and 9 x 3, as LLaVA-NeXT gives
+    per image); upsample auto follows the store's grid_covers: each planted peak lands in its cell's
+    pixels of that geometry, for both the SAM point and the attention-only mask."""
+    images = [
+        {"image_id": "wide", "size": (48, 84), "phrases": [[1], [2]],
+         "rows": rows_with_peaks(4, [(1, (1, 5), 0.5), (2, (2, 1), 0.5)], grid=(4, 7))},
+        {"image_id": "tall", "size": (90, 30), "phrases": [[1]],
+         "rows": rows_with_peaks(3, [(1, (6, 1), 0.5)], grid=(9, 3))},
+    ]
+    # (cells whose centre lies inside the image in both geometries)
+    cells = {("wide", 0): ((1, 5), (4, 7)), ("wide", 1): ((2, 1), (4, 7)), ("tall", 0): ((6, 1), (9, 3))}
+    paths = write_shard(tmp_path, images, grid_covers=grid_covers)
+    for prompt in ("point", "attention"):
+        out = run_segment(paths, sam_checkpoint, prompt=prompt)
+        assert [(r["image_id"], r["phrase_index"]) for r in out] == list(cells)
+        for row in out:
+            cell, grid = cells[(row["image_id"], row["phrase_index"])]
+            assert_point_in_cell(row, cell, mode, grid)
+    # the explicit override wins over the store: here the other geometry, so the points move
+    other = "original" if mode == "pad" else "pad"
+    moved = run_segment(paths, sam_checkpoint, upsample=other)
+    assert [(r["point_x"], r["point_y"]) for r in moved] != [(r["point_x"], r["point_y"]) for r in out]
+    for row in moved:
+        cell, grid = cells[(row["image_id"], row["phrase_index"])]
+        assert_point_in_cell(row, cell, other, grid)
+
+
+def test_a_planted_peak_on_a_non_square_grid_lands_at_the_expected_pixel(tmp_path):
+    """Exact pixels: a 3 x 5 grid on a 30 x 50 image (10 px cells) covering the image, peak at cell
+    (1, 3) -> argmax pixel (35 or 34, 15 or 14) (bicubic is symmetric about the cell centre 35, 15);
+    a 5 x 3 grid covering the padded 50 x 50 square (cells 10 x 16.7 px; the image is rows 10..40 of
+    it), peak at cell (3, 1): centre (25, 35) in the square -> (25, 25) in the image."""
+    image = [{"image_id": "x", "size": (30, 50), "phrases": [[1]],
+              "rows": rows_with_peaks(3, [(1, (1, 3), 0.5)], grid=(3, 5))}]
+    unused_sam = tmp_path / "unused.safetensors"
+    (tmp_path / "image").mkdir()
+    [row] = run_segment(write_shard(tmp_path / "image", image, grid_covers="image"), unused_sam,
+                        prompt="attention")
+    assert row["point_x"] in (34, 35) and row["point_y"] in (14, 15)
+    image[0]["rows"] = rows_with_peaks(3, [(1, (3, 1), 0.5)], grid=(5, 3))
+    (tmp_path / "square").mkdir()
+    [row] = run_segment(write_shard(tmp_path / "square", image), unused_sam, prompt="attention")
+    assert row["point_x"] in (24, 25) and row["point_y"] in (24, 25)
 
 
 def test_pad_crops_the_centre_of_the_square(tmp_path, sam_checkpoint):
@@ -430,7 +481,7 @@ def test_mask_prompt_logits_and_box():
 def test_config_yaml_sections_build_the_configs():
     config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
     assert from_mapping(SegmentConfig, config["segment"], where="segment") == SegmentConfig(
-        pool="mean", upsample="pad", remove_corner=False, prompt="point", more_masks=False,
+        pool="mean", upsample="auto", remove_corner=False, prompt="point", more_masks=False,
         mask_temperature=0.0002, box_thresh=0.75)
     assert from_mapping(SamConfig, config["sam"], where="sam") == SamConfig(
         type="tiny", checkpoint="results/models/toy-sam.safetensors")

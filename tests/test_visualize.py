@@ -67,15 +67,15 @@ def artifacts(tmp_path):
         store = tmp_path / f"attention-{shard}.zarr"
         gens = []
         reduction = {"layers": "all", "heads": "all", "statistic": "mean"}
-        with AttentionWriter(store, GRID, model="fake", reduction=reduction) as writer:
+        with AttentionWriter(store, model="fake", reduction=reduction, grid_covers="padded_square") as writer:
             for image_id in images:
                 if image_id == "b":
-                    gens.append({"image_id": "b", "num_tokens": 0, "row_offset": writer.num_rows,
+                    gens.append({"image_id": "b", "num_tokens": 0, "attention_offset": writer.num_values,
                                  "finish_reason": "error", "error": "out of memory"})
                     continue
                 offset = writer.append(rows_a)
                 gens.append({"image_id": image_id, "prompt": "p", "answer": ANSWER, **TOKENS,
-                             "num_tokens": 6, "row_offset": offset, "grid_h": GRID[0], "grid_w": GRID[1],
+                             "num_tokens": 6, "attention_offset": offset, "grid_h": GRID[0], "grid_w": GRID[1],
                              "finish_reason": "eos"})
         write_table(gens, tmp_path / f"generations-{shard}.parquet", "generations")
         generations.append(tmp_path / f"generations-{shard}.parquet")
@@ -162,7 +162,7 @@ def test_error_images_instead_of_crashes(artifacts, tmp_path):
 
 
 def test_attention_rows_outside_store_are_an_error_image(artifacts, tmp_path):
-    write_table([{"image_id": "a", "answer": ANSWER, **TOKENS, "num_tokens": 6, "row_offset": 4,
+    write_table([{"image_id": "a", "answer": ANSWER, **TOKENS, "num_tokens": 6, "attention_offset": 4,
                   "grid_h": GRID[0], "grid_w": GRID[1], "finish_reason": "eos"}],
                 artifacts["generations"][0], "generations")
     run_visualize(artifacts, tmp_path / "viz", num_images=1)

@@ -1,9 +1,12 @@
-"""The sharded attention store: one Zarr v3 group per shard holding every captured row.
+"""The sharded attention store: one Zarr v3 group per shard holding every captured map.
 
-Layout (declared in :mod:`schemas.artifacts`): array ``rows`` of float16, shape
-``(total_tokens, grid_h, grid_w)``, chunked and sharded along the token axis; group attributes
-``schema_version``, ``artifact``, ``model``, ``grid`` and ``reduction``. Rows of one image are
-contiguous and located by the generations table's ``row_offset`` and ``num_tokens``.
+Layout (declared in :mod:`schemas.artifacts`): one 1-D float16 array ``values`` holding every map of
+the shard, image after image and token after token, each map row-major over its own image's grid
+(images of one shard may have different grids); chunked and sharded along its only axis. The
+generations table locates an image's maps: ``attention_offset`` (first element), ``num_tokens``,
+``grid_h`` and ``grid_w``; they are one contiguous slice of ``num_tokens * grid_h * grid_w`` values.
+Group attributes: ``schema_version``, ``artifact``, ``model``, ``grid_covers`` (what the grids cover:
+"padded_square" or "image") and ``reduction``.
 """
 
 from __future__ import annotations
@@ -15,66 +18,84 @@ from typing import Any
 import numpy as np
 import zarr
 
-from schemas.artifacts import ATTENTION_ARRAY, ATTENTION_DIMENSIONS, ATTENTION_DTYPE, SCHEMA_VERSION
+from schemas.artifacts import (
+    ATTENTION_ARRAY,
+    ATTENTION_DIMENSIONS,
+    ATTENTION_DTYPE,
+    GRID_COVERS,
+    SCHEMA_VERSION,
+)
 from stages.io.atomic import atomic_path
 from stages.io.tables import ArtifactError
 
+# 2**20 float16 values = 2 MiB per chunk (the unit read and decompressed); 16 chunks per shard file.
+CHUNK_VALUES = 2**20
+CHUNKS_PER_SHARD = 16
+
 
 class AttentionWriter:
-    """Append attention rows to a new store; the store appears at ``path`` only on :meth:`close`.
+    """Append attention maps to a new store; the store appears at ``path`` only on :meth:`close`.
 
-    Use as a context manager. ``append(rows)`` takes a float array of shape (n, grid_h, grid_w),
-    stores it as float16 and returns the offset of its first row.
+    Use as a context manager. ``append(rows)`` takes one image's maps, a float array of shape
+    (n, grid_h, grid_w) with that image's own grid, stores them as float16 and returns the element
+    offset of their first value. ``grid_covers``: "padded_square" or "image" (see
+    :data:`schemas.artifacts.GRID_COVERS`). Values are written a whole Zarr shard file at a time
+    (``chunk_values * chunks_per_shard`` values), the remainder on close, so no shard file is
+    rewritten.
     """
 
-    def __init__(self, path: str | os.PathLike, grid: tuple[int, int], *, model: str,
-                 reduction: dict[str, Any], tokens_per_chunk: int = 256, chunks_per_shard: int = 16):
+    def __init__(self, path: str | os.PathLike, *, model: str, reduction: dict[str, Any], grid_covers: str,
+                 chunk_values: int = CHUNK_VALUES, chunks_per_shard: int = CHUNKS_PER_SHARD):
+        if grid_covers not in GRID_COVERS:
+            raise ValueError(f"grid_covers must be one of {GRID_COVERS}, got {grid_covers!r}")
         self.path = Path(path)
-        self.grid = (int(grid[0]), int(grid[1]))
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
         group.attrs.update({
             "schema_version": SCHEMA_VERSION, "artifact": "attention", "model": model,
-            "grid": list(self.grid), "reduction": reduction,
+            "grid_covers": grid_covers, "reduction": reduction,
         })
-        self._rows = group.create_array(
-            ATTENTION_ARRAY, shape=(0, *self.grid), dtype=ATTENTION_DTYPE,
-            chunks=(tokens_per_chunk, *self.grid), shards=(tokens_per_chunk * chunks_per_shard, *self.grid),
-            dimension_names=ATTENTION_DIMENSIONS, fill_value=0)
+        self._shard_values = chunk_values * chunks_per_shard
+        self._values = group.create_array(
+            ATTENTION_ARRAY, shape=(0,), dtype=ATTENTION_DTYPE, chunks=(chunk_values,),
+            shards=(self._shard_values,), dimension_names=ATTENTION_DIMENSIONS, fill_value=0)
         self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
+        self._pending_values = 0
         self._written = 0
-        self._flush_rows = tokens_per_chunk * chunks_per_shard
 
     @property
-    def num_rows(self) -> int:
-        return self._written + self._pending_rows
+    def num_values(self) -> int:
+        """Values appended so far: the offset the next :meth:`append` returns."""
+        return self._written + self._pending_values
 
     def append(self, rows: np.ndarray) -> int:
         rows = np.asarray(rows)
-        if rows.ndim != 3 or tuple(rows.shape[1:]) != self.grid:
-            raise ValueError(f"rows must have shape (n, {self.grid[0]}, {self.grid[1]}), got {rows.shape}")
-        offset = self.num_rows
-        if len(rows):
-            self._pending.append(rows.astype(np.float16))
-            self._pending_rows += len(rows)
-            if self._pending_rows >= self._flush_rows:
-                self._flush()
+        if rows.ndim != 3:
+            raise ValueError(f"rows must have shape (n, grid_h, grid_w), got {rows.shape}")
+        offset = self.num_values
+        if rows.size:
+            self._pending.append(rows.astype(np.float16).reshape(-1))
+            self._pending_values += rows.size
+            if self._pending_values >= self._shard_values:
+                self._flush(final=False)
         return offset
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool) -> None:
+        """Write the pending values: all of them when ``final``, else the whole shard files among them."""
         if not self._pending:
             return
         block = np.concatenate(self._pending)
+        count = len(block) if final else len(block) // self._shard_values * self._shard_values
         start = self._written
-        self._rows.resize((start + len(block), *self.grid))
-        self._rows[start:start + len(block)] = block
-        self._written += len(block)
-        self._pending, self._pending_rows = [], 0
+        self._values.resize((start + count,))
+        self._values[start:start + count] = block[:count]
+        self._written += count
+        rest = block[count:]
+        self._pending, self._pending_values = ([rest] if len(rest) else []), len(rest)
 
     def close(self) -> None:
-        self._flush()
+        self._flush(final=True)
         self._atomic.__exit__(None, None, None)
 
     def abort(self, exc: BaseException) -> None:
@@ -91,10 +112,12 @@ class AttentionWriter:
 
 
 def open_attention(path: str | os.PathLike) -> zarr.Array:
-    """Open a shard's attention rows read-only, checking the schema version.
+    """Open a shard's attention values read-only, checking the schema version and the attributes.
 
-    Returns the ``rows`` array (float16, (total_tokens, grid_h, grid_w)); the group's attributes
-    (model, grid, reduction) come from :func:`attention_attrs`.
+    Returns the ``values`` array (float16, 1-D); read one image's maps with :func:`read_rows`, the
+    group's attributes (model, grid_covers, reduction) with :func:`attention_attrs`. A store of
+    another schema version (e.g. "1": one (tokens, h, w) array ``rows`` with a single grid) raises
+    :class:`ArtifactError` naming both versions.
     """
     path = Path(path)
     if not path.exists():
@@ -103,15 +126,28 @@ def open_attention(path: str | os.PathLike) -> zarr.Array:
     version = group.attrs.get("schema_version")
     if group.attrs.get("artifact") != "attention" or version != SCHEMA_VERSION:
         raise ArtifactError(f"{path} is not an attention store of schema version {SCHEMA_VERSION} "
-                            f"(found artifact={group.attrs.get('artifact')!r}, version={version!r})")
+                            f"(found artifact={group.attrs.get('artifact')!r}, version={version!r}); "
+                            "rerun the generate stage to rewrite it")
+    if group.attrs.get("grid_covers") not in GRID_COVERS:
+        raise ArtifactError(f"{path}: attribute grid_covers is {group.attrs.get('grid_covers')!r}, "
+                            f"expected one of {GRID_COVERS}")
     return group[ATTENTION_ARRAY]
 
 
 def attention_attrs(path: str | os.PathLike) -> dict[str, Any]:
-    """The attention store's group attributes (model, grid, reduction, schema_version)."""
+    """The attention store's group attributes (model, grid_covers, reduction, schema_version)."""
     return dict(zarr.open_group(str(path), mode="r").attrs)
 
 
-def read_rows(rows: zarr.Array, offset: int, count: int) -> np.ndarray:
-    """Rows ``offset .. offset+count`` as float32, shape (count, grid_h, grid_w)."""
-    return np.asarray(rows[offset:offset + count], dtype=np.float32)
+def read_rows(values: zarr.Array, offset: int, num_tokens: int, grid: tuple[int, int]) -> np.ndarray:
+    """One image's maps as float32, shape (num_tokens, grid_h, grid_w): the contiguous slice
+    ``values[offset : offset + num_tokens * grid_h * grid_w]``. ArtifactError when the slice is not
+    inside the store."""
+    grid_h, grid_w = int(grid[0]), int(grid[1])
+    count = int(num_tokens) * grid_h * grid_w
+    offset = int(offset)
+    if offset < 0 or offset + count > values.shape[0]:
+        raise ArtifactError(f"attention values {offset}..{offset + count} ({num_tokens} maps of {grid_h} x "
+                            f"{grid_w}) are outside the store ({values.shape[0]} values)")
+    flat = np.asarray(values[offset:offset + count], dtype=np.float32)
+    return flat.reshape(int(num_tokens), grid_h, grid_w)

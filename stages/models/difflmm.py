@@ -64,7 +64,7 @@ from torch import nn
 from stages.config import ConfigError
 from stages.models.llava_original import (IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE, _add_image_token, _pad_rows,
                                           _text_config, resolve_checkpoint)
-from stages.models.registry import LoadedLMM
+from stages.models.registry import LoadedLMM, uniform_layouts
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -303,7 +303,9 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     None, ``adapter_config.json``'s ``base_model_name_or_path``; SD-1.5 and CLIP come from the ids /
     folders the checkpoint names (``mm_vision_tower``, ``mm_vision_sd_clip``).
     Returns the model in eval mode (``dtype`` on ``device``) and a ``LlavaProcessor`` (R px CLIP
-    preprocessing, base tokenizer + "<image>", llava_v1 template) expanding "<image>" to N tokens.
+    preprocessing, base tokenizer + "<image>", llava_v1 template) expanding "<image>" to N tokens,
+    laid row-major on the N = cells x cells diffusion grid; ``pad_to_square`` when config.json's
+    ``image_aspect_ratio`` is "pad" (the release's expand2square).
     """
     from transformers import (AutoTokenizer, CLIPImageProcessor, GenerationConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
@@ -383,5 +385,8 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     model.to(device).eval()
     log.info("loaded DiffLMM %s (SD %s, CLIP %s, base %s; %s, %s, %s)", path, raw["mm_vision_tower"],
              raw["mm_vision_sd_clip"], base_folder, dtype, attn_implementation, device)
+    image_token_id = int(config.image_token_id)
     return LoadedLMM(family="difflmm", path=path, model=model, processor=processor,
-                     image_token_id=int(config.image_token_id), patch_size=patch, grid=(cells, cells))
+                     image_token_id=image_token_id,
+                     image_layouts=uniform_layouts(image_token_id, (cells, cells)),
+                     pad_to_square=raw.get("image_aspect_ratio") == "pad")

@@ -3,7 +3,9 @@
 Loads any checkpoint in the llava-hf layout (e.g. ``llava-hf/llava-1.5-7b-hf``, or the toy model of
 :mod:`stages.models.toy_lmm`) from a local folder or a hub id. The processor must expand the
 ``<image>`` placeholder to one token per image feature (llava-hf processors carry ``patch_size``,
-``num_additional_image_tokens`` and ``vision_feature_select_strategy`` for that).
+``num_additional_image_tokens`` and ``vision_feature_select_strategy`` for that). Every image fills
+the vision tower's square grid ((image_size / patch_size)**2 tokens, row-major); LLaVA-1.5 was
+trained on images padded to a square (``pad_to_square``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from stages.config import ConfigError
-from stages.models.registry import LoadedLMM, model_source
+from stages.models.registry import LoadedLMM, model_source, uniform_layouts
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +44,9 @@ def load_llava(path: str, *, dtype: torch.dtype, attn_implementation: str, devic
     model.to(device).eval()
     vision = model.config.vision_config
     cells = vision.image_size // vision.patch_size
+    image_token_id = int(model.config.image_token_id)
     log.info("loaded LLaVA %s (%s, %s, %s)", path, dtype, attn_implementation, device)
     return LoadedLMM(family="llava", path=path, model=model, processor=processor,
-                     image_token_id=int(model.config.image_token_id),
-                     patch_size=int(vision.patch_size), grid=(cells, cells))
+                     image_token_id=image_token_id,
+                     image_layouts=uniform_layouts(image_token_id, (cells, cells)),
+                     pad_to_square=True)

@@ -34,8 +34,9 @@ Conversion into stock transformers ``LlavaForConditionalGeneration`` (the llava-
   ``llava_v1`` chat template (:data:`LLAVA_V1_CHAT_TEMPLATE`); it expands "<image>" to one token per
   patch ((image_size / patch_size)**2 = 576 for CLIP ViT-L/14-336).
 
-``image_aspect_ratio`` "pad" (expand2square with the image mean colour) is the generate stage's
-``pad_to_square`` option (on by default), not a property of the processor.
+``image_aspect_ratio`` "pad" (expand2square with the image mean colour, every LLaVA-1.5 release) is
+``LoadedLMM.pad_to_square``, applied by the generate stage (``generate.pad_to_square: auto``), not
+by the processor; any other value (or none: the release's default) means no padding.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
-from stages.models.registry import LoadedLMM, model_source
+from stages.models.registry import LoadedLMM, model_source, uniform_layouts
 
 if TYPE_CHECKING:
     import torch
@@ -281,6 +282,8 @@ def load_llava_original(path: str, *, dtype: torch.dtype, attn_implementation: s
     model.to(device).eval()
     log.info("loaded original-layout LLaVA %s (vision tower %s; %s, %s, %s)", path, tower_source, dtype,
              attn_implementation, device)
+    image_token_id = int(config.image_token_id)
     return LoadedLMM(family="llava_original", path=path, model=model, processor=processor,
-                     image_token_id=int(config.image_token_id), patch_size=int(vision_config.patch_size),
-                     grid=(cells, cells))
+                     image_token_id=image_token_id,
+                     image_layouts=uniform_layouts(image_token_id, (cells, cells)),
+                     pad_to_square=raw.get("image_aspect_ratio") == "pad")
