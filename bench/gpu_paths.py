@@ -88,7 +88,7 @@ def run_generate(toy: Path, manifest: Path, out: Path, cfg: GenerateConfig, devi
     seconds = time.perf_counter() - start
     table = read_arrow(generations, "generations").to_pylist()
     store = open_attention(attention)
-    rows = {g["image_id"]: read_rows(store, g["row_offset"], g["num_tokens"]) for g in table}
+    rows = {g["image_id"]: read_rows(store, g["attention_offset"], g["num_tokens"], (g["grid_h"], g["grid_w"])) for g in table}
     return {"table": table, "rows": rows, "seconds": seconds, "generations": generations,
             "attention": attention}
 

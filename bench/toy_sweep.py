@@ -108,7 +108,8 @@ def evaluate(model_dir: Path, work: Path, manifest: Path, num_val: int, image_si
             shape_ok += colour in colours and (colour, shape) in present
         if not gen.num_tokens:
             continue
-        rows = torch.from_numpy(np.asarray(read_rows(store, gen.row_offset, gen.num_tokens), dtype=np.float32))
+        rows = torch.from_numpy(np.asarray(read_rows(store, gen.attention_offset, gen.num_tokens,
+                                                     (gen.grid_h, gen.grid_w)), dtype=np.float32))
         centred, _ = centre_rows(rows)
         for j, (start, end) in enumerate(zip(gen.token_starts, gen.token_ends)):
             word = gen.answer[start:end].strip().lower()
