@@ -12,13 +12,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's feature-grid cells sit in one input sequence."""
+    positions: "torch.Tensor"   # (rows * columns,) int64 sequence indices, row-major over the grid
+    grid: tuple[int, int]       # (rows, columns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +36,16 @@ class LoadedLMM:
     ``image_token_id``: id of the image placeholder token in ``input_ids``; ``patch_size``: pixels per
     feature-grid cell of the vision tower; ``grid``: (rows, columns) of the feature grid the image
     tokens are laid on, row-major (LLaVA-1.5: 24 x 24).
+
+    ``image_layouts``: the processor's batch output (input_ids, attention_mask, pixel_values,
+    image_grid_thw ...) -> one :class:`ImageLayout` per batch item (one image per item).
+    ``pad_to_square``: whether the image is padded to a square before the processor (LLaVA-1.5's
+    ``expand2square``); False: the image goes to the processor as is and the grid covers the whole image.
+
+    This branch's copy of the per-image-grid contract (branch ragged-grid owns it and sets the new
+    fields in every loader). Until it lands, every field after ``image_token_id`` has a default: the
+    fixed-grid loaders do not set the new fields yet, and a per-image-grid family (qwen2_5_vl) has no
+    fixed ``patch_size`` or ``grid``.
     """
 
     family: str
@@ -36,8 +53,10 @@ class LoadedLMM:
     model: Any
     processor: Any
     image_token_id: int
-    patch_size: int
-    grid: tuple[int, int]
+    patch_size: int | None = None
+    grid: tuple[int, int] | None = None
+    image_layouts: Callable[[Mapping[str, Any]], list[ImageLayout]] | None = None
+    pad_to_square: bool = True
 
 
 # A hub id: "name" or "owner/name" (letters, digits, "-", "_", "."), not starting with a dot.
