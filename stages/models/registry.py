@@ -111,10 +111,19 @@ def _load_difflmm(path: str, dtype: torch.dtype, attn_implementation: str, devic
     return load_difflmm(path, dtype=dtype, attn_implementation=attn_implementation, device=device, base=base)
 
 
+def _load_qwen2_5_vl(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+                     base: str | None) -> LoadedLMM:
+    from stages.models.qwen2_5_vl import load_qwen2_5_vl
+
+    _no_base("qwen2_5_vl", base)
+    return load_qwen2_5_vl(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+
+
 LMM_FAMILIES: dict[str, LMMLoader] = {
     "llava": _load_llava,
     "llava_original": _load_llava_original,
     "difflmm": _load_difflmm,
+    "qwen2_5_vl": _load_qwen2_5_vl,
 }
 
 
