@@ -159,11 +159,20 @@ def _load_llava_next(path: str, dtype: torch.dtype, attn_implementation: str, de
                            grid=grid)
 
 
+def _load_qwen2_5_vl(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+                     base: str | None) -> LoadedLMM:
+    from stages.models.qwen2_5_vl import load_qwen2_5_vl
+
+    _no_base("qwen2_5_vl", base)
+    return load_qwen2_5_vl(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+
+
 LMM_FAMILIES: dict[str, LMMLoader] = {
     "llava": _load_llava,
     "llava_original": _load_llava_original,
     "difflmm": _load_difflmm,
     "llava_next": _load_llava_next,
+    "qwen2_5_vl": _load_qwen2_5_vl,
 }
 
 
