@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_O
   TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 TEST_FILES="tests/test_capture.py tests/test_devices.py tests/test_generate.py tests/test_toy_lmm.py
-  tests/test_sam.py tests/test_segment.py"
+  tests/test_sam.py tests/test_segment.py tests/test_llava_next.py tests/test_qwen2_5_vl.py tests/test_attention_store.py"
 SUMMARY=""
 FAILED_STEPS=""
 
@@ -56,7 +56,7 @@ if [ "$MODE" = gpu ]; then
   export PYTHONPATH=/tmp/site:$PWD
   PATHS_ARGS=""
   BENCH_ARGS=""
-  SWEEP_ARGS="--device cuda --parallel 4"
+  SWEEP_ARGS="--device cuda --parallel 6"
 else
   # Here: the project's venv (its own pins; PYTHON=<interpreter> for another one); SITE=<folder> puts
   # a folder of installed wheels in front, as /tmp/site is on the GPU machine.
