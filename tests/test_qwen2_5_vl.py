@@ -4,8 +4,9 @@ sharded safetensors, byte-level BPE tokenizer files, preprocessor and chat templ
 fake Hugging Face cache and loaded through the registry by its hub id. Checked: the grid of each image
 (dynamic resolution), that image-grid cell (r, c) lands on ``ImageLayout`` position r * C + c (through
 the processor, the vision tower's window reordering and the model's own splicing, on non-square
-images), left-padded batches of images of different sizes, and captured attention rows against eager
-``output_attentions`` rows."""
+images), left-padded batches of images of different sizes, captured attention rows against eager
+``output_attentions`` rows, and the generate and segment stages end to end on two non-square images of
+different sizes in one batch."""
 
 from __future__ import annotations
 
@@ -562,3 +563,136 @@ def test_capture_on_gpu_matches_eager(offline_hub, implementation):
         torch.testing.assert_close(rows[b][:1], reference[:1], rtol=2e-2, atol=2e-3)
         if same_tokens:
             torch.testing.assert_close(rows[b], reference, rtol=2e-2, atol=2e-3)
+
+
+# --- the generate and segment stages end to end ------------------------------------------------------
+
+# Two non-square images of different sizes (H, W) -> merged grids (rows, columns) = (H', W') / 28 of the
+# processor's resize: 100 x 150 -> 112 x 140 px -> 4 x 5; 196 x 112 (portrait, kept) -> 7 x 4.
+STAGE_IMAGES = {"wide": ((100, 150), (4, 5)), "tall": ((196, 112), (7, 4))}
+# An interior cell per image (an edge cell's bicubic peak drifts to the border) whose centre differs by
+# more than a pixel between the whole-image geometry and LLaVA-1.5's padded square: wide (1, 2), centre
+# row 37.5 vs 31.25; tall (3, 1), centre column 42 vs 31.5.
+PLANTED = {"wide": (1, 2), "tall": (3, 1)}
+PLANTED_TOKEN, PLANTED_VALUE = 1, 0.5
+
+
+def cell_box(cell: tuple[int, int], grid: tuple[int, int], size: tuple[int, int]) -> tuple[float, ...]:
+    """Pixels of the original ``size`` (H, W) image covered by grid ``cell`` (r, c) of a (rows, columns)
+    grid over the whole image (Qwen2.5-VL: the resize is a stretch, no padding): returns (x0, x1, y0, y1),
+    columns in [x0, x1) and rows in [y0, y1)."""
+    (r, c), (rows, columns), (height, width) = cell, grid, size
+    return c * width / columns, (c + 1) * width / columns, r * height / rows, (r + 1) * height / rows
+
+
+def test_generate_and_segment_stages_on_each_images_own_grid(offline_hub, eager, tmp_path):
+    """stages.generate.run on two non-square images of different sizes in one batch (batch_size 2):
+    each image's grid in the generations table is the processor's image_grid_thw / merge_size, its
+    stored rows equal eager output_attentions rows at its layout positions, the store says the grids
+    cover the whole image. Then stages.segment.run (toy SAM, point prompts, upsample auto) puts every
+    point inside its image and, where a map of the model clearly peaks in one cell, inside that cell
+    stretched over the whole image (as Qwen2.5-VL's resize stretches it); a peak planted in one stored
+    map per image (through the table's offset and grid) gives a point at its cell's centre under the
+    whole-image geometry, more than 3 px from where the padded-square geometry would put it."""
+    from stages import generate, segment
+    from stages.generate import GenerateConfig, LMMConfig
+    from stages.io.attention import attention_attrs, open_attention, read_rows
+    from stages.io.tables import read_arrow, read_table, write_table
+    from stages.models.sam import build_toy_sam
+
+    names = list(STAGE_IMAGES)
+    manifest = []
+    for seed, name in enumerate(names):
+        (height, width), _ = STAGE_IMAGES[name]
+        noise_image(height, width, seed=seed).save(tmp_path / f"{name}.png")
+        manifest.append({"image_id": name, "file": str(tmp_path / f"{name}.png"), "width": width,
+                         "height": height, "shard": 0, "error": None})
+    write_table(manifest, tmp_path / "manifest.parquet", "manifest")
+
+    # The reference: the same batch through eager attention, output_attentions, the same generation config.
+    eager.processor.tokenizer.padding_side = "left"
+    images = [Image.open(tmp_path / f"{name}.png").convert("RGB") for name in names]
+    inputs = model_inputs(eager, images)
+    with torch.no_grad():
+        out = eager.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                                   output_attentions=True, return_dict_in_generate=True)
+    generated = out.sequences[:, inputs["input_ids"].shape[1]:]
+    layouts = eager.image_layouts(inputs)
+    expected = eager_reference_rows(out.attentions, padded_positions(layouts))
+    processor_grids = (inputs["image_grid_thw"][:, 1:] // MERGE).tolist()
+    assert int((inputs["attention_mask"] == 0).sum()) > 0              # the smaller image is left-padded
+    assert processor_grids == [list(STAGE_IMAGES[name][1]) for name in names]
+
+    paths = {name: tmp_path / f"{name}.parquet" for name in ("generations", "phrases", "masks")}
+    attention = tmp_path / "attention.zarr"
+    generate.run(GenerateConfig(max_new_tokens=MAX_NEW_TOKENS, batch_size=2),
+                 LMMConfig(family="qwen2_5_vl", path=REPO_ID), tmp_path / "manifest.parquet", 0,
+                 paths["generations"], attention, device="cpu")
+    table = read_table(paths["generations"], "generations")
+    store = open_attention(attention)
+    assert table["image_id"].tolist() == names and table["error"].isna().all()
+    assert attention_attrs(attention)["grid_covers"] == "image"          # Qwen2.5-VL does not pad
+    stored_rows = {}
+    for b, row in enumerate(table.itertuples()):
+        grid = (row.grid_h, row.grid_w)
+        assert list(grid) == processor_grids[b] == list(layouts[b].grid)
+        assert list(row.token_ids) == generated[b, :row.num_tokens].tolist()
+        stored = read_rows(store, row.attention_offset, row.num_tokens, grid)
+        reference = expected[b, :row.num_tokens, :grid[0] * grid[1]].reshape(-1, *grid).numpy()
+        np.testing.assert_allclose(stored, reference, rtol=1e-2, atol=1e-4)      # float16 store
+        stored_rows[row.image_id] = stored
+
+    # 1. The model's own maps: one phrase per image and generated token, point prompts.
+    sam = segment.SamConfig(type="tiny", checkpoint=str(build_toy_sam(tmp_path / "sam.safetensors", seed=0)))
+
+    def segment_tokens(tokens: dict[str, list[int]]) -> list[dict]:
+        """segment.run (point prompts, upsample auto) with phrase j of an image = its token tokens[j]."""
+        write_table([{"image_id": name, "phrase_index": j, "text": f"token {j}", "token_indices": [j],
+                      "category_id": 1} for name in names for j in tokens[name]], paths["phrases"], "phrases")
+        segment.run(segment.SegmentConfig(prompt="point"), sam, tmp_path / "manifest.parquet",
+                    paths["generations"], attention, paths["phrases"], paths["masks"], device="cpu")
+        masks = read_arrow(paths["masks"], "masks").to_pylist()
+        assert len(masks) == sum(map(len, tokens.values())) and all(m["error"] is None for m in masks)
+        for mask in masks:
+            height, width = STAGE_IMAGES[mask["image_id"]][0]
+            assert (mask["height"], mask["width"]) == (height, width)
+            assert 0 <= mask["point_x"] < width and 0 <= mask["point_y"] < height
+        return masks
+
+    checked = 0
+    for mask in segment_tokens({name: list(range(len(stored_rows[name]))) for name in names}):
+        (height, width), grid = STAGE_IMAGES[mask["image_id"]]
+        # The map as the stage makes it (the row minus the image's mean row): the point lies in its top
+        # cell, checked where that cell clearly stands out (bicubic upsampling of two near-equal
+        # neighbouring cells may peak in either, or between them).
+        rows = stored_rows[mask["image_id"]]
+        phrase_map = rows[mask["phrase_index"]] - rows.mean(axis=0)
+        second, first = np.sort(phrase_map.ravel())[-2:]
+        if first - second < 0.2 * (first - phrase_map.min()):
+            continue
+        cell = np.unravel_index(int(phrase_map.argmax()), grid)
+        x0, x1, y0, y1 = cell_box(cell, grid, (height, width))
+        assert x0 <= mask["point_x"] < x1 and y0 <= mask["point_y"] < y1, (mask, cell)
+        checked += 1
+    assert checked > 0, "no model map with a clearly peaked cell: that check checked nothing"
+
+    # 2. A peak planted in one stored map per image, through the table's own offset and grid: segment
+    # finds it at its cell's centre (a wrong offset, a transposed grid or the padded-square geometry
+    # would not).
+    import zarr
+
+    values = zarr.open_group(str(attention), mode="r+")["values"]
+    for row in table.itertuples():
+        r, c = PLANTED[row.image_id]
+        index = row.attention_offset + (PLANTED_TOKEN * row.grid_h + r) * row.grid_w + c
+        values[index] = values[index] + PLANTED_VALUE
+    for mask in segment_tokens({name: [PLANTED_TOKEN] for name in names}):
+        (height, width), grid = STAGE_IMAGES[mask["image_id"]]
+        (r, c) = PLANTED[mask["image_id"]]
+        x0, x1, y0, y1 = cell_box((r, c), grid, (height, width))
+        assert abs(mask["point_x"] + 0.5 - (x0 + x1) / 2) <= 1, (mask, (r, c))
+        assert abs(mask["point_y"] + 0.5 - (y0 + y1) / 2) <= 1, (mask, (r, c))
+        side = max(height, width)                  # the padded-square cell's centre is elsewhere
+        padded = ((c + 0.5) * side / grid[1] - (side - width) // 2,
+                  (r + 0.5) * side / grid[0] - (side - height) // 2)
+        assert max(abs(mask["point_x"] + 0.5 - padded[0]), abs(mask["point_y"] + 0.5 - padded[1])) > 3
