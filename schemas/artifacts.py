@@ -137,8 +137,10 @@ ATTENTION_DIMENSIONS = ("element",)
 ATTENTION_DTYPE = "float16"
 # What the feature grids cover (attribute `grid_covers`): "padded_square" (the image was padded to a
 # centred square of its longer side before encoding, LLaVA-1.5's expand2square; the grid covers that
-# square) or "image" (the grid covers the whole image, stretched to the grid's aspect).
-GRID_COVERS = ("padded_square", "image")
+# square), "centre_square" (the image was not padded and a CLIP-style processor resized its shorter
+# side and cropped the centre: the grid covers the centred square of side min(height, width)) or
+# "image" (the grid covers the whole image, stretched to the grid's aspect).
+GRID_COVERS = ("padded_square", "centre_square", "image")
 # Group attributes: schema_version, artifact="attention", model (id or path), grid_covers,
 # reduction {"layers": "all" | [int], "heads": "all" | [int], "statistic": "mean"}.
 ATTENTION_ATTRS = ("schema_version", "artifact", "model", "grid_covers", "reduction")

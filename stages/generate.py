@@ -340,7 +340,7 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     table: list[dict[str, Any]] = []
     items = (_prepare(row, pad, background) for row in rows.itertuples(index=False))
     with AttentionWriter(attention_path, model=lmm_cfg.path, reduction=reduction,
-                         grid_covers="padded_square" if pad else "image") as writer, \
+                         grid_covers="padded_square" if pad else lmm.unpadded_grid_covers) as writer, \
             tqdm(total=len(rows), desc=f"generate shard {shard}", unit="image") as progress:
         for group in _batches(items, generate_cfg.batch_size):
             with_image = [item for item in group if item.image is not None]

@@ -65,9 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POOLS = ("mean", "max")
-UPSAMPLES = ("auto", "pad", "original")
+UPSAMPLES = ("auto", "pad", "crop", "original")
 # segment.upsample: auto -> the mode matching the attention store's grid_covers attribute.
-UPSAMPLE_OF_GRID_COVERS = {"padded_square": "pad", "image": "original"}
+UPSAMPLE_OF_GRID_COVERS = {"padded_square": "pad", "centre_square": "crop", "image": "original"}
 PROMPTS = ("point", "mask", "attention")
 # Probabilities are clipped to [eps, 1 - eps] before the inverse sigmoid (logits within +-6.9).
 MASK_PROMPT_EPS = 1e-3
@@ -145,15 +145,26 @@ def upsample_map(phrase_map: torch.Tensor, height: int, width: int, mode: str) -
 
     ``pad``: the map covers the image padded to a centred ``L x L`` square (``L = max(height,
     width)``); it is upsampled to ``(L, L)`` and the image's ``height x width`` window is cut out
-    (top row ``(L - height) // 2``, left column ``(L - width) // 2``). ``original``: upsampled
-    straight to ``(height, width)``. The map may have any grid (h != w included): it is stretched
-    over the square or the image. One map at a time, so memory peaks at ``L * L`` floats.
+    (top row ``(L - height) // 2``, left column ``(L - width) // 2``). ``crop``: the map covers
+    the centred ``S x S`` square of the image (``S = min(height, width)``, top row ``(height - S) //
+    2``, left column ``(width - S) // 2``: what a CLIP processor keeps of an unpadded image); it is
+    upsampled to ``(S, S)`` and placed there, and the pixels outside it, which the model never saw,
+    get the map's minimum. ``original``: upsampled straight to ``(height, width)``. The map may have
+    any grid (h != w included): it is stretched over its square or the image. One map at a time, so
+    memory peaks at ``L * L`` floats.
     """
-    if mode not in ("pad", "original"):
-        raise ValueError(f"upsample mode must be 'pad' or 'original', got {mode!r}")
+    if mode not in ("pad", "crop", "original"):
+        raise ValueError(f"upsample mode must be 'pad', 'crop' or 'original', got {mode!r}")
     grid = phrase_map[None, None]
     if mode == "original":
         return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
+    if mode == "crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        square = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)[0, 0]
+        image_map = square.new_full((height, width), float(square.min()))
+        image_map[top:top + side, left:left + side] = square
+        return image_map
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
     square = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)[0, 0]

@@ -278,8 +278,9 @@ def test_a_failing_batch_is_retried_image_by_image(tmp_path, toy_path, edge_case
 
 def test_pad_to_square_auto_follows_the_model_and_true_false_override_it(tmp_path, toy_path, monkeypatch):
     """The toy is LLaVA-1.5 (``pad_to_square`` True): auto pads a 40 x 30 image to 40 x 40 before the
-    processor and the store says its grids cover the padded square; false sends it as it is and the
-    store says the grids cover the image."""
+    processor and the store says its grids cover the padded square; false sends it as it is, and as
+    the CLIP processor resizes the shorter side and crops the centre, the store says the grids cover
+    the centre square."""
     image = tmp_path / "wide.png"
     Image.fromarray(noise(30, 40, 3)).save(image)
     manifest = tmp_path / "manifest.parquet"
@@ -293,7 +294,7 @@ def test_pad_to_square_auto_follows_the_model_and_true_false_override_it(tmp_pat
         return real_generate_batch(lmm, capture, prompt, images, cfg, device)
 
     monkeypatch.setattr(generate, "_generate_batch", recording_sizes)
-    for setting, size, covers in (("auto", (40, 40), "padded_square"), (False, (40, 30), "image"),
+    for setting, size, covers in (("auto", (40, 40), "padded_square"), (False, (40, 30), "centre_square"),
                                   (True, (40, 40), "padded_square")):
         sizes.clear()
         table, _, store = run_shard(tmp_path, toy_path, manifest, name=f"pad-{setting}",
@@ -338,9 +339,10 @@ def test_bad_model_path_is_a_config_error_naming_it(tmp_path, kind):
     ("llava-hf/llava-1.5-7b-hf", True), ("gpt2", True), ("results/models/toy-llava", False),
     ("./toy-llava", False), ("/no/such/folder", False), ("owner/name with space", False),
 ])
-def test_model_source_tells_hub_ids_from_missing_folders(path, is_hub_id):
+def test_model_source_tells_hub_ids_from_missing_folders(path, is_hub_id, tmp_path, monkeypatch):
     from stages.models.registry import model_source
 
+    monkeypatch.chdir(tmp_path)        # relative paths must not find a checkout's own results/
     if is_hub_id:
         assert model_source(path) == path
     else:

@@ -59,7 +59,7 @@ def write_shard(folder: Path, images, grid_covers="padded_square"):
     ``images``: dicts with ``image_id``, ``size`` ((H, W), or None for an unreadable file), ``rows``
     (T, h, w) on the image's own grid and ``phrases`` (token index lists, or a string: a phrase error
     row with that reason). ``generation_error`` makes a failed generation with no phrase row.
-    ``grid_covers``: the store's attribute ("padded_square" or "image").
+    ``grid_covers``: the store's attribute ("padded_square", "centre_square" or "image").
     """
     rng = np.random.default_rng(0)
     manifest, generations, phrase_rows = [], [], []
@@ -183,6 +183,29 @@ def test_a_planted_peak_on_a_non_square_grid_lands_at_the_expected_pixel(tmp_pat
     (tmp_path / "square").mkdir()
     [row] = run_segment(write_shard(tmp_path / "square", image), unused_sam, prompt="attention")
     assert row["point_x"] in (24, 25) and row["point_y"] in (24, 25)
+    # centre_square: a 5 x 5 grid on the image's centred 30 x 30 square (columns 10..40, 6 px cells),
+    # peak at the inner cell (2, 3): centre (21, 15) in the square -> (31, 15) in the image.
+    image[0]["rows"] = rows_with_peaks(3, [(1, (2, 3), 0.5)], grid=(5, 5))
+    (tmp_path / "crop").mkdir()
+    [row] = run_segment(write_shard(tmp_path / "crop", image, grid_covers="centre_square"), unused_sam,
+                        prompt="attention")
+    assert row["point_x"] in (30, 31) and row["point_y"] in (14, 15)
+
+
+def test_crop_lays_the_map_on_the_centre_square_and_fills_the_rest_with_its_minimum():
+    import torch
+
+    from stages.segment import upsample_map
+
+    phrase_map = torch.tensor([[0.1, 0.2], [0.3, 0.9]])
+    wide = upsample_map(phrase_map, 20, 40, "crop")
+    assert wide.shape == (20, 40)
+    square = torch.nn.functional.interpolate(phrase_map[None, None], size=(20, 20), mode="bicubic",
+                                             align_corners=False)[0, 0]
+    assert torch.equal(wide[:, 10:30], square)
+    assert torch.all(wide[:, :10] == square.min()) and torch.all(wide[:, 30:] == square.min())
+    tall = upsample_map(phrase_map, 41, 20, "crop")          # odd margin: top row (41 - 20) // 2 = 10
+    assert torch.equal(tall[10:30], square) and torch.all(tall[:10] == square.min())
 
 
 def test_pad_crops_the_centre_of_the_square(tmp_path, sam_checkpoint):

@@ -389,4 +389,5 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     return LoadedLMM(family="difflmm", path=path, model=model, processor=processor,
                      image_token_id=image_token_id,
                      image_layouts=uniform_layouts(image_token_id, (cells, cells)),
-                     pad_to_square=raw.get("image_aspect_ratio") == "pad")
+                     pad_to_square=raw.get("image_aspect_ratio") == "pad",
+                     unpadded_grid_covers="centre_square")

@@ -49,4 +49,4 @@ def load_llava(path: str, *, dtype: torch.dtype, attn_implementation: str, devic
     return LoadedLMM(family="llava", path=path, model=model, processor=processor,
                      image_token_id=image_token_id,
                      image_layouts=uniform_layouts(image_token_id, (cells, cells)),
-                     pad_to_square=True)
+                     pad_to_square=True, unpadded_grid_covers="centre_square")

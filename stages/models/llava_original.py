@@ -286,4 +286,5 @@ def load_llava_original(path: str, *, dtype: torch.dtype, attn_implementation: s
     return LoadedLMM(family="llava_original", path=path, model=model, processor=processor,
                      image_token_id=image_token_id,
                      image_layouts=uniform_layouts(image_token_id, (cells, cells)),
-                     pad_to_square=raw.get("image_aspect_ratio") == "pad")
+                     pad_to_square=raw.get("image_aspect_ratio") == "pad",
+                     unpadded_grid_covers="centre_square")

@@ -62,6 +62,9 @@ class LoadedLMM:
     processor and the grid covers that square. False: the image goes to the processor as it is and
     the grid covers the whole image, stretched to the grid's aspect. (``generate.pad_to_square``
     may override it; the store records what the grids cover.)
+    ``unpadded_grid_covers``: what the grid covers when the image is *not* padded: "image" (the
+    processor takes the whole image) or "centre_square" (a CLIP-style processor resizes the shorter
+    side and crops the centre square, as the LLaVA-1.5 families' do).
     """
 
     family: str
@@ -71,6 +74,7 @@ class LoadedLMM:
     image_token_id: int
     image_layouts: Callable[[Mapping[str, Any]], list[ImageLayout]]
     pad_to_square: bool
+    unpadded_grid_covers: str = "image"
 
 
 def uniform_layouts(image_token_id: int,
