@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         positions = image_token_positions(inputs["input_ids"], IMAGE_TOKEN_ID)
         timings = {name: {"total": [], "prefill": [], "decode": [], "peak": []} for name in modes}
         outputs = {}
+        all_sequences: dict[str, list[torch.Tensor]] = {name: [] for name in modes}
         try:
             for fn in modes.values():                # warm-up, one of each
                 fn(inputs, positions)
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     timings[name]["peak"].append(
                         torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"))
                     outputs[name] = (sequences, rows)
+                    all_sequences[name].append(sequences)
         except torch.cuda.OutOfMemoryError as exc:
             failures.append(f"batch {batch}: out of memory: {exc}")
             print(f"batch {batch}: OUT OF MEMORY ({exc})", flush=True)
@@ -204,10 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (finite and sums_ok and shape_ok):
             failures.append(f"batch {batch}: capture rows shape {tuple(rows.shape)}, finite {finite}, "
                             f"sums <= 1 {sums_ok}")
-        if not same_tokens:
-            # The capture leaves SDPA's inputs and outputs untouched and kernels are deterministic for
-            # fixed shapes, so the tokens should be identical; a difference is worth a look.
+        plain_stable = all(torch.equal(all_sequences["plain"][0], other) for other in all_sequences["plain"])
+        if not same_tokens and plain_stable:
+            # The capture leaves SDPA's inputs and outputs untouched: with plain runs that repeat
+            # themselves exactly, a capture run that does not is a problem.
             failures.append(f"batch {batch}: capture generated other tokens than plain")
+        elif not plain_stable:
+            print(f"batch {batch}: plain runs themselves generate different tokens run to run (the device's "
+                  f"nondeterminism; near-tied logits of random weights): capture == plain is not judged",
+                  flush=True)
         for name in modes:
             t = timings[name]
             total, prefill, decode = (statistics.median(t[k]) for k in ("total", "prefill", "decode"))
