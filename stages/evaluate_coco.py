@@ -103,14 +103,15 @@ class InstanceSegEvaluator:
         self._num_mask_error_rows += int(masks["error"].notna().sum())
         self._masks.append(masks)
 
-    def _good_masks(self) -> pd.DataFrame:
-        good = good_rows(concat_tables(self._masks, "masks"), REQUIRED_MASK_COLUMNS, "masks")
+    def _good_masks(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The rows without error of the processed masks ``rows``, checked."""
+        good = good_rows(rows, REQUIRED_MASK_COLUMNS, "masks")
         check_rows_belong(good, self._image_ids, MASK_KEY, "masks")
         return good
 
     def predictions(self) -> list[dict[str, Any]]:
         """The processed masks in COCO results format (see the class docstring), in row order."""
-        return self._results(self._good_masks())
+        return self._results(self._good_masks(concat_tables(self._masks, "masks")))
 
     def _results(self, good: pd.DataFrame) -> list[dict[str, Any]]:
         results = []
@@ -123,11 +124,12 @@ class InstanceSegEvaluator:
         return results
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
-        good = self._good_masks()
+        rows = concat_tables(self._masks, "masks")
+        good = self._good_masks(rows)
         results = self._results(good)
         gt_ids = [self._gt_ids[image_id] for image_id in self._image_ids]
         metrics: dict[str, Any] = coco_segm_summary(self._gt, results_coco(self._gt, results), gt_ids)
-        points = self._points()
+        points = self._points(rows)
         hits = self._point_hits(points)
         metrics.update(
             point_accuracy=hits / len(points) if len(points) else None,
@@ -140,10 +142,9 @@ class InstanceSegEvaluator:
         )
         return {"instance_seg": metrics}
 
-    def _points(self) -> pd.DataFrame:
-        """One row per phrase that got a point prompt and a category (mask rows with or without
-        error: an empty SAM mask keeps its point), restricted to the evaluated images."""
-        rows = concat_tables(self._masks, "masks")
+    def _points(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """One row per phrase of the mask ``rows`` that got a point prompt and a category (rows with
+        or without error: an empty SAM mask keeps its point), restricted to the evaluated images."""
         rows = rows[rows["point_x"].notna() & rows["point_y"].notna() & rows["category_id"].notna()
                     & rows["phrase_index"].notna() & rows["image_id"].isin(set(self._image_ids))]
         return rows.drop_duplicates(["image_id", "phrase_index"])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_llava_original import llama_fields, snapshot, tokenizer_image_token, vicuna_like_tokenizer
+from fake_hub import snapshot, use_offline_cache
+from test_llava_original import llama_fields, tokenizer_image_token, vicuna_like_tokenizer
 
 from stages import generate
 from stages.capture import eager_reference_rows, image_token_positions
@@ -157,13 +158,7 @@ def hub_cache(tmp_path_factory):
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = hub_cache[0]
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    use_offline_cache(monkeypatch, hub_cache[0])
     return hub_cache[1]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_llava_original import snapshot
+from fake_hub import llama_bpe_tokenizer, snapshot, use_offline_cache
 
 from stages import generate
 from stages.capture import eager_reference_rows
@@ -104,20 +104,8 @@ HUB_IDS = list(RELEASES)
 
 
 def llama2_tokenizer():
-    """Llama-2 shaped (Mistral, Vicuna): BPE over "▁"-joined text with byte fallback, <unk>=0, <s>=1,
-    </s>=2, <s> added in front of every text."""
-    from tokenizers import Tokenizer, models, normalizers, trainers
-    from transformers import LlamaTokenizer
-
-    learner = Tokenizer(models.BPE(unk_token="<unk>"))
-    learner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    learner.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    learned = json.loads(learner.to_str())["model"]
-    vocab = dict(learned["vocab"])
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    return LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in learned["merges"]], add_bos_token=True)
+    """Llama-2 shaped (Mistral, Vicuna), <s> added in front of every text."""
+    return llama_bpe_tokenizer(CORPUS, add_bos_token=True)
 
 
 def llama3_tokenizer():
@@ -223,12 +211,7 @@ def hub_cache(tmp_path_factory):
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    use_offline_cache(monkeypatch, hub_cache)
     return hub_cache
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fake_hub import llama_bpe_tokenizer, snapshot, use_offline_cache
 from stages import generate
 from stages.capture import eager_reference_rows, image_token_positions
 from stages.config import ConfigError
@@ -31,32 +32,8 @@ CORPUS = [LLAVA_V1_SYSTEM, f"USER: \n{QUESTION} ASSISTANT:", "a red square and a
 
 
 def vicuna_like_tokenizer():
-    """A Llama-shaped tokenizer (BPE over "▁"-joined text, byte fallback), vocabulary 32000-style
-    specials <unk>=0, <s>=1, </s>=2, no "<image>" token and no pad token (as Vicuna's)."""
-    from tokenizers import Tokenizer, models, normalizers, trainers
-    from transformers import LlamaTokenizer
-
-    learner = Tokenizer(models.BPE(unk_token="<unk>"))
-    learner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    learner.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    learned = json.loads(learner.to_str())["model"]
-    vocab = dict(learned["vocab"])
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    return LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in learned["merges"]])
-
-
-def snapshot(cache, repo_id: str):
-    """The snapshot folder of ``repo_id`` in a hub cache (models--owner--name/snapshots/<hash>, with
-    refs/main naming the hash), created empty."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = format(abs(hash(repo_id)), "040x")[-40:]
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    folder = repo / "snapshots" / commit
-    folder.mkdir(parents=True)
-    return folder
+    """A Llama-shaped tokenizer as Vicuna's: no "<image>" token and no pad token."""
+    return llama_bpe_tokenizer(CORPUS)
 
 
 def write_clip_tower(folder) -> None:
@@ -136,15 +113,8 @@ def hub_cache(request, tmp_path_factory):
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch):
-    """HF_HUB_CACHE = the fake cache, HF_HUB_OFFLINE=1 (environment and huggingface_hub's constants,
-    which are read at import)."""
-    from huggingface_hub import constants
-
-    cache = hub_cache[0]
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    """The fake cache, read offline."""
+    use_offline_cache(monkeypatch, hub_cache[0])
     return hub_cache
 
 

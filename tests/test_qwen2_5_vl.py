@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fake_hub import snapshot, use_offline_cache
 from stages.capture import AttentionCapture, eager_reference_rows
 from stages.config import ConfigError
 from stages.generate import build_prompt, token_char_spans
@@ -57,18 +58,6 @@ PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 CORPUS = ["You are a helpful assistant.", QUESTION, "A red square and a blue circle on the mat.",
           "system user assistant"]
 BPE_SIZE = 300
-
-
-def snapshot(cache, repo_id: str):
-    """The snapshot folder of ``repo_id`` in a hub cache (models--owner--name/snapshots/<hash>, with
-    refs/main naming the hash), created empty."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = format(abs(hash(repo_id)), "040x")[-40:]
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    folder = repo / "snapshots" / commit
-    folder.mkdir(parents=True)
-    return folder
 
 
 def token_ids() -> dict[str, int]:
@@ -193,15 +182,8 @@ def hub_cache(tmp_path_factory):
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch):
-    """HF_HUB_CACHE = the fake cache, HF_HUB_OFFLINE=1 (environment and huggingface_hub's constants,
-    which are read at import)."""
-    from huggingface_hub import constants
-
-    cache = hub_cache[0]
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    """The fake cache, read offline."""
+    use_offline_cache(monkeypatch, hub_cache[0])
     return hub_cache
 
 
