@@ -11,8 +11,9 @@
 # goes on whatever it returns; the summary at the end lists every step's exit code and every
 # RESULT line. Steps:
 #   env         versions of what will be imported, nvidia-smi, torch's view of the GPU
-#   pytest_gpu  the gpu-marked tests (tests/test_capture.py, tests/test_devices.py); the other files
-#               named are collected (an import check with the carried packages) and deselected
+#   pytest_gpu  the gpu-marked tests (tests/test_capture.py, tests/test_devices.py, tests/test_placement.py:
+#               its need 2 GPUs and skip on one); the other files named are collected (an import check
+#               with the carried packages) and deselected
 #   gpu_paths   bench/gpu_paths.py: generate (fp16, bf16; sdpa, flash if importable) and segment
 #               stages on the GPU vs eager and CPU references, on the toy models
 #   bench_7b    bench/bench_7b.py: LLaVA-1.5-7B-shaped random model, plain vs capture, batches 1 and 8
@@ -36,7 +37,8 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_O
   TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 TEST_FILES="tests/test_capture.py tests/test_devices.py tests/test_generate.py tests/test_toy_lmm.py
-  tests/test_sam.py tests/test_segment.py tests/test_llava_next.py tests/test_qwen2_5_vl.py tests/test_attention_store.py"
+  tests/test_sam.py tests/test_segment.py tests/test_llava_next.py tests/test_qwen2_5_vl.py tests/test_attention_store.py
+  tests/test_placement.py"
 SUMMARY=""
 FAILED_STEPS=""
 

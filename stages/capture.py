@@ -23,6 +23,12 @@ Cost: besides three small kernels per layer and step, the capture reads each lay
 for the newest query (the SDPA/flash kernel does not return its probabilities), i.e. about half the
 cost of decoding attention; see bench/bench_capture.py.
 
+Models spread over several GPUs (``lmm.gpus``, :mod:`stages.devices`): each layer's rows are
+computed on that layer's device, against the mask as it reaches that layer (the additive bias is
+cached per device), then moved to one accumulator device, the device of the image positions (the
+input embedding's); the head sum, the image-column gather and the rows stay there. On one device
+every such move is a no-op (``Tensor.to`` returns the tensor itself): no copy, the same numbers.
+
 Supported: decoder layers reached through ``model.model.language_model.layers[i].self_attn`` (the
 LLaVA family), the default dynamic KV cache (a newest query attends to every key in the cache that
 its mask allows), greedy or sampled decoding (one sequence per batch element).
@@ -168,14 +174,15 @@ def _additive_mask_row(attention_mask: torch.Tensor | None, batch: int, num_kv_h
     0 where the key is visible, -inf where masked; a zero (1, 1, 1) when there is no mask.
 
     ``attention_mask``: None, SDPA's 4D mask (B or 1, 1, Q, K) (bool: True = attend; float: additive)
-    or flash's 2D padding mask (B, K) (nonzero = real token).
+    or flash's 2D padding mask (B, K) (nonzero = real token), on any device (its row is moved to
+    ``like``'s; a no-op when it is there already).
     """
     if attention_mask is None:
         return like.new_zeros(1, 1, 1)
     if attention_mask.dim() == 2:
-        visible = attention_mask[:, None, :] != 0
+        visible = attention_mask[:, None, :].to(like.device) != 0
     else:
-        visible = attention_mask[:, :, -1, :]
+        visible = attention_mask[:, :, -1, :].to(like.device)
     if visible.dtype == torch.bool:
         bias = torch.zeros(visible.shape, dtype=like.dtype, device=like.device)
         bias.masked_fill_(~visible, float("-inf"))
@@ -190,31 +197,39 @@ class _Recording:
 
     Per selected layer the capture runs three kernels: one batched matmul that also scales the
     scores and adds the mask (``baddbmm``), a softmax that upcasts to float32, and an in-place add
-    into the step buffer. The mask's bias is built once per step (all layers share the mask);
-    head selection, the head sum and the image-column gather run once per step.
+    into the step buffer. The mask's bias is built once per step and device (the layers of one
+    device share the mask object); head selection, the head sum and the image-column gather run
+    once per step, on the accumulator device (``image_positions``' device), to which each layer's
+    softmax rows are moved (a no-op for layers already there).
     """
 
     image_positions: torch.Tensor          # (B, N_max) int64 key positions, padded per item
     heads: torch.Tensor | None             # selected query heads, None = all
     num_layers: int                        # number of selected layers
     num_heads: int                         # number of selected heads
-    step_sum: torch.Tensor | None = None   # (B, H, K) float32: this step's softmax rows summed over layers
+    # (B, H, K) float32: this step's softmax rows summed over layers (all on image_positions' device)
+    step_sum: torch.Tensor | None = None
     layers_seen: int = 0
-    mask_source: torch.Tensor | None = None  # the attention mask `bias` was built from
-    bias: torch.Tensor | None = None       # (B * H_kv, 1, K) additive mask of the newest query, query dtype
+    # device -> (the attention mask the bias was built from, (B * H_kv, 1, K) additive mask of the
+    # newest query in the query dtype on that device)
+    biases: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor]] = dataclasses.field(
+        default_factory=dict)
     rows: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per step (B, N_max) float32
 
     def start_step(self) -> None:
-        self.step_sum, self.mask_source, self.bias = None, None, None
+        self.step_sum = None
+        self.biases = {}
         self.layers_seen = 0
 
     def _newest_query_bias(self, attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int,
                            keys: int, like: torch.Tensor) -> torch.Tensor:
-        """:func:`_additive_mask_row`, built once per step (every layer gets the same mask object)."""
-        if self.bias is None or attention_mask is not self.mask_source:
-            self.bias = _additive_mask_row(attention_mask, batch, num_kv_heads, keys, like)
-            self.mask_source = attention_mask
-        return self.bias
+        """:func:`_additive_mask_row` on ``like``'s device, built once per step and device (the
+        layers of one device get the same mask object)."""
+        cached = self.biases.get(like.device)
+        if cached is None or attention_mask is not cached[0]:
+            cached = (attention_mask, _additive_mask_row(attention_mask, batch, num_kv_heads, keys, like))
+            self.biases[like.device] = cached
+        return cached[1]
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                 scaling: float | None) -> None:
@@ -223,7 +238,8 @@ class _Recording:
         ``query``: (B, H, Q, D); ``key``: (B, H_kv, K, D) including the cache (query head h reads
         key head h // (H / H_kv), as transformers' ``repeat_kv``); ``attention_mask``: None (every key
         visible to the newest query), SDPA's 4D mask (B, 1, Q, K) (bool: True = attend; float:
-        additive) or flash's 2D padding mask (B, K) (nonzero = real token).
+        additive) or flash's 2D padding mask (B, K) (nonzero = real token); all on the layer's device,
+        which may differ from the accumulator's (the rows are moved there).
         """
         batch, num_heads, _, head_dim = query.shape
         num_kv_heads, keys = key.shape[1], key.shape[2]
@@ -233,6 +249,7 @@ class _Recording:
         scores = torch.baddbmm(bias, newest, keys_t, beta=0 if attention_mask is None else 1,
                                alpha=head_dim ** -0.5 if scaling is None else scaling)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(batch, num_heads, keys)
+        probs = probs.to(self.image_positions.device)
         if self.step_sum is None:
             self.step_sum = probs
         else:
@@ -304,10 +321,10 @@ class AttentionCapture:
                   image_positions: torch.Tensor | Sequence[torch.Tensor]) -> Iterator[AttentionCapture]:
         """Capture every forward call of the model made inside the block.
 
-        ``image_positions``: key positions of the image tokens of each sequence, on the model's
-        device: a (B, N_img) int64 tensor (see :func:`image_token_positions`), or B 1-D tensors
-        when items have different numbers of image tokens (see :func:`padded_positions`). Rows of a
-        previous recording are discarded.
+        ``image_positions``: key positions of the image tokens of each sequence, on the device of
+        the model's input embedding (where the rows are accumulated): a (B, N_img) int64 tensor
+        (see :func:`image_token_positions`), or B 1-D tensors when items have different numbers of
+        image tokens (see :func:`padded_positions`). Rows of a previous recording are discarded.
         """
         if self._recording is not None:
             raise RuntimeError("a recording is already open on this model")
@@ -336,8 +353,8 @@ class AttentionCapture:
             _zero_padding(self._rows, lengths)
 
     def rows(self) -> torch.Tensor:
-        """Rows of the last recording: (B, steps, N_max) float32 on the model's device; item b's
-        rows are ``[:, :, :N_b]``, the columns after them are 0 (see :meth:`item_rows`)."""
+        """Rows of the last recording: (B, steps, N_max) float32 on the image positions' device;
+        item b's rows are ``[:, :, :N_b]``, the columns after them are 0 (see :meth:`item_rows`)."""
         if self._rows is None:
             raise RuntimeError("no finished recording")
         return self._rows
@@ -371,7 +388,8 @@ def eager_reference_rows(attentions: Sequence[Sequence[torch.Tensor]], image_pos
     for step_attentions in attentions:
         selected = layers if layers is not None else range(len(step_attentions))
         per_layer = [step_attentions[i] for i in selected]
-        newest = torch.stack([a[:, :, -1, :].float() for a in per_layer])          # (layers, B, H, K)
+        device = per_layer[0].device       # a model spread over GPUs: rows gathered on the first layer's
+        newest = torch.stack([a[:, :, -1, :].float().to(device) for a in per_layer])  # (layers, B, H, K)
         if heads is not None:
             newest = newest[:, :, list(heads)]
         mean = newest.mean(dim=(0, 2))                                             # (B, K)

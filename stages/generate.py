@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from stages.capture import AttentionCapture
+    from stages.devices import InputDevices
     from stages.models.registry import LoadedLMM
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class LMMConfig:
-    """Config section ``lmm``: which model, in which precision, with which attention kernel."""
+    """Config section ``lmm``: which model, in which precision, with which attention kernel, over how
+    many GPUs (``gpus``: the model is spread over that many when no device is given)."""
 
     family: str = "llava"
     path: str = "results/models/toy-llava"
@@ -56,6 +58,11 @@ class LMMConfig:
     grid: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     attn_implementation: Literal["sdpa", "flash_attention_2"] = "sdpa"
+    gpus: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
+            raise ConfigError(f"lmm.gpus must be an integer >= 1, got {self.gpus!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +103,23 @@ class _Answer:
     finish_reason: str
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``device`` as given, or cuda:0 when CUDA is available, else cpu."""
+def resolve_devices(device: str | Sequence[str] | None, gpus: int) -> list[torch.device]:
+    """The devices the model is placed on: ``device`` as given (one "cuda:N" / "cpu", or several
+    "cuda:N"), or, when None, the first ``gpus`` CUDA devices when CUDA is available (ConfigError
+    naming lmm.gpus when fewer are visible), else the cpu."""
     import torch
 
-    if device is None:
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    from stages.devices import as_devices
+
+    if device is not None:
+        return as_devices(device)
+    if not torch.cuda.is_available():
+        if gpus > 1:
+            log.warning("lmm.gpus is %d but CUDA is not available: the model runs on the CPU", gpus)
+        return [torch.device("cpu")]
+    if gpus > torch.cuda.device_count():
+        raise ConfigError(f"lmm.gpus is {gpus} but {torch.cuda.device_count()} CUDA device(s) are visible")
+    return [torch.device("cuda", index) for index in range(gpus)]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -220,17 +237,18 @@ def _eos_ids(model: Any) -> set[int]:
 
 
 def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, images: list[Image.Image],
-                    cfg: GenerateConfig, device: torch.device) -> list[_Answer]:
+                    cfg: GenerateConfig, devices: InputDevices) -> list[_Answer]:
     """Greedy generation for ``images`` (one left-padded batch) with attention capture; each image's
-    rows are laid on its own grid (``lmm.image_layouts``). A batch whose image tokens do not fit the
-    model's layout is a ConfigError (a model/processor problem, not an image's)."""
+    rows are laid on its own grid (``lmm.image_layouts``). Token inputs go to ``devices.tokens``
+    (where the rows are accumulated), pixel values to ``devices.pixels``. A batch whose image tokens
+    do not fit the model's layout is a ConfigError (a model/processor problem, not an image's)."""
     import torch
 
     from stages.capture import CaptureError
 
     inputs = lmm.processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
-    inputs = inputs.to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(lmm.model.dtype)
+    inputs = inputs.to(devices.tokens)
+    inputs["pixel_values"] = inputs["pixel_values"].to(devices.pixels, lmm.model.dtype)
     try:
         layouts = lmm.image_layouts(inputs)
     except ValueError as exc:
@@ -256,14 +274,14 @@ def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, imag
 
 
 def _answer_items(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, items: list[_Item],
-                  cfg: GenerateConfig, device: torch.device) -> list[_Answer | str]:
+                  cfg: GenerateConfig, devices: InputDevices) -> list[_Answer | str]:
     """Answers for ``items`` (all with an image); if the batch fails, each image is retried alone
     and a failing one yields its error message instead of an answer. ConfigError and CaptureError
     (problems of the model, not of an image) propagate."""
     from stages.capture import CaptureError
 
     try:
-        return _generate_batch(lmm, capture, prompt, [item.image for item in items], cfg, device)
+        return _generate_batch(lmm, capture, prompt, [item.image for item in items], cfg, devices)
     except (ConfigError, CaptureError):
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure of one image must not lose the others
@@ -274,7 +292,7 @@ def _answer_items(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, items:
                     len(items), type(exc).__name__, exc)
     results: list[_Answer | str] = []
     for item in items:
-        results.extend(_answer_items(lmm, capture, prompt, [item], cfg, device))
+        results.extend(_answer_items(lmm, capture, prompt, [item], cfg, devices))
     return results
 
 
@@ -302,15 +320,18 @@ def _error_row(image_id: str, prompt: str, reason: str, attention_offset: int) -
 
 def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | os.PathLike, shard: int,
         generations_path: str | os.PathLike, attention_path: str | os.PathLike,
-        device: str | None = None) -> None:
+        device: str | Sequence[str] | None = None) -> None:
     """Answer every image of ``shard`` in the manifest; write its generations table and attention store.
 
-    ``device``: "cuda:N" / "cpu"; None = cuda:0 when available, else cpu. Raises ConfigError for
-    model-level problems; per-image problems become error rows.
+    ``device``: "cuda:N" / "cpu", or several "cuda:N" the model is spread over (the workflow claims
+    ``lmm.gpus`` of them); None = the first ``lmm_cfg.gpus`` CUDA devices when CUDA is available,
+    else cpu (:func:`resolve_devices`). Raises ConfigError for model-level problems (among them a
+    model that does not fit on its devices); per-image problems become error rows.
     """
     from tqdm import tqdm
 
     from stages.capture import CAPTURABLE_IMPLEMENTATIONS, AttentionCapture
+    from stages.devices import input_devices
     from stages.models.registry import load_lmm
 
     if lmm_cfg.attn_implementation not in CAPTURABLE_IMPLEMENTATIONS:
@@ -318,10 +339,12 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
                           f"over {list(CAPTURABLE_IMPLEMENTATIONS)}")
     manifest = read_table(manifest_path, "manifest")
     rows = manifest[manifest["shard"] == shard]
-    torch_device = resolve_device(device)
-    lmm = load_lmm(lmm_cfg.family, lmm_cfg.path, dtype=resolve_dtype(lmm_cfg.dtype, torch_device),
-                   attn_implementation=lmm_cfg.attn_implementation, device=torch_device, base=lmm_cfg.base,
+    devices = resolve_devices(device, lmm_cfg.gpus)
+    lmm = load_lmm(lmm_cfg.family, lmm_cfg.path, dtype=resolve_dtype(lmm_cfg.dtype, devices[0]),
+                   attn_implementation=lmm_cfg.attn_implementation,
+                   device=devices[0] if len(devices) == 1 else devices, base=lmm_cfg.base,
                    grid=lmm_cfg.grid)
+    inputs_at = input_devices(lmm.model)
     try:
         capture = AttentionCapture(lmm.model, layers=generate_cfg.layers, heads=generate_cfg.heads)
     except ValueError as exc:
@@ -344,7 +367,7 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
             tqdm(total=len(rows), desc=f"generate shard {shard}", unit="image") as progress:
         for group in _batches(items, generate_cfg.batch_size):
             with_image = [item for item in group if item.image is not None]
-            answers = iter(_answer_items(lmm, capture, prompt, with_image, generate_cfg, torch_device)
+            answers = iter(_answer_items(lmm, capture, prompt, with_image, generate_cfg, inputs_at)
                            if with_image else [])
             for item in group:
                 if item.image is None:
@@ -388,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--generations", required=True, help="output generations/shard-K.parquet")
     parser.add_argument("--attention", required=True, help="output attention/shard-K.zarr")
     parser.add_argument("--question", help="overrides generate.question (a data set's own question)")
-    parser.add_argument("--device", help="cuda:N or cpu (default: cuda:0 when available)")
+    parser.add_argument("--device", help="cuda:N or cpu, or comma-separated cuda:N to spread the model "
+                        "over (default: lmm.gpus CUDA devices from cuda:0 when available, else cpu)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -398,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     generate_cfg = from_mapping(GenerateConfig, generate_section, where="generate")
     lmm_cfg = from_mapping(LMMConfig, config.get("lmm"), where="lmm")
     run(generate_cfg, lmm_cfg, args.manifest, args.shard, args.generations, args.attention,
-        device=args.device)
+        device=args.device.split(",") if args.device else None)
 
 
 if __name__ == "__main__":

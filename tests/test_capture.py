@@ -198,6 +198,61 @@ def test_flash_padding_mask_gives_the_same_newest_query_mask_as_sdpa():
     assert _additive_mask_row(None, 2, 2, 5, like).shape == (1, 1, 1)
 
 
+def test_layer_rows_are_summed_on_the_device_of_the_image_positions():
+    """A model spread over GPUs hands each layer's query, keys and mask to the capture on that
+    layer's device. On one device the rows are the mean over layers and heads of
+    softmax(q k^T / sqrt(D) + mask) at the image positions; with a layer on another device (here
+    "meta", which carries shapes and devices only) every layer's rows are summed, and the heads
+    selected and the image columns gathered, on the device of the image positions."""
+    from stages.capture import _Recording
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, keys, dim = 2, 4, 2, 7, 8
+    queries = [torch.randn(batch, heads, 1, dim, generator=generator) for _ in range(2)]
+    keys_per_layer = [torch.randn(batch, kv_heads, keys, dim, generator=generator) for _ in range(2)]
+    visible = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
+    visible[0, ..., :2] = False                                          # item 0 is left-padded
+    positions = torch.tensor([[2, 3, 6], [0, 4, 5]])
+
+    probs = []
+    for query, key in zip(queries, keys_per_layer, strict=True):
+        scores = (query @ key.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2))[:, :, 0]
+        probs.append(torch.softmax(scores / dim ** 0.5 + torch.where(visible[:, :, -1], 0.0, -torch.inf), -1))
+    expected = torch.stack(probs).mean(dim=(0, 2)).gather(1, positions)     # (B, N_img)
+
+    recording = _Recording(image_positions=positions, heads=None, num_layers=2, num_heads=heads)
+    for query, key in zip(queries, keys_per_layer, strict=True):
+        recording.observe(query, key, visible, None)
+    recording.end_step()
+    torch.testing.assert_close(recording.rows[0], expected)
+
+    meta = torch.device("meta")
+    split = _Recording(image_positions=positions.to(meta), heads=torch.tensor([1, 3], device=meta),
+                       num_layers=2, num_heads=2)
+    split.observe(queries[0], keys_per_layer[0], visible, None)                       # a layer on the CPU
+    split.observe(queries[1].to(meta), keys_per_layer[1].to(meta), visible.to(meta), None)
+    split.end_step()
+    assert split.rows[0].device == meta and split.rows[0].shape == (batch, 3)
+
+
+def test_the_mask_bias_is_cached_per_device():
+    """Layers on different devices each get the newest query's bias on their own device, built once
+    per step and device for one mask object (even without a mask, whose bias is a zero)."""
+    from stages.capture import _Recording
+
+    recording = _Recording(image_positions=torch.zeros(1, 1, dtype=torch.long), heads=None, num_layers=2,
+                           num_heads=2)
+    recording.start_step()
+    on_cpu, on_meta = torch.zeros(()), torch.zeros((), device="meta")
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    for attention_mask in (None, mask):
+        first = recording._newest_query_bias(attention_mask, 1, 2, 5, on_cpu)
+        other = recording._newest_query_bias(attention_mask, 1, 2, 5, on_meta)
+        assert first.device.type == "cpu" and other.device.type == "meta"
+        assert recording._newest_query_bias(attention_mask, 1, 2, 5, on_cpu) is first
+    assert recording._newest_query_bias(mask.clone(), 1, 2, 5, on_cpu) is not first  # another mask object
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
 def test_capture_on_gpu_matches_eager(tmp_path, implementation):

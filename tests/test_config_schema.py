@@ -46,6 +46,8 @@ def test_shipped_config_is_valid():
     (lambda c: c["datasets"]["toy_gcg"].pop("caption_gt"), "caption_gt"),
     (lambda c: c["datasets"]["toy_instances"].update(task="detection"), "detection"),
     (lambda c: c["lmm"].update(dtype="int4"), "int4"),
+    (lambda c: c["lmm"].update(gpus=0), "gpus"),
+    (lambda c: c["lmm"].update(gpus=1.5), "gpus"),
     (lambda c: c["datasets"].update({"bad name": {"task": "images", "images": "x"}}), "bad name"),
 ])
 def test_bad_key_or_value_is_named(mutate, named):

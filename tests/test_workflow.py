@@ -51,6 +51,18 @@ def planned_jobs(workdir: Path) -> dict[str, int]:
     return jobs
 
 
+def planned_gpus(workdir: Path) -> dict[tuple[str, str], set[int]]:
+    """(rule, run) -> the `gpu` resource values its jobs request in a dry run (0: none requested)."""
+    out = snakemake(workdir, "--cores", "2", "--dry-run").stdout
+    requests: dict[tuple[str, str], set[int]] = {}
+    for block in re.split(r"^rule ", out, flags=re.MULTILINE)[1:]:
+        rule = block.split(":", 1)[0]
+        run = re.search(r"^\s+wildcards:.*\brun=([\w-]+)", block, flags=re.MULTILINE)
+        gpu = re.search(r"^\s+resources:.*\bgpu=(\d+)", block, flags=re.MULTILINE)
+        requests.setdefault((rule, run.group(1) if run else ""), set()).add(int(gpu.group(1)) if gpu else 0)
+    return requests
+
+
 def test_dry_run_plans_every_stage_per_shard(tmp_path):
     config = write_config(tmp_path, shards=3)
     jobs = planned_jobs(tmp_path)
@@ -70,10 +82,22 @@ def test_each_variant_runs_every_data_set_again(tmp_path):
     assert "random_lmm" not in jobs
 
 
+def test_generate_jobs_ask_for_their_runs_lmm_gpus(tmp_path):
+    """A variant with lmm.gpus 2 (a model larger than one GPU) asks gpu=2 for its generate jobs only;
+    the main run keeps the default 1, segment always 1, CPU rules none."""
+    write_config(tmp_path, variants={"big": {"lmm": {"gpus": 2}}})
+    requests = planned_gpus(tmp_path)
+    assert requests[("generate", "big")] == {2}
+    assert requests[("generate", "main")] == {1}
+    assert requests[("segment", "big")] == requests[("segment", "main")] == {1}
+    assert requests[("phrases", "big")] == {0} and requests[("manifest", "")] == {0}
+
+
 @pytest.mark.parametrize("override, named", [
     ({"segment": {"pooling": "max"}}, "variants.bad.segment"),
     ({"segment": {"pool": "median"}}, "variants.bad.segment.pool"),
     ({"training": {}}, "training"),
+    ({"lmm": {"gpus": 0}}, "variants.bad.lmm.gpus"),
 ])
 def test_bad_variant_override_is_named(tmp_path, override, named):
     write_config(tmp_path, variants={"bad": override})
@@ -106,11 +130,11 @@ def test_slurm_profile_dry_run_asks_a_gpu_for_gpu_rules_only(tmp_path):
     result = snakemake(tmp_path, "--profile", str(ROOT / "workflow" / "profiles" / "slurm"), "--dry-run",
                        "--printshellcmds")
     assert "generate" in result.stdout and "segment" in result.stdout
-    # The GPU request lives on the rules themselves: resources gpu=1 for generate/segment only.
-    for rule_file, wants_gpu in [("generate.smk", True), ("segment.smk", True), ("phrases.smk", False),
-                                 ("evaluate.smk", False), ("manifest.smk", False)]:
+    # The GPU request lives on the rules themselves: gpu=1 for segment, the run's lmm.gpus for generate.
+    for rule_file, gpu in [("generate.smk", "gpu=generate_gpus"), ("segment.smk", "gpu=1"),
+                           ("phrases.smk", None), ("evaluate.smk", None), ("manifest.smk", None)]:
         text = (ROOT / "workflow" / "rules" / rule_file).read_text()
-        assert ("gpu=1" in text) == wants_gpu, rule_file
+        assert ("gpu=" in text) == (gpu is not None) and (gpu is None or gpu in text), rule_file
 
 
 @pytest.mark.slow

@@ -62,9 +62,10 @@ import torch
 from torch import nn
 
 from stages.config import ConfigError
+from stages.devices import place_model
 from stages.models.llava_original import (IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE, _add_image_token, _pad_rows,
                                           _text_config, resolve_checkpoint)
-from stages.models.registry import LoadedLMM, uniform_layouts
+from stages.models.registry import Devices, LoadedLMM, uniform_layouts
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -296,13 +297,16 @@ def _merged_language_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype
 
 
 def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
-                 device: torch.device, base: str | None = None) -> LoadedLMM:
+                 device: Devices, base: str | None = None) -> LoadedLMM:
     """Load a DiffLMM LoRA checkpoint (folder or hub id) as a LLaVA model with the diffusion tower.
 
     The base model is ``base`` (the release's ``--model-base``, e.g. ``lmsys/vicuna-7b-v1.5``) or, when
     None, ``adapter_config.json``'s ``base_model_name_or_path``; SD-1.5 and CLIP come from the ids /
     folders the checkpoint names (``mm_vision_tower``, ``mm_vision_sd_clip``).
-    Returns the model in eval mode (``dtype`` on ``device``) and a ``LlavaProcessor`` (R px CLIP
+    Returns the model in eval mode (``dtype`` on ``device``: one device, or several CUDA devices it is
+    spread over once built, :func:`stages.devices.place_model`, the diffusion vision tower kept whole
+    on one of them since its forward draws noise on the pixels' device and calls the UNet's blocks
+    itself) and a ``LlavaProcessor`` (R px CLIP
     preprocessing, base tokenizer + "<image>", llava_v1 template) expanding "<image>" to N tokens,
     laid row-major on the N = cells x cells diffusion grid; ``pad_to_square`` when config.json's
     ``image_aspect_ratio`` is "pad" (the release's expand2square).
@@ -382,7 +386,8 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="full", num_additional_image_tokens=0,
                                chat_template=LLAVA_V1_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
-    model.to(device).eval()
+    place_model(model, device, keep_whole=[DiffusionVisionTower.__name__])
+    model.eval()
     log.info("loaded DiffLMM %s (SD %s, CLIP %s, base %s; %s, %s, %s)", path, raw["mm_vision_tower"],
              raw["mm_vision_sd_clip"], base_folder, dtype, attn_implementation, device)
     image_token_id = int(config.image_token_id)

@@ -14,7 +14,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from stages.config import ConfigError
-from stages.models.registry import LoadedLMM, model_source, uniform_layouts
+from stages.devices import place_model, pretrained_placement
+from stages.models.registry import Devices, LoadedLMM, model_source, uniform_layouts
 
 if TYPE_CHECKING:
     import torch
@@ -22,8 +23,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_llava(path: str, *, dtype: torch.dtype, attn_implementation: str, device: torch.device) -> LoadedLMM:
-    """Load model (eval mode, ``dtype``, on ``device``) and processor from ``path``.
+def load_llava(path: str, *, dtype: torch.dtype, attn_implementation: str, device: Devices) -> LoadedLMM:
+    """Load model (eval mode, ``dtype``, on ``device``: one device, or several CUDA devices it is
+    loaded straight onto with ``device_map="auto"``, see :mod:`stages.devices`) and processor from
+    ``path``.
 
     ``attn_implementation`` ("sdpa" | "flash_attention_2") applies to the whole model; attention
     capture later swaps only the language model's implementation. Raises ConfigError naming
@@ -35,13 +38,14 @@ def load_llava(path: str, *, dtype: torch.dtype, attn_implementation: str, devic
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = LlavaForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation)
+            source, dtype=dtype, attn_implementation=attn_implementation, **pretrained_placement(device))
     except OSError as exc:
         raise ConfigError(f"cannot load LLaVA model {path!r} (lmm.path): {exc}") from None
     if getattr(processor, "patch_size", None) is None:
         raise ConfigError(f"the processor of {path!r} has no patch_size, so it does not expand <image> into "
                           "one token per image feature; use a llava-hf processor (processor_config.json)")
-    model.to(device).eval()
+    place_model(model, device)
+    model.eval()
     vision = model.config.vision_config
     cells = vision.image_size // vision.patch_size
     image_token_id = int(model.config.image_token_id)

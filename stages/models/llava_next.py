@@ -44,7 +44,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
-from stages.models.registry import GRID_CHOICES, ImageLayout, LoadedLMM, model_source
+from stages.devices import place_model, pretrained_placement
+from stages.models.registry import GRID_CHOICES, Devices, ImageLayout, LoadedLMM, model_source
 
 if TYPE_CHECKING:
     import torch
@@ -109,9 +110,11 @@ def anyres_layouts(config: Any, grid: str) -> Callable[[Mapping[str, Any]], list
     return layouts
 
 
-def load_llava_next(path: str, *, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+def load_llava_next(path: str, *, dtype: torch.dtype, attn_implementation: str, device: Devices,
                     grid: str = "highres") -> LoadedLMM:
-    """Load a LLaVA-NeXT model (eval mode, ``dtype``, on ``device``) and its processor from ``path``.
+    """Load a LLaVA-NeXT model (eval mode, ``dtype``, on ``device``: one device, or several CUDA
+    devices it is loaded straight onto with ``device_map="auto"``, see :mod:`stages.devices`) and its
+    processor from ``path``.
 
     ``attn_implementation`` ("sdpa" | "flash_attention_2") applies to the whole model; attention
     capture later swaps only the language model's. ``grid``: "highres" or "base" (module docstring).
@@ -125,7 +128,7 @@ def load_llava_next(path: str, *, dtype: torch.dtype, attn_implementation: str, 
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = LlavaNextForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation)
+            source, dtype=dtype, attn_implementation=attn_implementation, **pretrained_placement(device))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load LLaVA-NeXT model {path!r} (lmm.path): {exc}") from None
     if not isinstance(processor, LlavaNextProcessor) or getattr(processor, "patch_size", None) is None:
@@ -138,7 +141,8 @@ def load_llava_next(path: str, *, dtype: torch.dtype, attn_implementation: str, 
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
+    place_model(model, device)
+    model.eval()
     log.info("loaded LLaVA-NeXT %s (%s grid; %s, %s, %s)", path, grid, dtype, attn_implementation, device)
     return LoadedLMM(family="llava_next", path=path, model=model, processor=processor,
                      image_token_id=int(model.config.image_token_id),

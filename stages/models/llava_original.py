@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
-from stages.models.registry import LoadedLMM, model_source, uniform_layouts
+from stages.devices import place_model
+from stages.models.registry import Devices, LoadedLMM, model_source, uniform_layouts
 
 if TYPE_CHECKING:
     import torch
@@ -211,13 +212,15 @@ def _pad_rows(state: dict[str, torch.Tensor], vocab_size: int) -> None:
 
 
 def load_llava_original(path: str, *, dtype: torch.dtype, attn_implementation: str,
-                        device: torch.device) -> LoadedLMM:
+                        device: Devices) -> LoadedLMM:
     """Load an original-layout LLaVA-1.5 checkpoint (folder or hub id) as a llava-hf model + processor.
 
     The model is a ``LlavaForConditionalGeneration`` in eval mode, parameters in ``dtype`` on
-    ``device``, ``attn_implementation`` ("sdpa" | "flash_attention_2") for both towers; its vocabulary
-    is the tokenizer's (Vicuna: 32001 with "<image>" = 32000). Raises ConfigError naming ``path`` for
-    a missing or non-LLaVA-1.5 checkpoint, or a CLIP tower that does not fit ``mm_hidden_size``.
+    ``device`` (one device, or several CUDA devices it is spread over once built:
+    :func:`stages.devices.place_model`), ``attn_implementation`` ("sdpa" | "flash_attention_2") for
+    both towers; its vocabulary is the tokenizer's (Vicuna: 32001 with "<image>" = 32000). Raises
+    ConfigError naming ``path`` for a missing or non-LLaVA-1.5 checkpoint, or a CLIP tower that does
+    not fit ``mm_hidden_size``.
     """
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, GenerationConfig,
                               LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
@@ -279,7 +282,8 @@ def load_llava_original(path: str, *, dtype: torch.dtype, attn_implementation: s
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=LLAVA_V1_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
-    model.to(device).eval()
+    place_model(model, device)
+    model.eval()
     log.info("loaded original-layout LLaVA %s (vision tower %s; %s, %s, %s)", path, tower_source, dtype,
              attn_implementation, device)
     image_token_id = int(config.image_token_id)

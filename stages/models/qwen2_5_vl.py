@@ -55,7 +55,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
-from stages.models.registry import ImageLayout, LoadedLMM, model_source
+from stages.devices import place_model, pretrained_placement
+from stages.models.registry import Devices, ImageLayout, LoadedLMM, model_source
 
 if TYPE_CHECKING:
     import torch
@@ -98,9 +99,9 @@ def qwen_image_layouts(inputs: Mapping[str, Any], image_token_id: int, merge_siz
     return layouts
 
 
-def load_qwen2_5_vl(path: str, *, dtype: torch.dtype, attn_implementation: str,
-                    device: torch.device) -> LoadedLMM:
-    """Load model (eval mode, ``dtype``, on ``device``) and processor from ``path``.
+def load_qwen2_5_vl(path: str, *, dtype: torch.dtype, attn_implementation: str, device: Devices) -> LoadedLMM:
+    """Load model (eval mode, ``dtype``, on ``device``: one device, or several CUDA devices it is
+    loaded straight onto with ``device_map="auto"``, see :mod:`stages.devices`) and processor from ``path``.
 
     ``attn_implementation`` ("sdpa" | "flash_attention_2" | "eager") applies to the vision tower and
     the language model; attention capture later swaps only the language model's (``text_config``).
@@ -138,10 +139,12 @@ def load_qwen2_5_vl(path: str, *, dtype: torch.dtype, attn_implementation: str,
                           f"the model {theirs}")
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            source, config=config, dtype=dtype, attn_implementation=attn_implementation)
+            source, config=config, dtype=dtype, attn_implementation=attn_implementation,
+            **pretrained_placement(device))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load Qwen2.5-VL model {path!r} (lmm.path): {exc}") from None
-    model.to(device).eval()
+    place_model(model, device)
+    model.eval()
     log.info("loaded Qwen2.5-VL %s (%s, %s, %s; images of %d to %d pixels)", path, dtype, attn_implementation,
              device, image_processor.size["shortest_edge"], image_processor.size["longest_edge"])
     image_token_id = int(config.image_token_id)

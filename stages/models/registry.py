@@ -1,8 +1,9 @@
 """Registry of LMM families: family name -> loader returning the model and its processor.
 
 A loader takes ``(path, dtype, attn_implementation, device, base)`` and returns a :class:`LoadedLMM`
-whose model is in eval mode on ``device``; ``base`` is the base language model of a LoRA checkpoint
-(the release's ``--model-base``), None for the checkpoint's own choice. A family whose image
+whose model is in eval mode on ``device`` (:data:`Devices`: one device, or several CUDA devices the
+model is spread over by :func:`stages.devices.place_model`); ``base`` is the base language model of
+a LoRA checkpoint (the release's ``--model-base``), None for the checkpoint's own choice. A family whose image
 features can be laid on more than one grid (:data:`GRID_CHOICES`) also takes ``grid`` (``lmm.grid``)
 as a keyword. ``path`` is a local folder or a hub id; a loader raises
 :class:`~stages.config.ConfigError` naming ``path`` when neither works. Heavy imports happen inside
@@ -18,12 +19,18 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from stages.config import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
+
+# Where a loader puts its model: one device ("cpu", "cuda:1", torch.device), or several CUDA devices
+# ("cuda:0", "cuda:1", ...) it is spread over (lmm.gpus > 1).
+Devices: TypeAlias = "str | torch.device | Sequence[str | torch.device]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +138,7 @@ def _no_base(family: str, base: str | None) -> None:
                           "loads full checkpoints: leave lmm.base null")
 
 
-def _load_llava(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+def _load_llava(path: str, dtype: torch.dtype, attn_implementation: str, device: Devices,
                 base: str | None) -> LoadedLMM:
     from stages.models.llava import load_llava
 
@@ -140,21 +147,21 @@ def _load_llava(path: str, dtype: torch.dtype, attn_implementation: str, device:
 
 
 def _load_llava_original(path: str, dtype: torch.dtype, attn_implementation: str,
-                         device: torch.device, base: str | None) -> LoadedLMM:
+                         device: Devices, base: str | None) -> LoadedLMM:
     from stages.models.llava_original import load_llava_original
 
     _no_base("llava_original", base)
     return load_llava_original(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
 
 
-def _load_difflmm(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+def _load_difflmm(path: str, dtype: torch.dtype, attn_implementation: str, device: Devices,
                   base: str | None) -> LoadedLMM:
     from stages.models.difflmm import load_difflmm
 
     return load_difflmm(path, dtype=dtype, attn_implementation=attn_implementation, device=device, base=base)
 
 
-def _load_llava_next(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+def _load_llava_next(path: str, dtype: torch.dtype, attn_implementation: str, device: Devices,
                      base: str | None, *, grid: str = GRID_CHOICES["llava_next"][0]) -> LoadedLMM:
     from stages.models.llava_next import load_llava_next
 
@@ -163,7 +170,7 @@ def _load_llava_next(path: str, dtype: torch.dtype, attn_implementation: str, de
                            grid=grid)
 
 
-def _load_qwen2_5_vl(path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device,
+def _load_qwen2_5_vl(path: str, dtype: torch.dtype, attn_implementation: str, device: Devices,
                      base: str | None) -> LoadedLMM:
     from stages.models.qwen2_5_vl import load_qwen2_5_vl
 
@@ -181,7 +188,7 @@ LMM_FAMILIES: dict[str, LMMLoader] = {
 
 
 def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation: str,
-             device: torch.device, base: str | None = None, grid: str | None = None) -> LoadedLMM:
+             device: Devices, base: str | None = None, grid: str | None = None) -> LoadedLMM:
     """Load the LMM of ``family`` from ``path`` (``base``: a LoRA checkpoint's base model, None = the
     checkpoint's own; ``grid``: which feature grid the rows map onto, for families in
     :data:`GRID_CHOICES`, None = the family's default). Unknown family -> ConfigError listing the

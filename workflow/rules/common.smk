@@ -124,12 +124,19 @@ def sam_inputs(wildcards):
 
 
 def generate_params(wildcards):
-    """Everything that decides generate's output: the run's generate and lmm sections and the question."""
+    """Everything that decides generate's output: the run's generate and lmm sections and the question
+    (lmm.gpus, which decides only where the model runs, is left out: changing it reruns nothing)."""
     generate = dict(section(wildcards, "generate"))
     question = DATASETS[wildcards.dataset].get("question")
     if question:
         generate["question"] = question
-    return {"generate": generate, "lmm": section(wildcards, "lmm")}
+    lmm = {key: value for key, value in section(wildcards, "lmm").items() if key != "gpus"}
+    return {"generate": generate, "lmm": lmm}
+
+
+def generate_gpus(wildcards):
+    """GPUs one generate job of the run requests (resources gpu=N): its lmm.gpus."""
+    return section(wildcards, "lmm")["gpus"]
 
 
 def instances_input(wildcards):

@@ -1,4 +1,5 @@
-# LMM generation with attention capture: one GPU job per run, data set and shard.
+# LMM generation with attention capture: one GPU job per run, data set and shard, on the run's
+# lmm.gpus GPUs (the model spread over them).
 
 
 rule generate:
@@ -11,7 +12,7 @@ rule generate:
     params:
         stage=generate_params,
     resources:
-        gpu=1,
+        gpu=generate_gpus,
     log:
         f"{OUT}/logs/generate/{{run}}/{{dataset}}/shard-{{shard}}.log",
     benchmark:
