@@ -11,9 +11,11 @@ Per image (REFERENCE.md section 3):
 4. optionally (``remove_corner``) the four corner cells are set to that map's minimum;
 5. the map is upsampled bicubically (``align_corners=False``) to the image: ``pad`` upsamples to
    ``(L, L)`` with ``L = max(H, W)`` and keeps the centre ``H x W`` (rows from ``(L - H) // 2``,
-   columns from ``(L - W) // 2``, where LLaVA's pad-to-square put the image); ``original`` upsamples
-   straight to ``(H, W)``; ``auto`` (default) takes the one matching what the store says its grids
-   cover (attribute ``grid_covers``: "padded_square" -> ``pad``, "image" -> ``original``), so a model
+   columns from ``(L - W) // 2``, where LLaVA's pad-to-square put the image); ``crop`` upsamples to
+   the image's centre square of side ``min(H, W)``; ``original`` upsamples straight to ``(H, W)``
+   (:func:`grid_frame` is that geometry, which the visualize stage draws with too); ``auto``
+   (default) takes the one matching what the store says its grids cover (attribute ``grid_covers``:
+   "padded_square" -> ``pad``, "centre_square" -> ``crop``, "image" -> ``original``), so a model
    that does not pad (LLaVA-NeXT, Qwen2.5-VL) and one that does (LLaVA-1.5) are both mapped right;
 6. SAM is prompted, one ``set_image`` and one ``predict_torch`` call for all phrases of the image:
    ``point``: the first argmax pixel (row ``r``, column ``c``) as a positive point; or ``mask``:
@@ -140,35 +142,57 @@ def remove_corners(phrase_map: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def grid_frame(height: int, width: int, mode: str) -> tuple[int, int, int, int]:
+    """Where a feature grid lies on an image of ``height x width`` pixels under upsample ``mode``.
+
+    Returns ``(top, left, frame_h, frame_w)``: the grid covers the ``frame_h x frame_w`` rectangle
+    of pixels whose first pixel is the image's row ``top``, column ``left`` (image pixel indices:
+    row ``r`` spans ``[r, r + 1)``), its cells tiling it evenly. ``pad``: the ``L x L`` square (``L
+    = max(height, width)``) that LLaVA's pad-to-square centres the image in, so ``top = -((L -
+    height) // 2)`` and ``left = -((L - width) // 2)``, both <= 0. ``crop``: the image's centre
+    ``S x S`` square (``S = min(height, width)``, ``top = (height - S) // 2``, ``left = (width - S)
+    // 2``, both >= 0): what a CLIP processor keeps of an unpadded image. ``original``: the whole
+    image, ``(0, 0, height, width)``. So the frame either holds the whole image (pad, original) or
+    lies inside it (crop). Raises ValueError for another mode.
+    """
+    if mode == "original":
+        return 0, 0, height, width
+    if mode == "crop":
+        side = min(height, width)
+        return (height - side) // 2, (width - side) // 2, side, side
+    if mode == "pad":
+        side = max(height, width)
+        return -((side - height) // 2), -((side - width) // 2), side, side
+    raise ValueError(f"upsample mode must be 'pad', 'crop' or 'original', got {mode!r}")
+
+
+def resolve_upsample(upsample: str, attention_path: str | os.PathLike) -> str:
+    """The upsample mode for the maps of the attention store at ``attention_path``: ``upsample``
+    itself, or with "auto" the mode matching the store's ``grid_covers`` attribute
+    (:data:`UPSAMPLE_OF_GRID_COVERS`)."""
+    if upsample != "auto":
+        return upsample
+    return UPSAMPLE_OF_GRID_COVERS[attention_attrs(attention_path)["grid_covers"]]
+
+
 def upsample_map(phrase_map: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
     """Bicubic upsampling of ``phrase_map`` ``(h, w)`` to the image, float32 ``(height, width)``.
 
-    ``pad``: the map covers the image padded to a centred ``L x L`` square (``L = max(height,
-    width)``); it is upsampled to ``(L, L)`` and the image's ``height x width`` window is cut out
-    (top row ``(L - height) // 2``, left column ``(L - width) // 2``). ``crop``: the map covers
-    the centred ``S x S`` square of the image (``S = min(height, width)``, top row ``(height - S) //
-    2``, left column ``(width - S) // 2``: what a CLIP processor keeps of an unpadded image); it is
-    upsampled to ``(S, S)`` and placed there, and the pixels outside it, which the model never saw,
-    get the map's minimum. ``original``: upsampled straight to ``(height, width)``. The map may have
-    any grid (h != w included): it is stretched over its square or the image. One map at a time, so
-    memory peaks at ``L * L`` floats.
+    The map is upsampled to the frame its grid covers (:func:`grid_frame`) and laid on the image
+    there. ``pad``: the frame is the padded ``L x L`` square; the image's ``height x width`` window
+    is cut out of it. ``crop``: the frame is the image's centre square; the pixels outside it, which
+    the model never saw, get the map's minimum. ``original``: the frame is the image. The map may
+    have any grid (h != w included): it is stretched over its frame. One map at a time, so memory
+    peaks at ``L * L`` floats.
     """
-    if mode not in ("pad", "crop", "original"):
-        raise ValueError(f"upsample mode must be 'pad', 'crop' or 'original', got {mode!r}")
-    grid = phrase_map[None, None]
-    if mode == "original":
-        return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
-    if mode == "crop":
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        square = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)[0, 0]
-        image_map = square.new_full((height, width), float(square.min()))
-        image_map[top:top + side, left:left + side] = square
-        return image_map
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    square = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)[0, 0]
-    return square[top:top + height, left:left + width].contiguous()
+    top, left, frame_h, frame_w = grid_frame(height, width, mode)
+    frame = F.interpolate(phrase_map[None, None], size=(frame_h, frame_w), mode="bicubic",
+                          align_corners=False)[0, 0]
+    if top <= 0 and left <= 0:  # pad, original: the frame holds the image
+        return frame[-top:-top + height, -left:-left + width].contiguous()
+    image_map = frame.new_full((height, width), float(frame.min()))
+    image_map[top:top + frame_h, left:left + frame_w] = frame
+    return image_map
 
 
 def argmax_pixel(image_map: torch.Tensor) -> tuple[int, int]:
@@ -257,7 +281,7 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
                   device: torch.device) -> list[dict[str, Any]]:
     """MASKS rows of one image, in the order of its ``phrases`` (PHRASES rows as dicts).
 
-    ``cfg.upsample`` must be resolved ("pad" or "original"; :func:`run` resolves "auto").
+    ``cfg.upsample`` must be resolved ("pad", "crop" or "original"; :func:`run` resolves "auto").
 
     A phrase error row, a phrase without tokens or one using a non-finite attention row gives an
     error row; every other phrase gives one mask row (three with ``more_masks``). Raises
@@ -394,8 +418,7 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     for phrase in read_arrow(phrases_path, "phrases").to_pylist():
         phrases_by_image.setdefault(phrase["image_id"], []).append(phrase)
     attention = open_attention(attention_path)
-    if cfg.upsample == "auto":
-        cfg = replace(cfg, upsample=UPSAMPLE_OF_GRID_COVERS[attention_attrs(attention_path)["grid_covers"]])
+    cfg = replace(cfg, upsample=resolve_upsample(cfg.upsample, attention_path))
     log.info("segment: maps upsampled with %r", cfg.upsample)
     predictor = None if cfg.prompt == "attention" else SamPredictor(
         load_sam(sam_cfg.type, sam_cfg.checkpoint, device))

@@ -6,9 +6,16 @@ For each of the first ``num_images`` rows of the manifest (manifest order, all s
   SAM point prompt as a marker and the phrase (with SAM's score) as a label; error reasons of the
   image's generation, phrase and mask rows are listed under the picture;
 - ``<image_id>_attention.png``: a thumbnail of the image, then one tile per generated token (the
-  first ``max_tokens``): the token's attention map over the image's feature grid, upsampled with nearest
-  neighbours and coloured from its own minimum (dark) to its own maximum (bright), captioned with
-  the token's text; tiles of tokens that ground a phrase are framed in that phrase's colour.
+  first ``MAX_TOKENS_SHOWN``), each the size of the thumbnail: the token's attention map, coloured
+  from its own minimum (dark) to its own maximum (bright), laid on the image's pixels the way the
+  segment stage lays it (:func:`stages.segment.grid_frame` of the upsample mode: the config's
+  ``segment.upsample``, with "auto" the one matching the attention store's ``grid_covers``), each
+  grid cell a sharp rectangle (nearest neighbour), blended over a greyscale copy of the image; so
+  the segment stage's point prompt (the argmax of the bicubic map) falls in or next to the hottest
+  visible cell. Pixels the model never saw (outside the centre square with ``crop``) are the
+  washed-out greyscale image, hatched; the padding of ``pad`` lies outside the image and is not drawn
+  (its cells still count in the map's min..max). Each tile is captioned with the token's text;
+  tiles of tokens that ground a phrase are framed in that phrase's colour.
 
 An image whose manifest row has an error, whose file cannot be read, or whose artifacts are
 inconsistent gets PNGs showing the reason instead; one image never stops the stage.
@@ -16,7 +23,7 @@ inconsistent gets PNGs showing the reason instead; one image never stops the sta
 CLI::
 
     python -m stages.visualize --manifest M --generations G0 G1 --attention A0 A1 --phrases P0 P1 \\
-        --masks K0 K1 --out DIR [--num-images N]
+        --masks K0 K1 --out DIR [--num-images N] [--upsample auto|pad|crop|original]
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from stages.io.atomic import atomic_path
 from stages.io.attention import open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
 from stages.io.tables import read_table, read_tables
+from stages.segment import UPSAMPLES, grid_frame, resolve_upsample
 
 # Distinct, colour-blind-tolerant colours (matplotlib's tab10), chosen by phrase index.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -50,6 +58,13 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 # Dark-to-bright colour map anchors (close to matplotlib's "inferno"), RGB.
 HEATMAP_ANCHORS = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)],
                            dtype=float)
+# Attention tiles: weight of the heat-map colour over the greyscale image.
+HEAT_WEIGHT = 0.7
+# Pixels the model never saw: the greyscale image washed towards white by UNSEEN_WASH, with diagonal
+# lines of UNSEEN_HATCH on every pixel (column x, row y) with (x + y) % HATCH_PERIOD == 0.
+UNSEEN_WASH = 0.6
+UNSEEN_HATCH = (100, 100, 100)
+HATCH_PERIOD = 5
 MAX_TOKENS_SHOWN = 48
 TILE = 96
 GRID_COLUMNS = 8
@@ -235,25 +250,86 @@ def token_label(generation: Mapping[str, Any], index: int) -> str:
     return text.strip() or repr(text)
 
 
-def _tile_size(grid_h: int, grid_w: int) -> tuple[int, int]:
-    """(width, height) of a heat-map tile: the grid's aspect ratio, long side TILE pixels."""
-    if grid_w >= grid_h:
-        return TILE, max(1, round(TILE * grid_h / grid_w))
-    return max(1, round(TILE * grid_w / grid_h)), TILE
+def _tile_size(height: int, width: int) -> tuple[int, int]:
+    """(width, height) of the thumbnail and of each attention tile: the image's aspect ratio, long
+    side TILE pixels."""
+    if width >= height:
+        return TILE, max(1, round(TILE * height / width))
+    return max(1, round(TILE * width / height)), TILE
 
 
-def render_attention_grid(image_rgb: np.ndarray, generation: Mapping[str, Any], rows: np.ndarray, *,
+def grid_cells(height: int, width: int, grid: tuple[int, int], mode: str,
+               size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The feature-grid cell drawn at each pixel of a tile showing a ``height x width`` image.
+
+    The tile is ``size = (tile_w, tile_h)`` pixels; its pixel (column ``x``, row ``y``) shows the
+    image point at column ``(x + 0.5) * width / tile_w``, row ``(y + 0.5) * height / tile_h``
+    (continuous image coordinates, pixel ``(c, r)`` spanning ``[c, c + 1) x [r, r + 1)``). The
+    ``grid = (grid_h, grid_w)`` cells tile the frame :func:`stages.segment.grid_frame` gives for
+    ``mode`` evenly, and a point is drawn with the cell it lies in (nearest neighbour). Cells are
+    separable, so this returns ``(rows, columns)``: int64 ``(tile_h,)``, the grid row drawn on each
+    tile row, and int64 ``(tile_w,)``, the grid column drawn on each tile column; -1 where the point
+    lies outside the frame (pixels the model never saw).
+    """
+    grid_h, grid_w = grid
+    tile_w, tile_h = size
+    top, left, frame_h, frame_w = grid_frame(height, width, mode)
+    points_y = (np.arange(tile_h) + 0.5) * height / tile_h
+    points_x = (np.arange(tile_w) + 0.5) * width / tile_w
+    rows = np.floor((points_y - top) * grid_h / frame_h).astype(np.int64)
+    columns = np.floor((points_x - left) * grid_w / frame_w).astype(np.int64)
+    rows[(rows < 0) | (rows >= grid_h)] = -1
+    columns[(columns < 0) | (columns >= grid_w)] = -1
+    return rows, columns
+
+
+def _thumbnail(image_rgb: np.ndarray) -> Image.Image:
+    """The image at :func:`_tile_size` (enlarged by repeating pixels, reduced with Lanczos)."""
+    height, width = image_rgb.shape[:2]
+    size = _tile_size(height, width)
+    resample = Image.Resampling.NEAREST if size[0] >= width else Image.Resampling.LANCZOS
+    return Image.fromarray(image_rgb).resize(size, resample)
+
+
+def attention_tiles(image_rgb: np.ndarray, rows: np.ndarray, mode: str) -> np.ndarray:
+    """Each token's attention map drawn on the image, uint8 ``(n, tile_h, tile_w, 3)``.
+
+    ``image_rgb``: uint8 ``(H, W, 3)``. ``rows``: float ``(n, grid_h, grid_w)``, the maps. ``mode``:
+    the upsample mode ("pad", "crop" or "original") placing the grid on the image. The tile is the
+    image's :func:`_tile_size`; at each tile pixel whose point of the image the model saw, the
+    :func:`heatmap` colour (of the whole map, min..max) of the cell :func:`grid_cells` puts there,
+    weighted HEAT_WEIGHT, is blended with the pixel of a greyscale thumbnail of the image; the other
+    pixels are that greyscale washed towards white (UNSEEN_WASH) and hatched (UNSEEN_HATCH).
+    """
+    thumbnail = _thumbnail(image_rgb)
+    grey = np.asarray(thumbnail.convert("L"), dtype=np.float64)[..., None]
+    cell_rows, cell_columns = grid_cells(image_rgb.shape[0], image_rgb.shape[1], rows.shape[1:], mode,
+                                         thumbnail.size)
+    seen = (cell_rows[:, None] >= 0) & (cell_columns[None, :] >= 0)
+    unseen = np.broadcast_to((1 - UNSEEN_WASH) * grey + UNSEEN_WASH * 255, (*seen.shape, 3)).copy()
+    ys, xs = np.indices(seen.shape)
+    unseen[(xs + ys) % HATCH_PERIOD == 0] = UNSEEN_HATCH
+    tiles = np.empty((len(rows), *seen.shape, 3), dtype=np.uint8)
+    for index, values in enumerate(rows):
+        heat = heatmap(values)[np.maximum(cell_rows, 0)[:, None], np.maximum(cell_columns, 0)[None, :]]
+        blended = HEAT_WEIGHT * heat + (1 - HEAT_WEIGHT) * grey
+        tiles[index] = np.clip(np.rint(np.where(seen[..., None], blended, unseen)), 0, 255)
+    return tiles
+
+
+def render_attention_grid(image_rgb: np.ndarray, generation: Mapping[str, Any], rows: np.ndarray,
+                          mode: str, *,
                           token_colours: Mapping[int, tuple[int, int, int]] | None = None) -> Image.Image:
     """A grid of per-token attention maps under a header with the answer.
 
     ``image_rgb``: uint8 (H, W, 3), shown as the first tile. ``generation``: a generations-table row
     (``answer``, ``token_ids``, ``token_starts``, ``token_ends``, ``token_special``, ``num_tokens``).
-    ``rows``: float (n, grid_h, grid_w), the attention rows of the first n generated tokens.
+    ``rows``: float (n, grid_h, grid_w), the attention rows of the first n generated tokens, drawn
+    on the image by :func:`attention_tiles` with upsample ``mode`` ("pad", "crop" or "original").
     ``token_colours``: token index -> frame colour (tokens that ground a phrase).
     """
     token_colours = token_colours or {}
-    count, grid_h, grid_w = rows.shape
-    tile_w, tile_h = _tile_size(grid_h, grid_w)
+    count = len(rows)
     caption_h = 16
     cell_w, cell_h = TILE + 2 * PADDING, TILE + caption_h + 2 * PADDING
     columns = min(GRID_COLUMNS, count + 1)
@@ -262,12 +338,10 @@ def render_attention_grid(image_rgb: np.ndarray, generation: Mapping[str, Any], 
     draw = ImageDraw.Draw(body)
     font = _font(11)
 
-    thumbnail = Image.fromarray(image_rgb)
-    thumbnail.thumbnail((TILE, TILE))
-    tiles = [(thumbnail, "image", None)]
-    for index in range(count):
-        tile = Image.fromarray(heatmap(rows[index])).resize((tile_w, tile_h), Image.Resampling.NEAREST)
-        tiles.append((tile, f"{index}: {token_label(generation, index)}", token_colours.get(index)))
+    tiles = [(_thumbnail(image_rgb), "image", None)]
+    for index, tile in enumerate(attention_tiles(image_rgb, rows, mode)):
+        tiles.append((Image.fromarray(tile), f"{index}: {token_label(generation, index)}",
+                      token_colours.get(index)))
     for position, (tile, caption, frame) in enumerate(tiles):
         x0 = (position % columns) * cell_w + PADDING
         y0 = (position // columns) * cell_h + PADDING
@@ -281,8 +355,9 @@ def render_attention_grid(image_rgb: np.ndarray, generation: Mapping[str, Any], 
         draw.text((x0, y0 + TILE + 2), caption, fill=TEXT_COLOUR, font=font)
 
     total = int(generation["num_tokens"])
-    header = [f"answer ({total} tokens; showing {count}; each map scaled to its own min..max):",
-              str(generation["answer"])]
+    unseen = "; hatched: pixels the model never saw" if mode == "crop" else ""
+    header = [f"answer ({total} tokens; showing {count}; each map scaled to its own min..max and laid on the "
+              f"image with upsample {mode}{unseen}):", str(generation["answer"])]
     return _stack(_text_block(header, body.width), body)
 
 
@@ -297,10 +372,12 @@ def _save_png(image: Image.Image, path: Path) -> Path:
 
 
 class _AttentionStores:
-    """Attention stores opened once each, by path."""
+    """Attention stores opened once each, by path, and the upsample mode of each."""
 
-    def __init__(self) -> None:
+    def __init__(self, upsample: str) -> None:
+        self._upsample = upsample
         self._open: dict[str, zarr.Array] = {}
+        self._modes: dict[str, str] = {}
 
     def rows(self, path: str, offset: int, count: int, grid: tuple[int, int]) -> np.ndarray:
         """``count`` maps (count, *grid) float32 from element ``offset`` of the store at ``path``;
@@ -308,6 +385,13 @@ class _AttentionStores:
         if path not in self._open:
             self._open[path] = open_attention(path)
         return read_rows(self._open[path], offset, count, grid)
+
+    def mode(self, path: str) -> str:
+        """The upsample mode of the maps of the store at ``path`` (call :meth:`rows` on it first,
+        which checks its attributes): the configured one, "auto" resolved from its ``grid_covers``."""
+        if path not in self._modes:
+            self._modes[path] = resolve_upsample(self._upsample, path)
+        return self._modes[path]
 
 
 def _phrase_token_colours(phrases: pd.DataFrame) -> dict[int, tuple[int, int, int]]:
@@ -344,7 +428,8 @@ def _attention_picture(image_id: str, image_rgb: np.ndarray, generation: Mapping
     count = min(int(generation["num_tokens"]), MAX_TOKENS_SHOWN)
     grid = (int(generation["grid_h"]), int(generation["grid_w"]))
     rows = stores.rows(attention_path, int(generation["attention_offset"]), count, grid)
-    return render_attention_grid(image_rgb, generation, rows, token_colours=_phrase_token_colours(phrases))
+    return render_attention_grid(image_rgb, generation, rows, stores.mode(attention_path),
+                                 token_colours=_phrase_token_colours(phrases))
 
 
 def _picture_or_error(image_id: str, draw: Callable[[], Image.Image]) -> Image.Image:
@@ -378,13 +463,17 @@ def _pictures(manifest_row: Mapping[str, Any], generation: Mapping[str, Any] | N
 def run(cfg: VisualizeConfig, manifest_path: str | os.PathLike,
         generations_paths: Sequence[str | os.PathLike], attention_paths: Sequence[str | os.PathLike],
         phrases_paths: Sequence[str | os.PathLike], masks_paths: Sequence[str | os.PathLike],
-        out_dir: str | os.PathLike) -> list[Path]:
+        out_dir: str | os.PathLike, upsample: str = "auto") -> list[Path]:
     """Write ``<image_id>_overlay.png`` and ``<image_id>_attention.png`` under ``out_dir`` for the
     first ``cfg.num_images`` manifest rows and return the paths written.
 
     ``generations_paths[k]`` and ``attention_paths[k]`` are the same shard's generations table and
-    attention store; phrases and masks tables may come in any shard order.
+    attention store; phrases and masks tables may come in any shard order. ``upsample``: the run's
+    ``segment.upsample`` (one of :data:`stages.segment.UPSAMPLES`), how the attention maps are laid
+    on the image; "auto" follows each store's ``grid_covers``, as the segment stage does.
     """
+    if upsample not in UPSAMPLES:
+        raise ValueError(f"upsample must be one of {UPSAMPLES}, got {upsample!r}")
     if len(generations_paths) != len(attention_paths):
         raise ValueError(f"{len(generations_paths)} generations tables but {len(attention_paths)} attention "
                          "stores; give one store per generations shard, in the same order")
@@ -403,7 +492,7 @@ def run(cfg: VisualizeConfig, manifest_path: str | os.PathLike,
     masks = read_tables(masks_paths, "masks")
     masks = masks[masks["image_id"].isin(wanted)]
 
-    stores = _AttentionStores()
+    stores = _AttentionStores(upsample)
     written: list[Path] = []
     for manifest_row in selected.to_dict("records"):
         image_id = manifest_row["image_id"]
@@ -427,9 +516,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masks", required=True, nargs="+", type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     parser.add_argument("--num-images", type=int, default=VisualizeConfig.num_images)
+    parser.add_argument("--upsample", choices=UPSAMPLES, default="auto",
+                        help="how maps are laid on the image: the run's segment.upsample (default: auto)")
     args = parser.parse_args(argv)
     run(VisualizeConfig(num_images=args.num_images), args.manifest, args.generations, args.attention,
-        args.phrases, args.masks, args.out)
+        args.phrases, args.masks, args.out, args.upsample)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import zarr
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from stages import visualize
 from stages.io.attention import AttentionWriter
 from stages.io.tables import write_table
+from stages.segment import argmax_pixel, upsample_map
 from stages.visualize import (
     ERROR_WIDTH,
+    HEAT_WEIGHT,
     PALETTE,
+    UNSEEN_HATCH,
     VisualizeConfig,
+    attention_tiles,
     heatmap,
     render_overlay,
     token_label,
@@ -99,10 +105,27 @@ def artifacts(tmp_path):
             "phrases": [phrases], "masks": [masks], "rows_a": rows_a}
 
 
-def run_visualize(artifacts, out_dir, num_images=4):
+def run_visualize(artifacts, out_dir, num_images=4, upsample="auto"):
     return visualize.run(VisualizeConfig(num_images=num_images), artifacts["manifest"],
                          artifacts["generations"], artifacts["attention"], artifacts["phrases"],
-                         artifacts["masks"], out_dir)
+                         artifacts["masks"], out_dir, upsample=upsample)
+
+
+def grey_of(rgb) -> float:
+    """PIL's greyscale (mode "L") value of one RGB colour."""
+    return float(np.asarray(Image.new("RGB", (1, 1), tuple(int(c) for c in rgb)).convert("L"))[0, 0])
+
+
+def tile_band(picture: np.ndarray) -> np.ndarray:
+    """The rows of an attention picture with a single row of cells that hold the tiles (no header,
+    no captions, whose anti-aliased text has every grey)."""
+    top = picture.shape[0] - (visualize.TILE + 16 + 2 * visualize.PADDING) + visualize.PADDING
+    return picture[top:top + visualize.TILE]
+
+
+def blend(anchor, grey) -> np.ndarray:
+    """A heat-map anchor colour blended over greyscale value(s) ``grey`` as the attention tiles do."""
+    return np.rint(HEAT_WEIGHT * np.asarray(anchor) + (1 - HEAT_WEIGHT) * np.asarray(grey)[..., None])
 
 
 def test_pngs_for_every_selected_image(artifacts, tmp_path):
@@ -138,11 +161,79 @@ def test_attention_grid_shows_token_maps(artifacts, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "viz" / "a_attention.png").convert("RGB")).astype(int)
     # Seven tiles (thumbnail + six tokens) on one row of 108-pixel cells.
     assert grid.shape[1] == 7 * (visualize.TILE + 2 * visualize.PADDING)
-    brightest, darkest = visualize.HEATMAP_ANCHORS[-1], visualize.HEATMAP_ANCHORS[0]
-    assert (np.abs(grid - brightest).max(axis=2) == 0).sum() >= 6 * (96 // 4) * (72 // 3)
-    assert (np.abs(grid - darkest).max(axis=2) == 0).sum() >= 6 * (96 // 4) * (72 // 3)
+    # Each 96 x 72 tile shows the 40 x 30 image (2.4 tile pixels per image pixel) in the padded 40 x 40
+    # square's 3 x 4 grid (pad: the store covers the padded square): the least visible part of a cell is
+    # 8.3 image rows (20 tile rows) of grid row 0 or 2 by 10 image columns (24 tile columns). Every map has
+    # one hottest and one coldest cell, drawn over the uniform image's grey.
+    grey = grey_of((90, 140, 200))
+    for anchor in (visualize.HEATMAP_ANCHORS[-1], visualize.HEATMAP_ANCHORS[0]):
+        assert (np.abs(grid - blend(anchor, grey)).max(axis=2) <= 1).sum() >= 6 * 20 * 24
+    assert not (tile_band(grid) == UNSEEN_HATCH).all(axis=2).any()  # pad: every image pixel was seen
     # Token 2 grounds phrase 0: its tile is framed in phrase 0's colour.
     assert (np.abs(grid - PALETTE[0]).max(axis=2) == 0).sum() >= 4 * 96
+
+
+@pytest.mark.parametrize(("height", "width", "mode", "cell", "hot", "unseen"), [
+    # pad: the 48 x 48 square starts 8 rows above the image; its 12 x 12 cell (1, 2) covers square
+    # rows 12..24 (image rows 4..16), columns 24..36.
+    (32, 48, "pad", (1, 2), (4, 16, 24, 36), []),
+    # Cell (0, 0) covers square rows 0..12: its top 8 rows are padding, above the image.
+    (32, 48, "pad", (0, 0), (0, 4, 0, 12), []),
+    # crop: the centre 32 x 32 square starts at column 8; its 8 x 8 cell (1, 2) covers rows 8..16,
+    # columns 8 + 16..8 + 24; columns 0..8 and 40..48 were cut off.
+    (32, 48, "crop", (1, 2), (8, 16, 24, 32), [(0, 32, 0, 8), (0, 32, 40, 48)]),
+    # crop of a tall image: the square starts at row 8; rows 0..8 and 40..48 were cut off.
+    (48, 32, "crop", (1, 2), (16, 24, 16, 24), [(0, 8, 0, 32), (40, 48, 0, 32)]),
+    # original: 8 x 12 cells over the whole image.
+    (32, 48, "original", (1, 2), (8, 16, 24, 36), []),
+])
+def test_attention_tile_lays_the_grid_on_the_image_as_segment_does(height, width, mode, cell, hot, unseen):
+    """A one-hot 4 x 4 map on a 2:3 image: its tile (two tile pixels per image pixel) is the hot
+    colour exactly on the cell's rectangle of image pixels, the cold colour on the other pixels the
+    model saw, and hatched washed-out grey on those it never saw; each blended with the image's grey.
+    The segment stage's point prompt (argmax of upsample_map) lies in the hot rectangle."""
+    image = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    values = np.zeros((4, 4), dtype=np.float32)
+    values[cell] = 1.0
+    [tile] = attention_tiles(image, values[None], mode)
+    assert tile.shape == (2 * height, 2 * width, 3) and tile.dtype == np.uint8
+
+    grey = np.asarray(Image.fromarray(image).convert("L"), dtype=float).repeat(2, axis=0).repeat(2, axis=1)
+    hot_mask = np.zeros((2 * height, 2 * width), dtype=bool)
+    r0, r1, c0, c1 = hot
+    hot_mask[2 * r0:2 * r1, 2 * c0:2 * c1] = True
+    unseen_mask = np.zeros_like(hot_mask)
+    for r0, r1, c0, c1 in unseen:
+        unseen_mask[2 * r0:2 * r1, 2 * c0:2 * c1] = True
+    expected = np.where(hot_mask[..., None], blend(visualize.HEATMAP_ANCHORS[-1], grey),
+                        blend(visualize.HEATMAP_ANCHORS[0], grey))
+    ys, xs = np.indices(hot_mask.shape)
+    hatch = (xs + ys) % visualize.HATCH_PERIOD == 0
+    washed = np.rint((1 - visualize.UNSEEN_WASH) * grey + visualize.UNSEEN_WASH * 255)[..., None]
+    expected[unseen_mask] = np.where(hatch[..., None], UNSEEN_HATCH, washed)[unseen_mask]
+    assert np.abs(tile.astype(int) - expected).max() <= 1
+
+    column, row = argmax_pixel(upsample_map(torch.from_numpy(values), height, width, mode))
+    assert hot_mask[2 * row, 2 * column]
+
+
+def test_upsample_auto_follows_the_store_and_can_be_overridden(artifacts, tmp_path):
+    """A store whose grids cover the centre square (crop): the 40 x 30 image's columns 0..5 and
+    35..40 (tile columns 0..12 and 84..96) were cut off and are hatched, unless upsample says pad."""
+    zarr.open_group(str(artifacts["attention"][0]), mode="r+").attrs["grid_covers"] = "centre_square"
+
+    def hatch_columns(folder):
+        picture = tile_band(np.asarray(Image.open(folder / "a_attention.png").convert("RGB")))
+        return np.flatnonzero((picture == UNSEEN_HATCH).all(axis=2).any(axis=0))
+
+    run_visualize(artifacts, tmp_path / "auto", num_images=1)
+    cell = visualize.TILE + 2 * visualize.PADDING
+    tile_columns = {column % cell - visualize.PADDING for column in hatch_columns(tmp_path / "auto")}
+    assert tile_columns == set(range(0, 12)) | set(range(84, 96))
+    run_visualize(artifacts, tmp_path / "pad", num_images=1, upsample="pad")
+    assert len(hatch_columns(tmp_path / "pad")) == 0
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        run_visualize(artifacts, tmp_path / "bad", upsample="stretch")
 
 
 def test_error_images_instead_of_crashes(artifacts, tmp_path):

@@ -18,6 +18,8 @@ rule visualize:
         ),
     params:
         visualize=config["visualize"],
+        # The attention maps are laid on the image as the run's segment stage lays them.
+        upsample=lambda wildcards: section(wildcards, "segment")["upsample"],
     log:
         f"{OUT}/logs/visualize/{{run}}/{{dataset}}.log",
     benchmark:
