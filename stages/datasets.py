@@ -13,15 +13,19 @@ Three kinds of data set (``task``):
 
 Every loader checks the fields the pipeline reads and raises :class:`DatasetError` with a message
 naming the file, the entry and the missing or wrong field, so that a bad file fails at once instead of
-as a ``KeyError`` deep inside a later stage. Image ids are strings everywhere in the pipeline (COCO's
-integer ids are written as decimal text, see :mod:`schemas.artifacts`).
+as a ``KeyError`` deep inside a later stage. The checks are one validator,
+:func:`validate_ground_truth`, driven by a :class:`GroundTruthSpec` per kind of file; the evaluators
+(:mod:`stages.evaluation`) use it too, with specs that also require the fields COCOeval reads.
+
+Image ids are strings everywhere in the pipeline (COCO's integer ids are written as decimal text, see
+:mod:`schemas.artifacts`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,120 +123,178 @@ class GcgGroundTruth:
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    """Parse a JSON file, raising :class:`DatasetError` for a missing or invalid file."""
+    """Parse a JSON file, raising :class:`DatasetError` for a missing, unreadable or invalid file."""
     path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"ground-truth file not found: {path}")
     try:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"ground-truth file not found: {path}") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # json.JSONDecodeError or UnicodeDecodeError
         raise DatasetError(f"{path} is not valid JSON: {exc}") from None
 
 
-def _entries(data: Any, key: str, path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class FieldRule:
+    """A rule on field ``field`` of every entry of the list ``entries`` (``"images"``,
+    ``"annotations"`` or ``"categories"``): ``problem(value)`` is None for a good value, else the end
+    of the error message, which reads ``<entries>[<i>].<field> <problem>``."""
+
+    entries: str
+    field: str
+    problem: Callable[[Any], str | None]
+
+
+def _must_be(expected: str, ok: Callable[[Any], bool]) -> Callable[[Any], str | None]:
+    """A :attr:`FieldRule.problem`: ``"must be <expected>, got <value>"`` unless ``ok(value)``."""
+    return lambda value: None if ok(value) else f"must be {expected}, got {value!r}"
+
+
+def _segmentation_problem(seg: Any) -> str | None:
+    """A segmentation is a polygon list or an RLE object with ``counts`` and ``size``."""
+    if isinstance(seg, dict):
+        missing = [field for field in ("counts", "size") if field not in seg]
+        return f"(RLE) has no field {missing[0]!r}" if missing else None
+    if not isinstance(seg, list):
+        return f"must be a polygon list or an RLE object, found {type(seg).__name__}"
+    return None
+
+
+IMAGE_SIZE_RULES = tuple(
+    FieldRule("images", field, _must_be("a positive integer",
+                                        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1))
+    for field in ("width", "height"))
+SEGMENTATION_RULE = FieldRule("annotations", "segmentation", _segmentation_problem)
+CAPTION_RULES = (
+    FieldRule("annotations", "caption", _must_be("a string", lambda v: isinstance(v, str))),
+    FieldRule("annotations", "labels", _must_be(
+        "a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v))))
+
+
+@dataclass(frozen=True)
+class GroundTruthSpec:
+    """What a kind of COCO-format ground-truth file must hold (see :func:`validate_ground_truth`).
+
+    ``images`` / ``annotations`` / ``categories``: the fields every entry of that top-level list
+    must have, None where the file needs no such list (``images`` and ``categories`` include
+    ``"id"``, ``annotations`` includes ``"image_id"``); ``rules``: further checks of field values.
+    ``kind`` names the file in messages (``"<kind> file <path>: ..."``).
+    """
+
+    kind: str
+    images: tuple[str, ...] | None
+    annotations: tuple[str, ...]
+    categories: tuple[str, ...] | None = None
+    rules: tuple[FieldRule, ...] = ()
+
+    def where(self, path: str | os.PathLike) -> str:
+        """The prefix of this kind's error messages about the file ``path``."""
+        return f"{self.kind} file {path}"
+
+
+COCO_INSTANCES = GroundTruthSpec(
+    kind="COCO instances", images=("id", "file_name", "width", "height"),
+    annotations=("image_id", "category_id", "segmentation"), categories=("id", "name"),
+    rules=(*IMAGE_SIZE_RULES, SEGMENTATION_RULE))
+GCG_MASK = GroundTruthSpec(
+    kind="GCG mask ground truth", images=("id", "width", "height"),
+    annotations=("image_id", "category_id", "segmentation"),
+    rules=(FieldRule("images", "id", _must_be(f"a string (the image file is <id>{GCG_IMAGE_EXTENSION})",
+                                               lambda v: isinstance(v, str))),
+           *IMAGE_SIZE_RULES,
+           FieldRule("annotations", "category_id", _must_be(f"{GCG_CATEGORY_ID} (class-agnostic)",
+                                                            lambda v: v == GCG_CATEGORY_ID)),
+           SEGMENTATION_RULE))
+# Its image ids refer to the mask file's images (checked by load_gcg).
+GCG_CAPTION = GroundTruthSpec(kind="GCG caption ground truth", images=None,
+                              annotations=("image_id", "caption", "labels"), rules=CAPTION_RULES)
+
+
+def validate_ground_truth(data: Any, path: str | os.PathLike,
+                          spec: GroundTruthSpec) -> dict[str, list[dict[str, Any]]]:
+    """Check that ``data`` (a parsed JSON file) is a ``spec``-conforming COCO-format object and
+    return its lists (``"images"``, ``"annotations"``, ``"categories"``: those ``spec`` requires,
+    the file's dicts unchanged).
+
+    Checks, in order: each required list is a list of objects holding ``spec``'s fields; ``spec``'s
+    rules; ids unique within each list whose entries need an ``id``; every annotation's
+    ``image_id`` among the images and ``category_id`` among the categories (where the file has
+    those lists). Raises :class:`DatasetError` naming the file, the entry and the field. Linear in
+    the number of entries.
+    """
+    where = spec.where(path)
+    required = {"images": spec.images, "annotations": spec.annotations, "categories": spec.categories}
+    lists = {key: _entries(data, key, where, fields)
+             for key, fields in required.items() if fields is not None}
+    for rule in spec.rules:
+        for i, entry in enumerate(lists[rule.entries]):
+            problem = rule.problem(entry[rule.field])
+            if problem is not None:
+                raise DatasetError(f"{where}: {rule.entries}[{i}].{rule.field} {problem}")
+    ids = {key: _unique_ids(lists[key], key, where) for key, fields in required.items()
+           if fields is not None and "id" in fields}
+    for key, field in (("images", "image_id"), ("categories", "category_id")):
+        if key in lists:
+            _check_refs(lists["annotations"], field, ids[key], where, key)
+    return lists
+
+
+def _entries(data: Any, key: str, where: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     """``data[key]``, checked to be a list of objects that each have ``fields``."""
     if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object at the top level, found {type(data).__name__}")
+        raise DatasetError(f"{where}: expected a JSON object at the top level, found {type(data).__name__}")
     if key not in data:
-        raise DatasetError(f"{path}: missing top-level field {key!r}")
+        raise DatasetError(f"{where}: missing top-level field {key!r}")
     entries = data[key]
     if not isinstance(entries, list):
-        raise DatasetError(f"{path}: field {key!r} must be a list, found {type(entries).__name__}")
+        raise DatasetError(f"{where}: field {key!r} must be a list, found {type(entries).__name__}")
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise DatasetError(f"{path}: {key}[{i}] must be an object, found {type(entry).__name__}")
+            raise DatasetError(f"{where}: {key}[{i}] must be an object, found {type(entry).__name__}")
         for field in fields:
             if field not in entry:
-                raise DatasetError(f"{path}: {key}[{i}] has no field {field!r}")
+                raise DatasetError(f"{where}: {key}[{i}] has no field {field!r}")
     return entries
 
 
-def _check_sizes(images: list[dict[str, Any]], path: Path) -> None:
-    for i, image in enumerate(images):
-        for field in ("width", "height"):
-            value = image[field]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DatasetError(f"{path}: images[{i}].{field} must be a positive integer, got {value!r}")
-
-
-def _check_unique_ids(entries: list[dict[str, Any]], key: str, path: Path) -> set[Any]:
+def _unique_ids(entries: list[dict[str, Any]], key: str, where: str) -> set[Any]:
+    """The ``id`` of every entry, checked to be hashable (not a JSON list or object) and unique."""
     seen: set[Any] = set()
     for i, entry in enumerate(entries):
+        if not isinstance(entry["id"], Hashable):
+            raise DatasetError(f"{where}: {key}[{i}].id must be a number or a string, got {entry['id']!r}")
         if entry["id"] in seen:
-            raise DatasetError(f"{path}: {key}[{i}] repeats id {entry['id']!r}")
+            raise DatasetError(f"{where}: {key}[{i}] repeats id {entry['id']!r}")
         seen.add(entry["id"])
     return seen
 
 
-def _check_segmentation(annotations: list[dict[str, Any]], path: Path) -> None:
-    """A segmentation is a polygon list or an RLE object with ``counts`` and ``size``."""
-    for i, ann in enumerate(annotations):
-        seg = ann["segmentation"]
-        if isinstance(seg, dict):
-            for field in ("counts", "size"):
-                if field not in seg:
-                    raise DatasetError(f"{path}: annotations[{i}].segmentation (RLE) has no field {field!r}")
-        elif not isinstance(seg, list):
-            raise DatasetError(f"{path}: annotations[{i}].segmentation must be a polygon list or an RLE "
-                               f"object, found {type(seg).__name__}")
-
-
-def _check_image_refs(annotations: list[dict[str, Any]], image_ids: set[Any], path: Path) -> None:
-    for i, ann in enumerate(annotations):
-        if ann["image_id"] not in image_ids:
-            raise DatasetError(f"{path}: annotations[{i}].image_id {ann['image_id']!r} is not in images")
+def _check_refs(annotations: list[dict[str, Any]], field: str, ids: set[Any], where: str,
+                target: str) -> None:
+    """Raise :class:`DatasetError` (``<where>: annotations[<i>].<field> <value> is not in <target>``)
+    unless every annotation's ``field`` is one of ``ids``."""
+    for i, annotation in enumerate(annotations):
+        value = annotation[field]
+        if not (isinstance(value, Hashable) and value in ids):
+            raise DatasetError(f"{where}: annotations[{i}].{field} {value!r} is not in {target}")
 
 
 def load_coco_instances(path: str | os.PathLike) -> CocoInstances:
-    """Load and validate a COCO instances file (ids unique, references resolved)."""
+    """Load and validate a COCO instances file (:data:`COCO_INSTANCES`)."""
     path = Path(path)
-    data = load_json(path)
-    images = _entries(data, "images", path, ("id", "file_name", "width", "height"))
-    annotations = _entries(data, "annotations", path, ("image_id", "category_id", "segmentation"))
-    categories = _entries(data, "categories", path, ("id", "name"))
-    _check_sizes(images, path)
-    image_ids = _check_unique_ids(images, "images", path)
-    category_ids = _check_unique_ids(categories, "categories", path)
-    _check_image_refs(annotations, image_ids, path)
-    for i, ann in enumerate(annotations):
-        if ann["category_id"] not in category_ids:
-            raise DatasetError(f"{path}: annotations[{i}].category_id {ann['category_id']!r} "
-                               "is not in categories")
-    _check_segmentation(annotations, path)
-    return CocoInstances(path, images, annotations, categories)
+    lists = validate_ground_truth(load_json(path), path, COCO_INSTANCES)
+    return CocoInstances(path, lists["images"], lists["annotations"], lists["categories"])
 
 
 def load_gcg(mask_gt: str | os.PathLike, caption_gt: str | os.PathLike) -> GcgGroundTruth:
-    """Load and validate a GranD-f pair (mask file with category_id 1, caption file with labels)."""
+    """Load and validate a GranD-f pair (:data:`GCG_MASK`, :data:`GCG_CAPTION`; every caption's
+    image is an image of the mask file)."""
     mask_path, caption_path = Path(mask_gt), Path(caption_gt)
-    data = load_json(mask_path)
-    images = _entries(data, "images", mask_path, ("id", "width", "height"))
-    annotations = _entries(data, "annotations", mask_path, ("image_id", "category_id", "segmentation"))
-    _check_sizes(images, mask_path)
-    for i, image in enumerate(images):
-        if not isinstance(image["id"], str):
-            raise DatasetError(f"{mask_path}: images[{i}].id must be a string (the image file is "
-                               f"<id>{GCG_IMAGE_EXTENSION}), got {image['id']!r}")
-    image_ids = _check_unique_ids(images, "images", mask_path)
-    _check_image_refs(annotations, image_ids, mask_path)
-    for i, ann in enumerate(annotations):
-        if ann["category_id"] != GCG_CATEGORY_ID:
-            raise DatasetError(f"{mask_path}: annotations[{i}].category_id must be {GCG_CATEGORY_ID} "
-                               f"(class-agnostic), got {ann['category_id']!r}")
-    _check_segmentation(annotations, mask_path)
-
-    captions = _entries(load_json(caption_path), "annotations", caption_path,
-                        ("image_id", "caption", "labels"))
-    for i, cap in enumerate(captions):
-        if not isinstance(cap["caption"], str):
-            raise DatasetError(f"{caption_path}: annotations[{i}].caption must be a string")
-        if not isinstance(cap["labels"], list) or not all(isinstance(t, str) for t in cap["labels"]):
-            raise DatasetError(f"{caption_path}: annotations[{i}].labels must be a list of strings")
-        if cap["image_id"] not in image_ids:
-            raise DatasetError(f"{caption_path}: annotations[{i}].image_id {cap['image_id']!r} is not an "
-                               f"image of {mask_path}")
-    return GcgGroundTruth(mask_path, caption_path, images, annotations, captions)
+    mask = validate_ground_truth(load_json(mask_path), mask_path, GCG_MASK)
+    captions = validate_ground_truth(load_json(caption_path), caption_path, GCG_CAPTION)["annotations"]
+    _check_refs(captions, "image_id", {image["id"] for image in mask["images"]},
+                GCG_CAPTION.where(caption_path), f"the images of {mask_path}")
+    return GcgGroundTruth(mask_path, caption_path, mask["images"], mask["annotations"], captions)
 
 
 def list_image_folder(folder: str | os.PathLike) -> list[ImageEntry]:

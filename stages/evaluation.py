@@ -1,8 +1,9 @@
 """Pieces shared by the evaluators (:mod:`stages.evaluate_coco`, :mod:`stages.evaluate_gcg`).
 
 - Ground truth: COCO-format JSON files are validated field by field before pycocotools sees them,
-  so that a missing field is a ``ValueError`` naming the file and the field, never a ``KeyError``
-  deep inside pycocotools.
+  by :func:`stages.datasets.validate_ground_truth` with the stricter specs below (COCOeval's
+  fields), so that a missing field is a ``ValueError`` naming the file and the field, never a
+  ``KeyError`` deep inside pycocotools.
 - Image ids: artifacts store ``image_id`` as text; :func:`gt_image_ids` maps it back to the ground
   truth's own id (an int for COCO instances, a string for GranD-f).
 - Predictions: :func:`results_coco` is pycocotools' ``COCO.loadRes`` for segmentation results,
@@ -20,8 +21,6 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from stages.datasets import (
+    CAPTION_RULES,
+    IMAGE_SIZE_RULES,
+    SEGMENTATION_RULE,
+    GroundTruthSpec,
+    load_json,
+    validate_ground_truth,
+)
 from stages.io.atomic import atomic_path
 from stages.io.tables import read_table, schema_of
 
@@ -43,91 +50,27 @@ COCO_SEGM_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "
 # Ground truth
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class GroundTruthSpec:
-    """The fields a kind of COCO-format ground-truth file must have.
-
-    ``image_fields`` / ``annotation_fields``: keys every entry of ``images`` / ``annotations``
-    must hold; ``annotation_list_fields``: those of the annotation fields whose value must be a
-    list; ``needs_categories``: whether a ``categories`` list (each with an ``id``) is required.
-    """
-
-    kind: str
-    image_fields: tuple[str, ...]
-    annotation_fields: tuple[str, ...]
-    needs_categories: bool
-    annotation_list_fields: tuple[str, ...] = ()
-
-
 # COCOeval (iouType segm) reads every image's height/width (``annToRLE``) and every annotation's
-# area and iscrowd, so a mask file needs all of them.
+# area and iscrowd, so a mask file needs all of them; ids must be unique in every list (COCO's index
+# is by id). The value rules are those of stages.datasets' specs, less GranD-f's naming conventions
+# (string image ids, category_id 1), which the evaluators do not rely on.
 INSTANCES_GT = GroundTruthSpec(
-    kind="COCO instances", image_fields=("id", "height", "width"),
-    annotation_fields=("id", "image_id", "category_id", "segmentation", "area", "iscrowd"),
-    needs_categories=True)
+    kind="COCO instances", images=("id", "height", "width"),
+    annotations=("id", "image_id", "category_id", "segmentation", "area", "iscrowd"), categories=("id",),
+    rules=(*IMAGE_SIZE_RULES, SEGMENTATION_RULE))
 GCG_MASK_GT = GroundTruthSpec(
-    kind="GCG mask ground truth", image_fields=("id", "height", "width"),
-    annotation_fields=("id", "image_id", "category_id", "segmentation", "area", "iscrowd"),
-    needs_categories=False)
+    kind="GCG mask ground truth", images=("id", "height", "width"),
+    annotations=("id", "image_id", "category_id", "segmentation", "area", "iscrowd"),
+    rules=(*IMAGE_SIZE_RULES, SEGMENTATION_RULE))
 GCG_CAPTION_GT = GroundTruthSpec(
-    kind="GCG caption ground truth", image_fields=("id",),
-    annotation_fields=("id", "image_id", "caption", "labels"),
-    needs_categories=False, annotation_list_fields=("labels",))
-
-
-def validate_ground_truth(data: Any, path: str | os.PathLike, spec: GroundTruthSpec) -> None:
-    """Raise ``ValueError`` (naming ``path``, the entry and the field) unless ``data`` is a
-    ``spec``-conforming COCO-format dict: lists ``images`` and ``annotations`` whose entries hold
-    ``spec``'s fields, unique image ids and annotation ids, and every annotation's ``image_id``
-    among the images. Linear in the number of images and annotations."""
-    where = f"{spec.kind} file {path}"
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a JSON object, found {type(data).__name__}")
-    required_lists = ["images", "annotations"] + (["categories"] if spec.needs_categories else [])
-    for key in required_lists:
-        if key not in data:
-            raise ValueError(f"{where}: missing field {key!r}")
-        if not isinstance(data[key], list):
-            raise ValueError(f"{where}: field {key!r} must be a list, found {type(data[key]).__name__}")
-    image_ids = set()
-    for i, image in enumerate(data["images"]):
-        _require_fields(image, spec.image_fields, f"{where}: images[{i}]")
-        if image["id"] in image_ids:
-            raise ValueError(f"{where}: image id {image['id']!r} appears twice")
-        image_ids.add(image["id"])
-    annotation_ids = set()
-    for i, annotation in enumerate(data["annotations"]):
-        _require_fields(annotation, spec.annotation_fields, f"{where}: annotations[{i}]")
-        for field in spec.annotation_list_fields:
-            if not isinstance(annotation[field], list):
-                raise ValueError(f"{where}: annotations[{i}] field {field!r} must be a list, "
-                                 f"found {type(annotation[field]).__name__}")
-        if annotation["id"] in annotation_ids:
-            raise ValueError(f"{where}: annotation id {annotation['id']!r} appears twice")
-        annotation_ids.add(annotation["id"])
-        if annotation["image_id"] not in image_ids:
-            raise ValueError(f"{where}: annotations[{i}] refers to image_id {annotation['image_id']!r}, "
-                             "which is not in 'images'")
-    if spec.needs_categories:
-        for i, category in enumerate(data["categories"]):
-            _require_fields(category, ("id",), f"{where}: categories[{i}]")
-
-
-def _require_fields(entry: Any, fields: Iterable[str], where: str) -> None:
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where} must be an object, found {type(entry).__name__}")
-    for field in fields:
-        if field not in entry:
-            raise ValueError(f"{where} has no field {field!r}")
+    kind="GCG caption ground truth", images=("id",), annotations=("id", "image_id", "caption", "labels"),
+    rules=CAPTION_RULES)
 
 
 def load_ground_truth(path: str | os.PathLike, spec: GroundTruthSpec) -> COCO:
-    """Read, validate (:func:`validate_ground_truth`) and index a COCO-format file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{spec.kind} file not found: {path}")
-    with path.open() as f:
-        data = json.load(f)
+    """Read, validate (:func:`stages.datasets.validate_ground_truth`, which raises
+    :class:`~stages.datasets.DatasetError`, a ``ValueError``) and index a COCO-format file."""
+    data = load_json(path)
     validate_ground_truth(data, path, spec)
     coco = COCO()
     coco.dataset = data

@@ -95,16 +95,25 @@ INSTANCE_CASES = [
     (_drop("height", "images", 2), "images[2] has no field 'height'"),
     (_set(0, "width", "images", 0), "images[0].width must be a positive integer"),
     (_set("5", "height", "images", 0), "images[0].height must be a positive integer"),
+    (_set(True, "width", "images", 1), "images[1].width must be a positive integer, got True"),
     (_set(10, "id", "images", 1), "images[1] repeats id 10"),
+    (_set([10], "id", "images", 0), "images[0].id must be a number or a string, got [10]"),
+    (_set(1, "id", "categories", 1), "categories[1] repeats id 1"),
+    (_set("x", "annotations"), "field 'annotations' must be a list, found str"),
+    (_set(None, 0, "annotations"), "annotations[0] must be an object, found NoneType"),
+    (_drop("id", "categories", 0), "categories[0] has no field 'id'"),
     (_drop("image_id", "annotations", 2), "annotations[2] has no field 'image_id'"),
     (_drop("category_id", "annotations", 0), "annotations[0] has no field 'category_id'"),
     (_drop("segmentation", "annotations", 3), "annotations[3] has no field 'segmentation'"),
     (_drop("name", "categories", 1), "categories[1] has no field 'name'"),
     (_set(99, "image_id", "annotations", 1), "annotations[1].image_id 99 is not in images"),
+    (_set([10], "image_id", "annotations", 1), "annotations[1].image_id [10] is not in images"),
     (_set(7, "category_id", "annotations", 1), "annotations[1].category_id 7 is not in categories"),
     (_set("polygon", "segmentation", "annotations", 0), "annotations[0].segmentation must be a polygon list"),
     (_set({"size": [4, 5]}, "segmentation", "annotations", 1),
      "annotations[1].segmentation (RLE) has no field 'counts'"),
+    (_set({"counts": "03000"}, "segmentation", "annotations", 2),
+     "annotations[2].segmentation (RLE) has no field 'size'"),
 ]
 
 
@@ -121,13 +130,18 @@ def test_coco_instances_errors_name_file_and_field(tmp_path, mutate, message):
 
 @pytest.mark.parametrize(("content", "message"), [
     (None, "ground-truth file not found"),
-    ("{not json", "is not valid JSON"),
-    ("[1, 2]", "expected a JSON object at the top level, found list"),
+    ("folder", "ground-truth file not found"),
+    (b"{not json", "is not valid JSON"),
+    (b'{"images": "\xff"}', "is not valid JSON"),
+    (b"[1, 2]", "expected a JSON object at the top level, found list"),
 ])
 def test_unparsable_ground_truth_is_a_dataset_error(tmp_path, content, message):
+    """``content``: the file's bytes; None: no file; "folder": a folder in its place."""
     path = tmp_path / "instances.json"
-    if content is not None:
-        path.write_text(content, encoding="utf-8")
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
     with pytest.raises(DatasetError, match=message):
         load_coco_instances(path)
 
@@ -140,6 +154,11 @@ GCG_CASES = [
     ("mask", _drop("category_id", "annotations", 1), "annotations[1] has no field 'category_id'"),
     ("mask", _set(2, "category_id", "annotations", 1), "annotations[1].category_id must be 1"),
     ("mask", _set("zzz", "image_id", "annotations", 0), "annotations[0].image_id 'zzz' is not in images"),
+    ("mask", _set("b_img", "id", "images", 1), "images[1] repeats id 'b_img'"),
+    ("mask", _set(0, "height", "images", 1), "images[1].height must be a positive integer, got 0"),
+    ("mask", _set(None, "segmentation", "annotations", 1),
+     "annotations[1].segmentation must be a polygon list or an RLE object, found NoneType"),
+    ("caption", _set(["a_img"], 0, "annotations"), "annotations[0] must be an object, found list"),
     ("caption", _drop("annotations"), "missing top-level field 'annotations'"),
     ("caption", _drop("labels", "annotations", 1), "annotations[1] has no field 'labels'"),
     ("caption", _drop("caption", "annotations", 0), "annotations[0] has no field 'caption'"),
@@ -149,7 +168,7 @@ GCG_CASES = [
      "annotations[0].labels must be a list of strings"),
     ("caption", _set(None, "caption", "annotations", 1), "annotations[1].caption must be a string"),
     ("caption", _set("c_img", "image_id", "annotations", 1),
-     "annotations[1].image_id 'c_img' is not an image"),
+     "annotations[1].image_id 'c_img' is not in the images of"),
 ]
 
 
@@ -166,9 +185,12 @@ def test_gcg_errors_name_file_and_field(tmp_path, which, mutate, message):
 
 
 def test_valid_files_load_unchanged(tmp_path):
-    coco = load_coco_instances(write_json(tmp_path / "i.json", coco_instances()))
-    assert coco.images == coco_instances()["images"]
-    assert len(coco.annotations) == 4 and len(coco.categories) == 2
+    data = coco_instances()
+    data["annotations"][1]["id"] = 1  # annotation ids are not read here (only the evaluators need them)
+    del data["annotations"][2]["id"]
+    coco = load_coco_instances(write_json(tmp_path / "i.json", data))
+    assert (coco.images, coco.annotations, coco.categories) == (data["images"], data["annotations"],
+                                                                data["categories"])
     gcg = load_gcg(write_json(tmp_path / "m.json", gcg_mask_gt()),
                    write_json(tmp_path / "c.json", gcg_caption_gt()))
     assert [c["labels"] for c in gcg.captions] == [["A dog"], ["A cat"]]

@@ -195,6 +195,50 @@ def test_missing_ground_truth_field_is_a_clear_error(tmp_path, breakage, field):
         evaluate_coco.run(**paths)
 
 
+@pytest.mark.parametrize("breakage, message", [
+    (lambda gt: gt["images"].append("x"), "images[2] must be an object, found str"),
+    (lambda gt: gt.update(annotations={}), "field 'annotations' must be a list, found dict"),
+    (lambda gt: gt["annotations"][0].pop("id"), "annotations[0] has no field 'id'"),
+    (lambda gt: gt["annotations"][1].pop("area"), "annotations[1] has no field 'area'"),
+    (lambda gt: gt["annotations"][0].pop("iscrowd"), "annotations[0] has no field 'iscrowd'"),
+    (lambda gt: gt["images"][1].pop("width"), "images[1] has no field 'width'"),
+    (lambda gt: gt["categories"][0].pop("id"), "categories[0] has no field 'id'"),
+    (lambda gt: gt["images"][1].update(id=1), "images[1] repeats id 1"),
+    (lambda gt: gt["annotations"][1].update(id=1), "annotations[1] repeats id 1"),
+    (lambda gt: gt["categories"][1].update(id=1), "categories[1] repeats id 1"),
+    (lambda gt: gt["annotations"][1].update(image_id=7), "annotations[1].image_id 7 is not in images"),
+    (lambda gt: gt["annotations"][0].update(category_id=9),
+     "annotations[0].category_id 9 is not in categories"),
+    (lambda gt: gt["images"][0].update(height=0), "images[0].height must be a positive integer, got 0"),
+    (lambda gt: gt["annotations"][1].update(segmentation="x"),
+     "annotations[1].segmentation must be a polygon list or an RLE object, found str"),
+    (lambda gt: gt["annotations"][0]["segmentation"].pop("size"),
+     "annotations[0].segmentation (RLE) has no field 'size'"),
+])
+def test_malformed_ground_truth_names_file_entry_and_field(tmp_path, breakage, message):
+    gt = instances({1: [(1, box(1, 5, 1, 5))], 2: [(2, box(0, 3, 0, 3))]})
+    breakage(gt)
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(gt))
+    with pytest.raises(ValueError) as info:
+        load_ground_truth(path, INSTANCES_GT)
+    assert f"COCO instances file {path}: {message}" in str(info.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "ground-truth file not found"),
+    ("{", "is not valid JSON"),
+    ("[]", "expected a JSON object at the top level, found list"),
+])
+def test_unparsable_ground_truth_names_the_file(tmp_path, content, message):
+    path = tmp_path / "instances.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_ground_truth(path, INSTANCES_GT)
+    assert str(path) in str(info.value)
+
+
 def test_manifest_image_missing_from_ground_truth_is_an_error(tmp_path):
     paths = write_inputs(tmp_path, instances({1: []}), ["1", "2"], [[]])
     with pytest.raises(ValueError, match=r"not in COCO instances file .*'2'"):

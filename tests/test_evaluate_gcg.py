@@ -305,6 +305,38 @@ def test_missing_ground_truth_field_is_a_clear_error(tmp_path, file, breakage, f
         load_ground_truth(paths[f"{file}_gt_path"], spec)
 
 
+@pytest.mark.parametrize("file, breakage, message", [
+    ("caption", lambda gt: gt["images"][1].pop("id"), "images[1] has no field 'id'"),
+    ("caption", lambda gt: gt["annotations"][0].pop("id"), "annotations[0] has no field 'id'"),
+    ("caption", lambda gt: gt["annotations"][1].update(id=1), "annotations[1] repeats id 1"),
+    ("caption", lambda gt: gt["annotations"][0].update(image_id="z"),
+     "annotations[0].image_id 'z' is not in images"),
+    ("caption", lambda gt: gt["annotations"][0].update(labels="a dog"),
+     "annotations[0].labels must be a list of strings, got 'a dog'"),
+    ("caption", lambda gt: gt["annotations"][1].update(labels=["a cat", None]),
+     "annotations[1].labels must be a list of strings"),
+    ("caption", lambda gt: gt["annotations"][1].update(caption=None),
+     "annotations[1].caption must be a string, got None"),
+    ("mask", lambda gt: gt["images"][1].update(id="a"), "images[1] repeats id 'a'"),
+    ("mask", lambda gt: gt["annotations"][1].update(id=1), "annotations[1] repeats id 1"),
+    ("mask", lambda gt: gt["annotations"][0].pop("area"), "annotations[0] has no field 'area'"),
+    ("mask", lambda gt: gt["annotations"][1].update(image_id="z"),
+     "annotations[1].image_id 'z' is not in images"),
+    ("mask", lambda gt: gt["images"][0].update(width=2.5),
+     "images[0].width must be a positive integer, got 2.5"),
+    ("mask", lambda gt: gt["annotations"][0].update(segmentation=3),
+     "annotations[0].segmentation must be a polygon list or an RLE object, found int"),
+])
+def test_malformed_ground_truth_names_file_entry_and_field(tmp_path, file, breakage, message):
+    mask_gt, caption_gt = ground_truth({"a": [("a dog", box(0, 4, 0, 4))], "b": [("a cat", box(4, 8, 0, 4))]})
+    breakage(caption_gt if file == "caption" else mask_gt)
+    paths = write_inputs(tmp_path, mask_gt, caption_gt, ["a", "b"], [], [])
+    spec = GCG_CAPTION_GT if file == "caption" else GCG_MASK_GT
+    with pytest.raises(ValueError) as info:
+        load_ground_truth(paths[f"{file}_gt_path"], spec)
+    assert f"{spec.kind} file {paths[f'{file}_gt_path']}: {message}" in str(info.value)
+
+
 def test_config_matches_the_default_config_file():
     section = yaml.safe_load((REPO / "config.yaml").read_text())["evaluate"]["gcg"]
     cfg = from_mapping(GcgEvalConfig, section, where="evaluate.gcg")
