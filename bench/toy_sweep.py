@@ -116,10 +116,7 @@ def evaluate(model_dir: Path, work: Path, manifest: Path, num_val: int, image_si
             if word not in synthetic.SHAPES:
                 continue
             shape_words += 1
-            union = np.zeros((ex.scene.height, ex.scene.width), dtype=bool)
-            for obj, mask in zip(ex.scene.objects, ex.masks):
-                if obj.shape == word:
-                    union |= mask
+            union = ex.union_mask(shape=word)
             x, y = argmax_pixel(upsample_map(centred[j], ex.scene.height, ex.scene.width, "pad"))
             hits += bool(union[y, x])
     return {"shape_given_colour": shape_ok / max(1, colour_ok), "colour_ok": colour_ok / max(1, pairs),

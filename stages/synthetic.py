@@ -179,6 +179,15 @@ class Example:
     caption: str
     labels: list[str]
 
+    def union_mask(self, *, shape: str | None = None, colour: str | None = None) -> np.ndarray:
+        """Union of the visible masks of the objects of ``shape`` and/or ``colour`` (None: any),
+        bool (H, W); all False when no object matches."""
+        union = np.zeros((self.scene.height, self.scene.width), dtype=bool)
+        for obj, mask in zip(self.scene.objects, self.masks):
+            if shape in (None, obj.shape) and colour in (None, obj.colour):
+                union |= mask
+        return union
+
 
 def make_example(seed: int, split: str, index: int, image_size: tuple[int, int]) -> Example:
     """Image ``index`` of ``split``, exactly as :func:`run` writes it (training code draws its

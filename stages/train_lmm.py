@@ -405,10 +405,7 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
             if root not in SHAPES:
                 continue
             counted += 1
-            union = np.zeros((ex.scene.height, ex.scene.width), dtype=bool)
-            for obj, mask in zip(ex.scene.objects, ex.masks):
-                if obj.shape == root:
-                    union |= mask
+            union = ex.union_mask(shape=root)
             image_map = upsample_map(pool_phrase(centred, list(ph.token_indices), "mean"),
                                      ex.scene.height, ex.scene.width, "pad")
             x, y = argmax_pixel(image_map)
@@ -416,10 +413,7 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
             present += bool(union.any())
             colours = [w for w in str(ph.text).lower().split() if w in COLOURS]
             if colours:
-                coloured = np.zeros_like(union)
-                for obj, mask in zip(ex.scene.objects, ex.masks):
-                    if obj.colour == colours[-1]:
-                        coloured |= mask
+                coloured = ex.union_mask(colour=colours[-1])
                 colour_counted += 1
                 colour_hits += bool(coloured[y, x])
             chance += float(union.mean())

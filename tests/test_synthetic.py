@@ -163,6 +163,22 @@ def test_masks_area_and_bbox_match_drawn_objects(dataset):
         assert distance.min() > 40
 
 
+def test_union_mask_selects_objects_by_shape_and_colour():
+    example = next(make_example(0, "val", i, (96, 160)) for i in range(50)
+                   if len(make_example(0, "val", i, (96, 160)).scene.objects) >= 2)
+    objects, masks = example.scene.objects, example.masks
+    first = objects[0]
+    by_shape = np.logical_or.reduce([m for o, m in zip(objects, masks) if o.shape == first.shape])
+    by_colour = np.logical_or.reduce([m for o, m in zip(objects, masks) if o.colour == first.colour])
+    assert np.array_equal(example.union_mask(shape=first.shape), by_shape)
+    assert np.array_equal(example.union_mask(colour=first.colour), by_colour)
+    assert np.array_equal(example.union_mask(shape=first.shape, colour=first.colour), masks[0])
+    assert np.array_equal(example.union_mask(), np.logical_or.reduce(masks))
+    absent = next(shape for shape in SHAPES if shape not in {o.shape for o in objects})
+    union = example.union_mask(shape=absent)
+    assert union.shape == (example.scene.height, example.scene.width) and not union.any()
+
+
 def test_visible_parts_follow_painters_order():
     back = ShapeObject("square", "red", "large", cx=40, cy=40, radius=25, rotation=0.0)
     front = ShapeObject("circle", "blue", "medium", cx=60, cy=45, radius=18, rotation=0.0)
