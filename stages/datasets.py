@@ -145,7 +145,7 @@ class FieldRule:
     problem: Callable[[Any], str | None]
 
 
-def _must_be(expected: str, ok: Callable[[Any], bool]) -> Callable[[Any], str | None]:
+def must_be(expected: str, ok: Callable[[Any], bool]) -> Callable[[Any], str | None]:
     """A :attr:`FieldRule.problem`: ``"must be <expected>, got <value>"`` unless ``ok(value)``."""
     return lambda value: None if ok(value) else f"must be {expected}, got {value!r}"
 
@@ -161,13 +161,13 @@ def _segmentation_problem(seg: Any) -> str | None:
 
 
 IMAGE_SIZE_RULES = tuple(
-    FieldRule("images", field, _must_be("a positive integer",
+    FieldRule("images", field, must_be("a positive integer",
                                         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1))
     for field in ("width", "height"))
 SEGMENTATION_RULE = FieldRule("annotations", "segmentation", _segmentation_problem)
 CAPTION_RULES = (
-    FieldRule("annotations", "caption", _must_be("a string", lambda v: isinstance(v, str))),
-    FieldRule("annotations", "labels", _must_be(
+    FieldRule("annotations", "caption", must_be("a string", lambda v: isinstance(v, str))),
+    FieldRule("annotations", "labels", must_be(
         "a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v))))
 
 
@@ -199,10 +199,10 @@ COCO_INSTANCES = GroundTruthSpec(
 GCG_MASK = GroundTruthSpec(
     kind="GCG mask ground truth", images=("id", "width", "height"),
     annotations=("image_id", "category_id", "segmentation"),
-    rules=(FieldRule("images", "id", _must_be(f"a string (the image file is <id>{GCG_IMAGE_EXTENSION})",
+    rules=(FieldRule("images", "id", must_be(f"a string (the image file is <id>{GCG_IMAGE_EXTENSION})",
                                                lambda v: isinstance(v, str))),
            *IMAGE_SIZE_RULES,
-           FieldRule("annotations", "category_id", _must_be(f"{GCG_CATEGORY_ID} (class-agnostic)",
+           FieldRule("annotations", "category_id", must_be(f"{GCG_CATEGORY_ID} (class-agnostic)",
                                                             lambda v: v == GCG_CATEGORY_ID)),
            SEGMENTATION_RULE))
 # Its image ids refer to the mask file's images (checked by load_gcg).

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from stages.config import ConfigError, from_mapping
+from stages.datasets import FieldRule, GroundTruthSpec, load_json, must_be, validate_ground_truth
 from stages.io.tables import read_arrow, write_table
 from stages.text_encoders import load_text_encoder
 
@@ -122,6 +123,15 @@ def normalise_category_text(text: str) -> str:
     return text
 
 
+# What category matching reads from a COCO instances file: category ids (integers, as the phrases
+# table stores them) and names, image ids, and which categories each image's annotations use.
+INSTANCES_CATEGORIES = GroundTruthSpec(
+    kind="COCO instances", images=("id",), annotations=("image_id", "category_id"), categories=("id", "name"),
+    rules=(FieldRule("categories", "id", must_be(
+               "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))),
+           FieldRule("categories", "name", must_be("a non-empty string", lambda v: isinstance(v, str) and v != ""))))
+
+
 @dataclass(frozen=True)
 class GroundTruthCategories:
     """What category matching needs from a COCO instances file.
@@ -135,17 +145,13 @@ class GroundTruthCategories:
 
     @classmethod
     def from_coco(cls, path: str | os.PathLike) -> GroundTruthCategories:
-        try:
-            with open(path) as f:
-                coco = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"instances file not found: {path}") from None
-        names = {int(c["id"]): c["name"] for c in coco["categories"]}
-        present: dict[str, set[int]] = {str(image["id"]): set() for image in coco["images"]}
-        for annotation in coco.get("annotations", []):
-            category_id = int(annotation["category_id"])
-            if category_id in names:
-                present.setdefault(str(annotation["image_id"]), set()).add(category_id)
+        """Categories of a COCO instances file, validated with :data:`INSTANCES_CATEGORIES`
+        (:class:`~stages.datasets.DatasetError` names the file, entry and field of a bad one)."""
+        lists = validate_ground_truth(load_json(path), path, INSTANCES_CATEGORIES)
+        names = {c["id"]: c["name"] for c in lists["categories"]}
+        present: dict[str, set[int]] = {str(image["id"]): set() for image in lists["images"]}
+        for annotation in lists["annotations"]:
+            present[str(annotation["image_id"])].add(annotation["category_id"])
         return cls(names=names, by_image={k: tuple(sorted(v)) for k, v in present.items()})
 
 

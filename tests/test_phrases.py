@@ -10,6 +10,7 @@ import yaml
 
 import stages.phrases as phrases
 from stages.config import ConfigError, from_mapping
+from stages.datasets import DatasetError
 from stages.io.tables import read_arrow, write_table
 from stages.phrases import PhrasesConfig, TextEncoderConfig, normalise_category_text, overlapping_tokens
 
@@ -220,6 +221,33 @@ def test_each_distinct_string_is_embedded_once_per_shard(tmp_path, monkeypatch):
     # first-letter one-hots: "grass" matches the category "The Grass" (normalised) in image 2
     assert [(r["image_id"], r["root"], r["category_id"]) for r in rows if r["error"] is None] == [
         ("1", "dog", 18), ("1", "dog", 18), ("2", "grass", 7)]
+
+
+def _without_key(mapping, key):
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: _without_key(c, "categories"), "missing top-level field 'categories'"),
+    (lambda c: {**c, "categories": [{"id": 1}]}, r"categories\[0\] has no field 'name'"),
+    (lambda c: {**c, "categories": [{"id": "1", "name": "dog"}]}, r"categories\[0\].id must be an integer"),
+    (lambda c: {**c, "categories": [{"id": 1, "name": ""}]}, r"categories\[0\].name must be a non-empty"),
+    (lambda c: {**c, "annotations": [{"image_id": 1, "category_id": 404}]},
+     r"annotations\[0\].category_id 404 is not in categories"),
+    (lambda c: {**c, "annotations": [{"image_id": 77, "category_id": 18}]},
+     r"annotations\[0\].image_id 77 is not in images"),
+    (lambda c: {**c, "images": [{"id": 1}, {"id": 1}]}, r"images\[1\] repeats id 1"),
+])
+def test_bad_instances_file_is_a_dataset_error_naming_the_entry(tmp_path, edit, match):
+    with pytest.raises(DatasetError, match=match):
+        run_phrases(tmp_path, [generation("1", DOG_PIECES)], edit(COCO))
+
+
+def test_missing_instances_file_is_a_dataset_error(tmp_path):
+    gen_path = tmp_path / "generations.parquet"
+    write_table([generation("1", DOG_PIECES)], gen_path, "generations")
+    with pytest.raises(DatasetError, match="not found"):
+        phrases.run(PhrasesConfig(), gen_path, tmp_path / "phrases.parquet", tmp_path / "absent.json")
 
 
 # --- config and CLI ----------------------------------------------------------------------------------
