@@ -14,6 +14,7 @@ from stages.train_sam import (
     batch_points,
     central_pixel,
     evaluate_sam,
+    low_res_mask_size,
     main,
     prepare_image,
     train_sam_model,
@@ -38,8 +39,9 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch_and_changes_the_weights():
     torch.manual_seed(0)
     sam = build_sam("tiny").train()
     examples = [make_example(0, "train", i, (48, 64)) for i in range(2)]
-    images = [prepare_image(e.pixels, e.masks, sam.image_encoder.img_size) for e in examples]
-    assert images[0].targets.shape == (len(examples[0].masks), 256, 256)
+    images = [prepare_image(e.pixels, e.masks, sam.image_encoder.img_size, low_res_mask_size(sam))
+              for e in examples]
+    assert images[0].targets.shape == (len(examples[0].masks), 64, 64)  # the decoder's low-res grid
     points = batch_points(images, FAST, np.random.default_rng(0))
     for image, pts in zip(images, points):  # every point lies inside its object's visible mask
         for mask, (x, y) in zip(image.masks, pts):
@@ -54,6 +56,29 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch_and_changes_the_weights():
     assert any(k.startswith("image_encoder.") for k in changed)
     assert any(k.startswith("mask_decoder.") for k in changed)
     assert any(k.startswith("prompt_encoder.") for k in changed)
+
+
+def test_targets_are_the_resized_masks_averaged_over_cells():
+    """A 40 x 80 image, longest side to 256 (x 3.2): a 20 x 20 square at rows 10-29, columns 20-39
+    becomes rows 32-95, columns 64-127 of the padded 256 frame, i.e. whole 4 x 4 cells 8-23 x 16-31
+    of the 64 x 64 target; everything below the image (rows 128-255 of the frame) is padding."""
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    mask = np.zeros((40, 80), bool)
+    mask[10:30, 20:40] = True
+    image = prepare_image(pixels, [mask], 256, 64)
+    expected = torch.zeros(64, 64)
+    expected[8:24, 16:32] = 1.0
+    assert image.pixels.shape == (128, 256, 3)
+    # exact but for the square's four corner pixels, which the resampling rounds away (15/16)
+    torch.testing.assert_close(image.targets[0], expected, atol=1 / 16, rtol=0)
+    assert int((image.targets[0] != expected).sum()) == 4
+    # an edge that falls inside a cell gives that cell the covered fraction
+    mask = np.zeros((40, 80), bool)
+    mask[:, :1] = True  # one column: 3.2 resized pixels wide, 3 after thresholding
+    soft = prepare_image(pixels, [mask], 256, 64).targets[0]
+    assert 0.5 <= float(soft[0, 0]) < 1.0 and float(soft[0, 1]) == 0.0 and float(soft[40, 0]) == 0.0
+    with pytest.raises(ValueError, match="must divide"):
+        prepare_image(pixels, [mask], 256, 60)
 
 
 def test_training_is_deterministic_and_leaves_global_state_alone():
