@@ -18,7 +18,6 @@ import argparse
 import bisect
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -12,10 +12,9 @@ split (:func:`stages.synthetic.make_example`, drawn in memory; the val and test 
 - the mask decoder answers with ``multimask_output=True`` (3 masks and 3 predicted IoUs); its
   low-resolution logits (``m x m``, ``m = img_size / 4``) are compared, at that resolution, with the
   ground-truth visible mask resized the same way as the image, zero-padded to ``img_size x img_size``
-  and area-averaged to ``m x m`` (a soft target: the fraction of each cell the object covers). The
-  loss at ``m x m`` keeps what upsampling the logits would add (bilinear upsampling cannot sharpen a
-  boundary) and makes a step about twice as fast as a loss at ``img_size``, so twice the steps fit in
-  the same time;
+  and area-averaged to ``m x m`` (a soft target: the fraction of each cell the object covers). Soft
+  targets carry where a boundary lies inside a cell, as a loss on bilinearly upsampled logits would,
+  on a sixteenth of the pixels: a step takes half the time, so twice the steps fit in the same time;
 - loss per mask ``k``: ``focal_weight * focal_k + dice_k`` (SAM's 20:1); the loss is the minimum over
   the three masks (SAM's ambiguity-aware recipe), plus ``last_mask_weight`` times the loss of mask 2,
   plus ``iou_weight`` times the MSE between each predicted IoU and the real IoU of that mask
