@@ -26,7 +26,6 @@ from stages.synthetic import (
     Scene,
     ShapeObject,
     SyntheticConfig,
-    describe_scene,
     generate_scene,
     list_captions,
     make_example,
