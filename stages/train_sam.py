@@ -211,11 +211,10 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
-def sam_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor,
+def sam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor,
              cfg: TrainSamConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of ``low_res`` logits ``(N, 3, m, m)`` and ``iou_pred`` ``(N, 3)`` against soft
-    ``targets`` ``(N, m, m)`` (see :func:`prepare_image`); returns ``(loss, parts)``."""
-    logits = low_res
+    """Loss of the decoder's low-resolution ``logits`` ``(N, 3, m, m)`` and ``iou_pred`` ``(N, 3)``
+    against soft ``targets`` ``(N, m, m)`` (see :func:`prepare_image`); returns ``(loss, parts)``."""
     targets = targets[:, None].expand_as(logits)
     per_mask = cfg.focal_weight * focal_loss(logits, targets) + dice_loss(logits, targets)  # (N, 3)
     best = per_mask.min(dim=1).values
