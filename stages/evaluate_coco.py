@@ -73,10 +73,12 @@ class InstanceSegEvaluator:
       points that missed every object. A point (x, y) (x right, y down) lies in the pixel of
       column floor(x) and row floor(y): the pixel itself for integer (column, row) points and for
       pixel centres (column + 0.5, row + 0.5) alike; a point outside the image is a miss. None
-      when there is no point. (The release's ``eval_instance_seg.py`` counts one point per
-      prediction, i.e. per non-empty mask, so with ``more_masks`` it counts a phrase's point up to
-      three times and never counts the point of an empty mask; with one non-empty mask per phrase
-      both agree.)
+      when there is no point.
+    - ``point_accuracy_per_prediction``: the same test counted the way the public release's
+      ``aas/eval_instance_seg.py`` counts it, the number its papers' tables report: once per
+      prediction (per non-empty mask), so with ``more_masks`` a phrase's point counts up to three
+      times and the point of an empty mask never counts. With one non-empty mask per phrase the
+      two agree. ``num_prediction_points``: the predictions that carry a point.
     - Counts: ``num_images`` (evaluated images), ``num_images_with_predictions``,
       ``num_predictions``, ``num_points``, ``num_phrase_error_rows`` and ``num_mask_error_rows``
       (error rows of each table; an upstream error may appear in both).
@@ -131,9 +133,14 @@ class InstanceSegEvaluator:
         metrics: dict[str, Any] = coco_segm_summary(self._gt, results_coco(self._gt, results), gt_ids)
         points = self._points(rows)
         hits = self._point_hits(points)
+        prediction_points = self._prediction_points(good)
+        prediction_hits = self._point_hits(prediction_points)
         metrics.update(
             point_accuracy=hits / len(points) if len(points) else None,
             num_points=len(points),
+            point_accuracy_per_prediction=(prediction_hits / len(prediction_points)
+                                           if len(prediction_points) else None),
+            num_prediction_points=len(prediction_points),
             num_images=len(self._image_ids),
             num_images_with_predictions=int(good["image_id"].nunique()),
             num_predictions=len(results),
@@ -148,6 +155,11 @@ class InstanceSegEvaluator:
         rows = rows[rows["point_x"].notna() & rows["point_y"].notna() & rows["category_id"].notna()
                     & rows["phrase_index"].notna() & rows["image_id"].isin(set(self._image_ids))]
         return rows.drop_duplicates(["image_id", "phrase_index"])
+
+    @staticmethod
+    def _prediction_points(good: pd.DataFrame) -> pd.DataFrame:
+        """One row per prediction (mask row without error) that carries a point prompt."""
+        return good[good["point_x"].notna() & good["point_y"].notna()]
 
     def _point_hits(self, points: pd.DataFrame) -> int:
         """How many ``points`` fall inside the ground-truth union of their predicted category."""

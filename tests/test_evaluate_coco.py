@@ -169,6 +169,10 @@ def test_point_accuracy_counts_points_per_phrase_against_the_category_union(tmp_
     # more_masks: phrase 5 has three masks but one point, inside the second mask of category 1.
     assert metrics["num_predictions"] == 8 and metrics["num_points"] == 8
     assert metrics["point_accuracy"] == pytest.approx(4 / 8)
+    # The release's count: one point per prediction (phrase 5's point three times, hits; phrases 0
+    # and 3 hit; 1, 2 and 4 miss); the empty masks' points and the upstream error are not counted.
+    assert metrics["num_prediction_points"] == 8
+    assert metrics["point_accuracy_per_prediction"] == pytest.approx(5 / 8)
 
 
 def test_points_outside_the_image_are_misses(tmp_path):
