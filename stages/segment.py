@@ -8,7 +8,8 @@ Per image (REFERENCE.md section 3):
 2. ``A - mean_t A[t]``: the mean row over every generated token with finite values is subtracted
    (this removes the attention sinks shared by all tokens);
 3. each phrase's rows (its ``token_indices``) are pooled into one ``(h, w)`` map, mean or max;
-4. optionally (``remove_corner``) the four corner cells are set to that map's minimum;
+4. optionally (``remove_corner``) the four corner cells of every phrase map are set to the minimum
+   over all the image's phrase maps that reach this step (as the public release does);
 5. the map is upsampled bicubically (``align_corners=False``) to the image: ``pad`` upsamples to
    ``(L, L)`` with ``L = max(H, W)`` and keeps the centre ``H x W`` (rows from ``(L - H) // 2``,
    columns from ``(L - W) // 2``, where LLaVA's pad-to-square put the image); ``crop`` upsamples to
@@ -135,10 +136,12 @@ def pool_phrase(centred: torch.Tensor, token_indices: Sequence[int], pool: str) 
     return selected.mean(dim=0) if pool == "mean" else selected.amax(dim=0)
 
 
-def remove_corners(phrase_map: torch.Tensor) -> torch.Tensor:
-    """A copy of ``phrase_map`` ``(h, w)`` with its four corner cells set to the map's minimum."""
-    out = phrase_map.clone()
-    out[[0, 0, -1, -1], [0, -1, 0, -1]] = phrase_map.min()
+def remove_corners(phrase_maps: torch.Tensor) -> torch.Tensor:
+    """A copy of the phrase maps ``(P, h, w)`` of one image with the four corner cells of every map set
+    to the minimum over all ``P`` maps (the release's ``remove_corner`` takes the minimum of the
+    stacked maps of the image's phrases, not of each map)."""
+    out = phrase_maps.clone()
+    out[:, [0, 0, -1, -1], [0, -1, 0, -1]] = phrase_maps.min()
     return out
 
 
@@ -322,12 +325,13 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
         raise ImageFailure(str(exc)) from None
     height, width = image.shape[:2]
 
+    phrase_maps = torch.stack([pool_phrase(centred, phrases[position]["token_indices"], cfg.pool)
+                               for position in usable])
+    if cfg.remove_corner:
+        phrase_maps = remove_corners(phrase_maps)
     points, mask_logits, boxes = [], [], []
-    for position in usable:
+    for position, phrase_map in zip(usable, phrase_maps):
         phrase = phrases[position]
-        phrase_map = pool_phrase(centred, phrase["token_indices"], cfg.pool)
-        if cfg.remove_corner:
-            phrase_map = remove_corners(phrase_map)
         image_map = upsample_map(phrase_map, height, width, cfg.upsample)
         if cfg.prompt == "attention":
             point_x, point_y = argmax_pixel(image_map)

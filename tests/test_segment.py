@@ -467,13 +467,14 @@ def test_pool_phrase_mean_and_max():
     assert torch.equal(pool_phrase(rows, [0, 1], "max"), torch.tensor([[3.0, 4.0]]))
 
 
-def test_remove_corners_uses_the_map_minimum():
-    phrase_map = torch.arange(16.0).reshape(4, 4) + 1
-    phrase_map[1, 2] = -5.0
-    out = remove_corners(phrase_map)
-    assert out[0, 0] == out[0, 3] == out[3, 0] == out[3, 3] == -5.0
-    assert phrase_map[0, 0] == 1.0  # the input is left as it was
-    assert torch.equal(out[1:3], phrase_map[1:3])
+def test_remove_corners_uses_the_minimum_over_all_phrase_maps_of_the_image():
+    phrase_maps = torch.arange(32.0).reshape(2, 4, 4) + 1
+    phrase_maps[1, 1, 2] = -5.0  # the second phrase's map holds the image's minimum
+    out = remove_corners(phrase_maps)
+    for k in range(2):
+        assert out[k, 0, 0] == out[k, 0, 3] == out[k, 3, 0] == out[k, 3, 3] == -5.0
+        assert torch.equal(out[k, 1:3], phrase_maps[k, 1:3])
+    assert phrase_maps[0, 0, 0] == 1.0  # the input is left as it was
 
 
 def test_pad_and_original_agree_on_a_square_image():
