@@ -7,8 +7,9 @@ It runs the pipeline's own stages (manifest rows, generate, phrases, segment) on
 - a phrase is kept when its best cosine similarity to a list of category names is >=
   ``category_thresh`` (0.70; the release compares the whole phrase, lower-cased and without a
   leading article, with the 80 COCO category names) and SAM's score is >= ``sam_score_thresh`` (0.85);
-- kept masks are visited by decreasing score and a mask whose IoU with an already kept one is
-  above ``merge_iou`` (0.75) is dropped.
+- kept masks are visited in the order of the answer (phrase, then mask index) and a mask whose IoU
+  with an already kept one is above ``merge_iou`` (0.75) is merged into it (dropped): the earlier
+  phrase's mask stands for both, as the release's ``merge_preds`` does, whatever the scores.
 
 Outputs in ``out_dir``: ``manifest.parquet``, ``generations.parquet``, ``attention.zarr``,
 ``phrases.parquet``, ``masks.parquet`` (every mask), ``masks_kept.parquet`` (after the filters) and
@@ -89,7 +90,7 @@ def keep_masks(masks: pd.DataFrame, text_encoder, demo_filter: DemoFilter) -> pd
     similarity = text_encoder.embed(texts) @ text_encoder.embed(list(demo_filter.categories)).T
     candidates = candidates[similarity.max(axis=1) >= demo_filter.category_thresh]
     for _, group in candidates.groupby("image_id", sort=False):
-        group = group.sort_values("score", ascending=False, kind="stable")
+        group = group.sort_values(["phrase_index", "mask_index"], kind="stable")
         rles = [{"size": [int(r.height), int(r.width)], "counts": r.rle_counts.encode()} for r in group.itertuples()]
         kept: list[int] = []
         for position, index in enumerate(group.index):

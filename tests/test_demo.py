@@ -16,12 +16,12 @@ from stages.models.toy_lmm import build_toy_llava
 from stages.text_encoders import load_text_encoder
 
 
-def rle_row(image_id, text, score, box, size=(40, 60), error=None):
+def rle_row(image_id, text, score, box, size=(40, 60), error=None, phrase_index=0):
     mask = np.zeros(size, dtype=np.uint8)
     x0, y0, x1, y1 = box
     mask[y0:y1, x0:x1] = 1
     rle = mask_utils.encode(np.asfortranarray(mask))
-    return {"image_id": image_id, "phrase_index": 0, "mask_index": 2, "text": text, "category_id": None,
+    return {"image_id": image_id, "phrase_index": phrase_index, "mask_index": 2, "text": text, "category_id": None,
             "score": score, "point_x": float(x0), "point_y": float(y0), "rle_counts": rle["counts"].decode(),
             "height": size[0], "width": size[1], "area": int(mask.sum()), "error": error}
 
@@ -33,12 +33,13 @@ def encoder():
 
 def test_filters_keep_named_confident_non_overlapping_masks(encoder):
     masks = pd.DataFrame([
-        rle_row("a", "a dog", 0.95, (0, 0, 20, 20)),            # kept
-        rle_row("a", "the dog", 0.90, (1, 1, 20, 20)),          # IoU > 0.75 with a better one: merged away
-        rle_row("a", "a cat", 0.80, (30, 0, 50, 20)),           # SAM score below 0.85
-        rle_row("a", "the atmosphere", 0.99, (30, 20, 50, 40)),  # abstract: no COCO category
+        rle_row("a", "a dog", 0.90, (0, 0, 20, 20), phrase_index=0),    # kept: the first phrase
+        rle_row("a", "the dog", 0.95, (1, 1, 20, 20), phrase_index=1),  # IoU > 0.75 with an earlier
+        # phrase's mask: merged into it, though its score is higher (the release's merge_preds)
+        rle_row("a", "a cat", 0.80, (30, 0, 50, 20), phrase_index=2),   # SAM score below 0.85
+        rle_row("a", "the atmosphere", 0.99, (30, 20, 50, 40), phrase_index=3),  # no COCO category
         rle_row("b", "a dog", 0.95, (0, 0, 20, 20)),            # another image: no merging across images
-        rle_row("b", "a dog", 0.99, (0, 0, 20, 20), error="SAM predicted an empty mask"),
+        rle_row("b", "a dog", 0.99, (0, 0, 20, 20), error="SAM predicted an empty mask", phrase_index=1),
     ])
     kept = keep_masks(masks, encoder, DemoFilter())
     assert kept.tolist() == [True, False, False, False, True, False]
