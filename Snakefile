@@ -1,6 +1,8 @@
 # Attend-and-segment: pixel grounding read out of a multimodal model's attention.
-# Data path (DESIGN.md): images + annotations -> manifest -> generate (GPU, per shard)
-# -> phrases (CPU, per shard) -> segment (GPU, per shard) -> evaluate (gather) -> visualize/report.
+# Data path: images + annotations -> manifest -> generate (GPU, per shard) -> phrases (CPU, per shard)
+# -> segment (GPU, per shard) -> evaluate (gather) -> visualize/report, summary over runs.
+# Artifacts, their paths and the repository layout: docs/architecture.md; what each stage computes:
+# docs/method.md.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")

@@ -3,8 +3,8 @@
 For every forward call of a generating model ("step"), the row captured is the softmax attention of
 the *newest* query position (step 0: the last prompt position at prefill; step j > 0: the position
 of the token generated at step j - 1) over *all* keys, restricted to the image-token keys, averaged
-over the selected heads and the selected language-model layers (REFERENCE §1). Generated token g_j
-gets row j.
+over the selected heads and the selected language-model layers (docs/method.md, section 1).
+Generated token g_j gets row j.
 
 How: the language model's attention implementation is switched, for the duration of
 :meth:`AttentionCapture.recording`, to a function registered with transformers'

@@ -3,7 +3,7 @@ the answer with its phrases, an overlay PNG and a table of masks out.
 
 It runs the pipeline's own stages (manifest rows, generate, phrases, segment) on one shard in
 ``out_dir`` with the model sections of a workflow config, then applies the release's demo filters
-(REFERENCE.md §3):
+(docs/method.md, section 3):
 - a phrase is kept when its best cosine similarity to a list of category names is >=
   ``category_thresh`` (0.70; the release compares the whole phrase, lower-cased and without a
   leading article, with the 80 COCO category names) and SAM's score is >= ``sam_score_thresh`` (0.85);

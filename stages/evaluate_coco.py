@@ -1,8 +1,8 @@
-"""COCO instance segmentation evaluation (REFERENCE §4): mask AP/AR with pycocotools and point accuracy.
+"""COCO instance segmentation evaluation: mask AP/AR with pycocotools and point accuracy.
 
-Inputs are the data set's COCO instances file, the run's manifest and the phrases and masks
-tables of all shards; outputs are the predictions in COCO results format and
-``{"instance_seg": {metric: value}}`` as JSON.
+What is computed is stated in docs/method.md, section 4. Inputs are the data set's COCO instances
+file, the run's manifest and the phrases and masks tables of all shards; outputs are the predictions
+in COCO results format and ``{"instance_seg": {metric: value}}`` as JSON.
 
     python -m stages.evaluate_coco --instances instances.json --manifest manifest.parquet \\
         --masks masks/shard-0.parquet masks/shard-1.parquet \\
@@ -60,7 +60,7 @@ class InstanceSegEvaluator:
     - Predictions (:meth:`predictions`): one per mask row without error, so with ``more_masks``
       the three masks of a phrase are three predictions. COCO results format: ``image_id`` = the
       ground truth's own id (the artifact's text id mapped back), ``category_id`` = the row's
-      category (§2), ``segmentation`` = the row's RLE, ``score`` = SAM's predicted IoU.
+      category (phrases stage), ``segmentation`` = the row's RLE, ``score`` = SAM's predicted IoU.
     - ``AP`` ... ``AR100``: pycocotools COCOeval, iouType ``segm``, ``useCats=1``, all ground-truth
       categories, restricted to the evaluated images; fractions in [0, 1]; None where pycocotools
       reports -1 (no ground truth to measure against).

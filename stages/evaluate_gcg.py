@@ -1,4 +1,4 @@
-"""Grounded conversation generation (GCG) evaluation, GLaMM's protocol (REFERENCE §4).
+"""Grounded conversation generation (GCG) evaluation, GLaMM's protocol (docs/method.md, section 4).
 
 Ground truth is GranD-f's pair of COCO-format files: ``*_gcg_coco_mask_gt.json`` (masks,
 category_id 1, string image ids) and ``*_gcg_coco_caption_gt.json`` (annotations with

@@ -1,6 +1,6 @@
 """Segment stage (GPU when present): each phrase's attention map becomes a SAM prompt, then a mask.
 
-Per image (REFERENCE.md section 3):
+Per image (docs/method.md, section 3):
 
 1. rows ``A``: float32 ``(T, h, w)``, the attention maps of the image's T generated tokens on the
    image's own grid (``grid_h`` x ``grid_w`` of its generations row), read from the shard's

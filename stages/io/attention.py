@@ -6,7 +6,7 @@ the shard, image after image and token after token, each map row-major over its 
 generations table locates an image's maps: ``attention_offset`` (first element), ``num_tokens``,
 ``grid_h`` and ``grid_w``; they are one contiguous slice of ``num_tokens * grid_h * grid_w`` values.
 Group attributes: ``schema_version``, ``artifact``, ``model``, ``grid_covers`` (what the grids cover:
-"padded_square" or "image") and ``reduction``.
+"padded_square", "centre_square" or "image") and ``reduction``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class AttentionWriter:
 
     Use as a context manager. ``append(rows)`` takes one image's maps, a float array of shape
     (n, grid_h, grid_w) with that image's own grid, stores them as float16 and returns the element
-    offset of their first value. ``grid_covers``: "padded_square" or "image" (see
+    offset of their first value. ``grid_covers``: "padded_square", "centre_square" or "image" (see
     :data:`schemas.artifacts.GRID_COVERS`). Values are written a whole Zarr shard file at a time
     (``chunk_values * chunks_per_shard`` values), the remainder on close, so no shard file is
     rewritten.
