@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from stages.capture import AttentionCapture
     from stages.devices import InputDevices
-    from stages.models.registry import LoadedLMM
+    from stages.models.base import LoadedLMM
 
 log = logging.getLogger(__name__)
 

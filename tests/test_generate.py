@@ -340,7 +340,7 @@ def test_bad_model_path_is_a_config_error_naming_it(tmp_path, kind):
     ("./toy-llava", False), ("/no/such/folder", False), ("owner/name with space", False),
 ])
 def test_model_source_tells_hub_ids_from_missing_folders(path, is_hub_id, tmp_path, monkeypatch):
-    from stages.models.registry import model_source
+    from stages.models.base import model_source
 
     monkeypatch.chdir(tmp_path)        # relative paths must not find a checkout's own results/
     if is_hub_id:
