@@ -114,7 +114,8 @@ def llama2_tokenizer_json() -> dict[str, Any]:
         "pre_tokenizer": None,
         "post_processor": {
             "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
@@ -161,7 +162,8 @@ def llama2_sentencepiece_model() -> bytes:
     return model.SerializeToString()
 
 
-def write_vicuna_tokenizer(folder: str | os.PathLike, *, legacy: bool | None, sentencepiece_only: bool) -> None:
+def write_vicuna_tokenizer(folder: str | os.PathLike, *, legacy: bool | None,
+                           sentencepiece_only: bool) -> None:
     """Write the real-vocabulary Vicuna-7B-v1.5 (Llama-2) tokenizer files into ``folder`` as a published
     checkpoint holds them: ``tokenizer.model`` (always), ``tokenizer.json`` unless
     ``sentencepiece_only``, ``tokenizer_config.json`` (LlamaTokenizer, <s> added in front, no pad
@@ -201,7 +203,8 @@ def _lenml_files(spec: str, folder: str | os.PathLike) -> tuple[Path, dict[str, 
             json.loads((models / "tokenizer_config.json").read_text(encoding="utf-8")))
 
 
-def write_mistral_tokenizer(folder: str | os.PathLike, config_overrides: dict[str, Any] | None = None) -> None:
+def write_mistral_tokenizer(folder: str | os.PathLike,
+                            config_overrides: dict[str, Any] | None = None) -> None:
     """Write Mistral-7B's tokenizer (32000 pieces, Llama-2's format, another vocabulary; <s> in front,
     ``legacy`` true) into ``folder``: the package's ``tokenizer.json`` and ``tokenizer_config.json``,
     the latter updated with ``config_overrides``."""
@@ -233,7 +236,8 @@ def write_llama3_tokenizer(folder: str | os.PathLike, config_overrides: dict[str
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_qwen2_5_tokenizer(folder: str | os.PathLike, config_overrides: dict[str, Any] | None = None) -> None:
+def write_qwen2_5_tokenizer(folder: str | os.PathLike,
+                            config_overrides: dict[str, Any] | None = None) -> None:
     """Write Qwen2.5's tokenizer (151643 byte-level BPE tokens + 22 added tokens, among them
     <|vision_start|> 151652, <|image_pad|> 151655) into ``folder``: ``tokenizer.json`` without Qwen3's
     four later added tokens and ``tokenizer_config.json`` (Qwen2Tokenizer, no BOS), updated with

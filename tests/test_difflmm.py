@@ -1,8 +1,9 @@
-"""The difflmm family: tiny SD-1.5, CLIP, Vicuna (tiny weights, the real tokenizer) and a DiffLMM LoRA checkpoint in the published layouts,
-fabricated into a fake Hugging Face cache, loaded through the registry by the LoRA's hub id, checked
-against an independent reimplementation of REFERENCE §5 and the release's SDCLIPBlock (full diffusers
-UNet forward hooked at up-block 1, DDIMScheduler.add_noise, LoRA merged by hand W + alpha/r * B @ A),
-then run through the generate stage with attention capture."""
+"""The difflmm family: tiny SD-1.5, CLIP, Vicuna (tiny weights, the real tokenizer) and a DiffLMM LoRA
+checkpoint in the published layouts, fabricated into a fake Hugging Face cache, loaded through the
+registry by the LoRA's hub id, checked against an independent reimplementation of REFERENCE §5 and the
+release's SDCLIPBlock (full diffusers UNet forward hooked at up-block 1, DDIMScheduler.add_noise, LoRA
+merged by hand W + alpha/r * B @ A) and the release's prompt ids, then run through the generate stage
+with attention capture."""
 
 from __future__ import annotations
 
@@ -272,7 +273,8 @@ def test_logits_equal_the_reference_reimplementation(loaded, offline_hub):
     assert ids.count(loaded.image_token_id) == GRID * GRID
     # The release's prompt ids (its tokenizer_image_token), with the published non-legacy tokenizer.
     release_ids = sentinel_ids(ids, loaded.image_token_id)
-    assert release_ids == tokenizer_image_token(processor.tokenizer, prompt) == sentencepiece_image_token(prompt)
+    assert release_ids == tokenizer_image_token(processor.tokenizer, prompt)
+    assert release_ids == sentencepiece_image_token(prompt)
     around = release_ids.index(-200)
     assert release_ids[around - 4:around + 3] == RELEASE_IDS_AROUND_THE_IMAGE
 

@@ -226,8 +226,8 @@ def test_prompt_is_the_qwen_chat_template(loaded):
     assert ids.count(image_pad) == 2 * 3
     assert ids[:ids.index(image_pad)] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198,
                                           151644, 872, 198, 151652]
-    assert ids[len(ids) - ids[::-1].index(image_pad):] == [151653, 74785, 279, 2168, 304, 7716, 13, 151645, 198,
-                                                           151644, 77091, 198]
+    after_image = ids[len(ids) - ids[::-1].index(image_pad):]
+    assert after_image == [151653, 74785, 279, 2168, 304, 7716, 13, 151645, 198, 151644, 77091, 198]
 
 
 @pytest.mark.parametrize(("size", "grid"), [
@@ -462,7 +462,7 @@ def local_copy(folder, destination, file: str, changes: dict, replace: bool):
 
 
 @pytest.mark.parametrize(("file", "changes", "replace", "message"), [
-    ("preprocessor_config.json", {"merge_size": 1}, False, r"\(14, 1, 312\), the model \(14, 2, 312\)"),
+    ("preprocessor_config.json", {"merge_size": 1}, False, r"\(14, 1, 151655\), the model \(14, 2, 151655\)"),
     # Snapshots taken before the hub's preprocessor_config.json named Qwen2VLImageProcessor.
     ("preprocessor_config.json", {"image_processor_type": "Qwen2_5_VLImageProcessor"}, False,
      "cannot load the processor of Qwen2.5-VL model .*Unrecognized image processor"),
@@ -499,7 +499,7 @@ def test_answer_spans_follow_the_byte_level_tokenizer(loaded):
     assert "".join(answer[start:end] for start, end in distinct) == answer       # in order, no gaps
     assert answer[starts[2]:ends[2]] == " café"                                 # one token of the vocabulary
     character = answer.index("镇")
-    assert sum(start <= character < end for start, end in spans) == 3           # " " + its 3 bytes in 3 tokens
+    assert sum(start <= character < end for start, end in spans) == 3     # " " + its 3 bytes in 3 tokens
 
 
 @pytest.mark.gpu

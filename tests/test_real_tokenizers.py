@@ -143,5 +143,5 @@ def test_token_spans_and_phrase_groups_on_real_vocabularies(tmp_path, name):
                 assert ends[j] <= start or starts[j] >= end
     llama_tokens = [ids[j] for j in groups[WORDS.index("🦙")]]
     if name.startswith("vicuna"):
-        assert llama_tokens == [243, 162, 169, 156]          # its four UTF-8 bytes: <0xF0> <0x9F> <0xA6> <0x99>
+        assert llama_tokens == [243, 162, 169, 156]          # its UTF-8 bytes <0xF0> <0x9F> <0xA6> <0x99>
         assert {answer[starts[j]:ends[j]] for j in groups[WORDS.index("🦙")]} == {"🦙"}

@@ -49,7 +49,8 @@ Conversion into transformers: a stock ``LlavaForConditionalGeneration`` whose ``
 strategy "full". The language model is the base LlamaForCausalLM with the LoRA merged (PEFT
 ``merge_and_unload``, as the release), so :mod:`stages.capture` works unchanged. The image token
 is handled as in :mod:`stages.models.llava_v1` ("<image>" added, zero rows, suppressed), and so are the
-prompt ids (the release's chunk-wise tokenisation around "<image>", :class:`~stages.models.llava_v1.LlavaV1Processor`).
+prompt ids (the release's chunk-wise tokenisation around "<image>",
+:class:`~stages.models.llava_v1.LlavaV1Processor`).
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ from torch import nn
 from stages.config import ConfigError
 from stages.devices import place_model
 from stages.models.base import Devices, LoadedLMM, uniform_layouts
-from stages.models.llava_v1 import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE, LlavaV1Processor,
-                                    add_image_token, llama_text_config, load_tokenizer, pad_embedding_rows,
-                                    resolve_checkpoint)
+from stages.models.llava_v1 import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE,
+                                    LlavaV1Processor, add_image_token, llama_text_config, load_tokenizer,
+                                    pad_embedding_rows, resolve_checkpoint)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel

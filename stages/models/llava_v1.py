@@ -188,8 +188,8 @@ def load_tokenizer(folder: Path, path: str):
             except ImportError:
                 missing.append(package)
         if missing:
-            raise ConfigError(f"the tokenizer of {path!r} is a sentencepiece tokenizer.model only; reading it "
-                              f"needs the Python package(s) {', '.join(missing)} (pip install "
+            raise ConfigError(f"the tokenizer of {path!r} is a sentencepiece tokenizer.model only; "
+                              f"reading it needs the Python package(s) {', '.join(missing)} (pip install "
                               f"{' '.join(missing)})")
     try:
         return AutoTokenizer.from_pretrained(folder)
@@ -256,15 +256,17 @@ class LlavaV1Processor(LlavaProcessor):
         from transformers import BatchFeature
 
         if kwargs:
-            raise TypeError(f"LlavaV1Processor takes images, text, padding and return_tensors; got {sorted(kwargs)}")
+            raise TypeError("LlavaV1Processor takes images, text, padding and return_tensors; "
+                            f"got {sorted(kwargs)}")
         texts = [text] if isinstance(text, str) else list(text or [])
         image_inputs = self.image_processor(images, return_tensors="pt")
         if [t.count(IMAGE_TOKEN) for t in texts] != [1] * len(image_inputs["pixel_values"]):
-            raise ValueError(f"LlavaV1Processor needs one {IMAGE_TOKEN!r} per text and one image per text; got "
-                             f"{[t.count(IMAGE_TOKEN) for t in texts]} placeholders for "
+            raise ValueError(f"LlavaV1Processor needs one {IMAGE_TOKEN!r} per text and one image per text; "
+                             f"got {[t.count(IMAGE_TOKEN) for t in texts]} placeholders for "
                              f"{len(image_inputs['pixel_values'])} images")
         height, width = image_inputs["pixel_values"].shape[-2:]
-        image_tokens = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
+        image_tokens = ((height // self.patch_size) * (width // self.patch_size)
+                        + self.num_additional_image_tokens)
         if self.vision_feature_select_strategy == "default":
             image_tokens -= 1
         ids = [encode_release_prompt(self.tokenizer, t, self.image_token_id, image_tokens) for t in texts]
