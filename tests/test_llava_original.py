@@ -124,6 +124,24 @@ def offline_hub(hub_cache, monkeypatch):
     return hub_cache
 
 
+@pytest.fixture(scope="module")
+def weights_hub(tmp_path_factory):
+    """One more cache (safetensors weights) for tests that replace the tokenizer files themselves;
+    returns (cache, llava snapshot)."""
+    cache = tmp_path_factory.mktemp("hub")
+    write_clip_tower(snapshot(cache, TOWER_ID))
+    checkpoint = snapshot(cache, REPO_ID)
+    write_llava_checkpoint(checkpoint, "safetensors", legacy=False, sentencepiece_only=True)
+    return cache, checkpoint
+
+
+@pytest.fixture
+def offline_weights(weights_hub, monkeypatch):
+    """The llava snapshot of :func:`weights_hub`, its cache read offline."""
+    use_offline_cache(monkeypatch, weights_hub[0])
+    return weights_hub[1]
+
+
 @pytest.fixture
 def loaded(offline_hub):
     return load_lmm("llava_original", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
@@ -238,11 +256,11 @@ PROMPTS = [(QUESTION, None), (QUESTION, "Be brief."),
 
 @pytest.mark.parametrize("sentencepiece_only", [True, False], ids=["tokenizer.model", "tokenizer.json"])
 @pytest.mark.parametrize("legacy", [None, True, False], ids=["legacy-unset", "legacy", "non-legacy"])
-def test_prompt_ids_are_the_releases_whatever_the_legacy_flag(offline_hub, tmp_path, legacy,
+def test_prompt_ids_are_the_releases_whatever_the_legacy_flag(offline_weights, tmp_path, legacy,
                                                               sentencepiece_only):
     from transformers import AutoTokenizer, LlavaProcessor
 
-    folder = with_tokenizer(offline_hub[1], tmp_path / "llava", legacy=legacy,
+    folder = with_tokenizer(offline_weights, tmp_path / "llava", legacy=legacy,
                             sentencepiece_only=sentencepiece_only)
     lmm = load_lmm("llava_original", str(folder), dtype=torch.float32, attn_implementation="sdpa",
                    device=torch.device("cpu"))
@@ -269,8 +287,8 @@ def test_prompt_ids_are_the_releases_whatever_the_legacy_flag(offline_hub, tmp_p
 
 @pytest.mark.parametrize("module", ["sentencepiece", "google.protobuf"])
 def test_a_tokenizer_model_without_sentencepiece_is_a_config_error_naming_path_and_package(
-        offline_hub, tmp_path, monkeypatch, module):
-    folder = with_tokenizer(offline_hub[1], tmp_path / "llava", legacy=False, sentencepiece_only=True)
+        offline_weights, tmp_path, monkeypatch, module):
+    folder = with_tokenizer(offline_weights, tmp_path / "llava", legacy=False, sentencepiece_only=True)
     monkeypatch.setitem(sys.modules, module, None)          # import fails as if not installed
     package = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}[module]
     with pytest.raises(ConfigError, match=rf"{re.escape(repr(str(folder)))}.*tokenizer.model.*{package}"):
