@@ -9,7 +9,8 @@ language model of a LoRA checkpoint, the release's ``--model-base``; None = the 
 choice) when :attr:`FamilySpec.takes_base`, and ``grid`` (one of :attr:`FamilySpec.grid_choices`)
 when the family offers several feature grids. It returns a :class:`LoadedLMM` whose model is in eval
 mode on ``device``, and raises :class:`~stages.config.ConfigError` naming ``path`` when the model
-cannot be loaded. Heavy imports (torch, transformers) happen inside the loaders.
+cannot be loaded. This module and the registry import neither torch nor transformers; a family's
+module (which may) is imported only when that family is loaded.
 
 Coordinate conventions: a feature grid has ``rows`` x ``columns`` cells, cell (r, c) in row r from
 the top and column c from the left; grids are flattened row-major (index r * columns + c).
