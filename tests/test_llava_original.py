@@ -37,6 +37,11 @@ IMAGE_TOKEN_INDEX = -200              # the release's sentinel (llava/constants.
 QUESTION = "Describe the image in detail."
 # Around the image, the release's ids are "▁US", "ER", ":", "▁" | image | "▁", "\n".
 RELEASE_IDS_AROUND_THE_IMAGE = [3148, 1001, 29901, 29871, IMAGE_TOKEN_INDEX, 29871, 13]
+# The release's ids of f"{LLAVA_V1_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:" with Vicuna's vocabulary.
+RELEASE_PROMPT_IDS = [
+    1, 319, 13563, 1546, 263, 12758, 5199, 322, 385, 23116, 21082, 20255, 29889, 450, 20255, 4076, 8444,
+    29892, 13173, 29892, 322, 1248, 568, 6089, 304, 278, 5199, 29915, 29879, 5155, 29889,
+    *RELEASE_IDS_AROUND_THE_IMAGE, 4002, 29581, 278, 1967, 297, 9493, 29889, 319, 1799, 9047, 13566, 29901]
 # Checkpoint variants: (weights, tokenizer_config.json's "legacy", tokenizer.model only). The first is
 # the published liuhaotian/llava-v1.5-7b layout.
 CHECKPOINTS = [("bin-shards", False, True), ("safetensors", True, False)]
@@ -278,6 +283,8 @@ def test_prompt_ids_are_the_releases_whatever_the_legacy_flag(offline_weights, t
         assert sentinel_ids(ids, lmm.image_token_id) == release == tokenizer_image_token(tokenizer, prompt)
         around = release.index(IMAGE_TOKEN_INDEX)
         assert release[around - 4:around + 3] == RELEASE_IDS_AROUND_THE_IMAGE
+        if (question, system) == (QUESTION, None):
+            assert release == RELEASE_PROMPT_IDS
         whole = sentinel_ids(whole_prompt(images=[image], text=[prompt])["input_ids"][0], lmm.image_token_id)
         if legacy:
             assert whole == release
