@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from stages.capture import AttentionCapture
     from stages.devices import InputDevices
-    from stages.models.registry import LoadedLMM
+    from stages.models.base import LoadedLMM
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def build_prompt(processor: Any, question: str, system_prompt: str | None) -> str:
     """The model's chat template applied to [system message], user (image, question), with the
-    generation prompt appended (llava-1.5: ``"[system ]USER: <image>\\n{question} ASSISTANT:"``)."""
+    generation prompt appended (llava-1.5: ``"[system ]USER: <image>\\n{question} ASSISTANT:"``).
+
+    The LLaVA-1.5 release's conversation (``llava_v1``) is ``"{system line} USER: <image>\\n{question}
+    ASSISTANT:"`` with :data:`stages.models.llava_v1.LLAVA_V1_SYSTEM` as the system line. The
+    ``llava_original`` and ``difflmm`` families put that line in when ``system_prompt`` is None; the
+    llava-hf template of the ``llava`` family has no default system line, so ``generate.system_prompt``
+    set to that line renders exactly the release's conversation there too.
+    """
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})

@@ -1,8 +1,9 @@
-"""The difflmm family: tiny SD-1.5, CLIP, Vicuna and a DiffLMM LoRA checkpoint in the published layouts,
-fabricated into a fake Hugging Face cache, loaded through the registry by the LoRA's hub id, checked
-against an independent reimplementation of DiffLMM (docs/method.md, section 5) and the release's
-SDCLIPBlock (full diffusers UNet forward hooked at up-block 1, DDIMScheduler.add_noise, LoRA merged by
-hand W + alpha/r * B @ A), then run through the generate stage with attention capture."""
+"""The difflmm family: tiny SD-1.5, CLIP, Vicuna (tiny weights, the real tokenizer) and a DiffLMM LoRA
+checkpoint in the published layouts, fabricated into a fake Hugging Face cache, loaded through the
+registry by the LoRA's hub id, checked against an independent reimplementation of DiffLMM
+(docs/method.md, section 5) and the release's SDCLIPBlock (full diffusers UNet forward hooked at
+up-block 1, DDIMScheduler.add_noise, LoRA merged by hand W + alpha/r * B @ A) and the release's prompt
+ids, then run through the generate stage with attention capture."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 from fake_hub import snapshot, use_offline_cache
-from test_llava_original import llama_fields, tokenizer_image_token, vicuna_like_tokenizer
+from real_tokenizers import LLAMA2_VOCAB_SIZE, write_vicuna_tokenizer
+from test_llava_original import (RELEASE_IDS_AROUND_THE_IMAGE, llama_fields, sentencepiece_image_token,
+                                 sentinel_ids, tokenizer_image_token)
 
 from stages import generate
 from stages.capture import eager_reference_rows, image_token_positions
@@ -22,7 +25,7 @@ from stages.generate import GenerateConfig, LMMConfig, build_prompt
 from stages.io.attention import open_attention, read_rows
 from stages.io.tables import read_table, write_table
 from stages.models.difflmm import NOISE_SEED
-from stages.models.llava_original import LLAVA_V1_SYSTEM
+from stages.models.llava_v1 import LLAVA_V1_SYSTEM
 from stages.models.registry import load_lmm
 
 LORA_ID = "Shengcao1006/difflmm-llava-v1.5-7b-lora"
@@ -85,13 +88,13 @@ def write_clip(folder) -> None:
 
 
 def write_base(folder) -> None:
-    """Vicuna's layout: LlamaForCausalLM.save_pretrained, tokenizer, generation_config.json."""
+    """lmsys/vicuna-7b-v1.5's layout: LlamaForCausalLM.save_pretrained, the real Vicuna tokenizer as
+    published (tokenizer.model only, ``"legacy": false``), generation_config.json."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = vicuna_like_tokenizer()
-    tokenizer.save_pretrained(folder)
+    write_vicuna_tokenizer(folder, legacy=False, sentencepiece_only=True)
     torch.manual_seed(5)
-    LlamaForCausalLM(LlamaConfig(**llama_fields(len(tokenizer)))).save_pretrained(folder)
+    LlamaForCausalLM(LlamaConfig(**llama_fields(LLAMA2_VOCAB_SIZE))).save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_length": 4096}))
 
@@ -267,13 +270,16 @@ def test_logits_equal_the_reference_reimplementation(loaded, offline_hub):
     prompt = build_prompt(processor, QUESTION, None)
     inputs = processor(images=[noise_image(0)], text=[prompt], return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
-    first = ids.index(loaded.image_token_id)
     assert ids.count(loaded.image_token_id) == GRID * GRID
-    sentinel_ids = ids[:first] + [-200] + ids[first + GRID * GRID:]
-    assert sentinel_ids == tokenizer_image_token(processor.tokenizer, prompt)
+    # The release's prompt ids (its tokenizer_image_token), with the published non-legacy tokenizer.
+    release_ids = sentinel_ids(ids, loaded.image_token_id)
+    assert release_ids == tokenizer_image_token(processor.tokenizer, prompt)
+    assert release_ids == sentencepiece_image_token(prompt)
+    around = release_ids.index(-200)
+    assert release_ids[around - 4:around + 3] == RELEASE_IDS_AROUND_THE_IMAGE
 
     reference = ReferenceDiffLMM(offline_hub)
-    expected = reference.logits(sentinel_ids, inputs["pixel_values"])
+    expected = reference.logits(release_ids, inputs["pixel_values"])
     with torch.no_grad():
         actual = loaded.model(**inputs).logits[0]
     torch.testing.assert_close(actual[:, :reference.vocab_size], expected, rtol=1e-4, atol=1e-4)

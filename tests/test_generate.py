@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -322,6 +327,33 @@ def test_unknown_family_is_a_config_error_listing_known_ones(toy_path):
         load_lmm("llava-next-9", str(toy_path), dtype=None, attn_implementation="sdpa", device="cpu")
 
 
+def test_the_registry_imports_a_family_module_only_when_that_family_is_loaded():
+    code = ("import sys, stages.models.registry; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'transformers') or m.startswith('stages.models.')))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout
+    assert imported.strip() == "['stages.models.base', 'stages.models.registry']"
+
+
+@pytest.mark.parametrize("family", sorted(LMM_FAMILIES))
+def test_each_family_spec_names_a_loader_taking_what_the_spec_says(family):
+    spec = LMM_FAMILIES[family]
+    assert spec.name == family
+    loader = getattr(importlib.import_module(spec.module), spec.loader)
+    parameters = inspect.signature(loader).parameters
+    assert {"path", "dtype", "attn_implementation", "device"} <= set(parameters)
+    assert ("base" in parameters) == spec.takes_base
+    assert ("grid" in parameters) == bool(spec.grid_choices)
+    if spec.grid_choices:
+        assert parameters["grid"].default == spec.grid_choices[0]
+
+
+def test_base_is_refused_for_a_family_without_lora(toy_path):
+    with pytest.raises(ConfigError, match=r"lmm.base \('lmsys/vicuna-7b-v1.5'\).*family 'llava_original'"):
+        load_lmm("llava_original", str(toy_path), dtype=None, attn_implementation="sdpa", device="cpu",
+                 base="lmsys/vicuna-7b-v1.5")
+
+
 @pytest.mark.parametrize("kind", ["missing folder", "file"])
 def test_bad_model_path_is_a_config_error_naming_it(tmp_path, kind):
     import torch
@@ -340,7 +372,7 @@ def test_bad_model_path_is_a_config_error_naming_it(tmp_path, kind):
     ("./toy-llava", False), ("/no/such/folder", False), ("owner/name with space", False),
 ])
 def test_model_source_tells_hub_ids_from_missing_folders(path, is_hub_id, tmp_path, monkeypatch):
-    from stages.models.registry import model_source
+    from stages.models.base import model_source
 
     monkeypatch.chdir(tmp_path)        # relative paths must not find a checkout's own results/
     if is_hub_id:

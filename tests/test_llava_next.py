@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from fake_hub import llama_bpe_tokenizer, snapshot, use_offline_cache
+from fake_hub import snapshot, use_offline_cache
+from real_tokenizers import write_llama3_tokenizer, write_mistral_tokenizer, write_vicuna_tokenizer
 
 from stages import generate
 from stages.capture import eager_reference_rows
@@ -69,63 +70,45 @@ LLAMA3_TEMPLATE = (
     "selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] + '<|eot_id|>' }}{% endfor %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{% endif %}")
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                   "<|eot_id|>"]
-CORPUS = ["A chat between a curious human and an artificial intelligence assistant.", "USER: ASSISTANT:",
-          f"[INST] {QUESTION} [/INST]", "user assistant", "a red square and a blue circle on the mat"]
-
-
 @dataclasses.dataclass(frozen=True)
 class Release:
     """What differs between the three published checkpoints (the tiny versions)."""
 
     text_model: str             # text_config.model_type
     architecture: str           # text_config.architectures[0]
-    tokenizer: str              # "llama2" (sentencepiece-style BPE, <s>) or "llama3" (byte-level BPE)
+    tokenizer: str              # the real one: "mistral", "vicuna" (both Llama-2 format) or "llama3"
     template: str
     prompt: str                 # build_prompt(processor, QUESTION, None)
+    prompt_head: tuple[int, ...]  # its first ids: <s> ▁[ INST ] / <s> ▁US ER : / Llama 3's user header
     kv_heads: int
     shards: int
 
 
 RELEASES = {
     "llava-hf/llava-v1.6-mistral-7b-hf": Release(
-        "mistral", "MistralForCausalLM", "llama2", MISTRAL_TEMPLATE, f"[INST] <image>\n{QUESTION} [/INST]",
-        kv_heads=2, shards=4),
+        "mistral", "MistralForCausalLM", "mistral", MISTRAL_TEMPLATE, f"[INST] <image>\n{QUESTION} [/INST]",
+        (1, 733, 16289, 28793), kv_heads=2, shards=4),
     "llava-hf/llava-v1.6-vicuna-7b-hf": Release(
-        "llama", "LlamaForCausalLM", "llama2", VICUNA_TEMPLATE, f"USER: <image>\n{QUESTION} ASSISTANT:",
-        kv_heads=4, shards=3),
+        "llama", "LlamaForCausalLM", "vicuna", VICUNA_TEMPLATE, f"USER: <image>\n{QUESTION} ASSISTANT:",
+        (1, 3148, 1001, 29901), kv_heads=4, shards=3),
     "llava-hf/llama3-llava-next-8b-hf": Release(
         "llama", "LlamaForCausalLM", "llama3", LLAMA3_TEMPLATE,
         f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{QUESTION}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n", kv_heads=2, shards=4),
+        "<|start_header_id|>assistant<|end_header_id|>\n\n", (128000, 128006, 882, 128007, 271),
+        kv_heads=2, shards=4),
 }
 HUB_IDS = list(RELEASES)
 
 
-def llama2_tokenizer():
-    """Llama-2 shaped (Mistral, Vicuna), <s> added in front of every text."""
-    return llama_bpe_tokenizer(CORPUS, add_bos_token=True)
-
-
-def llama3_tokenizer():
-    """Llama-3 shaped: byte-level BPE, then the special tokens after the learned vocabulary
-    (<|begin_of_text|> added in front of every text, <|eot_id|> ends a turn)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
-        vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.add_special_tokens(LLAMA3_SPECIALS)
-    bos = tokenizer.token_to_id("<|begin_of_text|>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>",
-                                   eos_token="<|eot_id|>")
+def write_tokenizer(folder, release: Release) -> None:
+    """The release's real tokenizer files (Mistral-7B's, Vicuna-7B-v1.5's as tokenizer.json with
+    ``"legacy": false``, or Llama-3-8B's with <|eot_id|> ending a turn)."""
+    if release.tokenizer == "mistral":
+        write_mistral_tokenizer(folder)
+    elif release.tokenizer == "vicuna":
+        write_vicuna_tokenizer(folder, legacy=False, sentencepiece_only=False)
+    else:
+        write_llama3_tokenizer(folder, {"eos_token": "<|eot_id|>"})
 
 
 def legacy_key(key: str) -> str:
@@ -142,9 +125,10 @@ def legacy_key(key: str) -> str:
 
 def write_checkpoint(folder, release: Release, seed: int) -> None:
     from safetensors.torch import save_file
-    from transformers import AddedToken, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import AddedToken, AutoTokenizer, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    tokenizer = llama2_tokenizer() if release.tokenizer == "llama2" else llama3_tokenizer()
+    write_tokenizer(folder, release)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.padding_side = "left"
@@ -259,6 +243,7 @@ def test_published_layout_loads_through_the_registry(offline_hub, repo_id):
     assert prompt == release.prompt
     ids = tokenizer(prompt).input_ids
     assert ids[0] == tokenizer.bos_token_id and ids.count(loaded.image_token_id) == 1
+    assert tuple(ids[:len(release.prompt_head)]) == release.prompt_head
 
 
 def planted_embeddings(loaded, inputs):

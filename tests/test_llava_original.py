@@ -1,25 +1,32 @@
-"""The llava_original family: a tiny LLaVA-1.5 checkpoint in the original release's layout, fabricated
-into a fake Hugging Face cache, loaded through the registry by its hub id, checked against the
-release's own computation (LlamaForCausalLM + CLIP penultimate patch features + mlp2x_gelu, image
-features spliced at the -200 sentinel), then run through the generate stage with attention capture."""
+"""The llava_original family: a tiny LLaVA-1.5 checkpoint in the original release's layout with the real
+Vicuna-7B-v1.5 tokenizer (real 32000-token vocabulary, tiny random weights), fabricated into a fake
+Hugging Face cache, loaded through the registry by its hub id, checked against the release's own
+computation (its tokenizer_image_token prompt ids, LlamaForCausalLM + CLIP penultimate patch features +
+mlp2x_gelu, image features spliced at the -200 sentinel), then run through the generate stage with
+attention capture. The prompt ids are checked for both ``legacy`` settings and for a checkpoint that
+ships only the sentencepiece ``tokenizer.model``, as the published one does."""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fake_hub import llama_bpe_tokenizer, snapshot, use_offline_cache
+from fake_hub import snapshot, use_offline_cache
+from real_tokenizers import LLAMA2_VOCAB_SIZE, llama2_sentencepiece_model, write_vicuna_tokenizer
+
 from stages import generate
 from stages.capture import eager_reference_rows, image_token_positions
 from stages.config import ConfigError
 from stages.generate import GenerateConfig, LMMConfig, build_prompt
 from stages.io.attention import open_attention, read_rows
 from stages.io.tables import read_table, write_table
-from stages.models.llava_original import LLAVA_V1_SYSTEM, convert_state_dict
+from stages.models.llava_v1 import LLAVA_V1_SYSTEM, convert_state_dict, read_state_dict
 from stages.models.registry import LMM_FAMILIES, load_lmm
 
 REPO_ID = "liuhaotian/llava-v1.5-7b"
@@ -28,12 +35,16 @@ IMAGE_SIZE, PATCH = 48, 8            # a 6 x 6 grid = 36 image tokens
 GRID = IMAGE_SIZE // PATCH
 IMAGE_TOKEN_INDEX = -200              # the release's sentinel (llava/constants.py)
 QUESTION = "Describe the image in detail."
-CORPUS = [LLAVA_V1_SYSTEM, f"USER: \n{QUESTION} ASSISTANT:", "a red square and a blue circle on the mat"]
-
-
-def vicuna_like_tokenizer():
-    """A Llama-shaped tokenizer as Vicuna's: no "<image>" token and no pad token."""
-    return llama_bpe_tokenizer(CORPUS)
+# Around the image, the release's ids are "▁US", "ER", ":", "▁" | image | "▁", "\n".
+RELEASE_IDS_AROUND_THE_IMAGE = [3148, 1001, 29901, 29871, IMAGE_TOKEN_INDEX, 29871, 13]
+# The release's ids of f"{LLAVA_V1_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:" with Vicuna's vocabulary.
+RELEASE_PROMPT_IDS = [
+    1, 319, 13563, 1546, 263, 12758, 5199, 322, 385, 23116, 21082, 20255, 29889, 450, 20255, 4076, 8444,
+    29892, 13173, 29892, 322, 1248, 568, 6089, 304, 278, 5199, 29915, 29879, 5155, 29889,
+    *RELEASE_IDS_AROUND_THE_IMAGE, 4002, 29581, 278, 1967, 297, 9493, 29889, 319, 1799, 9047, 13566, 29901]
+# Checkpoint variants: (weights, tokenizer_config.json's "legacy", tokenizer.model only). The first is
+# the published liuhaotian/llava-v1.5-7b layout.
+CHECKPOINTS = [("bin-shards", False, True), ("safetensors", True, False)]
 
 
 def write_clip_tower(folder) -> None:
@@ -59,16 +70,16 @@ def llama_fields(vocab_size: int) -> dict:
             "use_cache": True, "vocab_size": vocab_size}
 
 
-def write_llava_checkpoint(folder, weights: str) -> None:
+def write_llava_checkpoint(folder, weights: str, legacy: bool | None, sentencepiece_only: bool) -> None:
     """A tiny LLaVA-Llama checkpoint in the release's layout: config.json with the mm_* fields,
     weights with the release's key names (``weights``: "bin-shards" = pytorch_model-0000k-of-00002.bin
-    + index, "safetensors" = model.safetensors), Llama tokenizer files, generation_config.json."""
+    + index, "safetensors" = model.safetensors), the real Vicuna tokenizer files
+    (:func:`real_tokenizers.write_vicuna_tokenizer`), generation_config.json."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = vicuna_like_tokenizer()
-    tokenizer.save_pretrained(folder)
-    fields = llama_fields(len(tokenizer))
+    write_vicuna_tokenizer(folder, legacy=legacy, sentencepiece_only=sentencepiece_only)
+    fields = llama_fields(LLAMA2_VOCAB_SIZE)
     config = {"_name_or_path": "./checkpoints/vicuna-7b-v1-5", "architectures": ["LlavaLlamaForCausalLM"],
               "model_type": "llava_llama", **fields, "freeze_mm_mlp_adapter": False,
               "image_aspect_ratio": "pad", "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu",
@@ -99,7 +110,7 @@ def write_llava_checkpoint(folder, weights: str) -> None:
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
-@pytest.fixture(scope="module", params=["bin-shards", "safetensors"])
+@pytest.fixture(scope="module", params=CHECKPOINTS, ids=["-".join(map(str, c)) for c in CHECKPOINTS])
 def hub_cache(request, tmp_path_factory):
     """A fake hub cache holding the checkpoint and its CLIP tower; returns (cache, llava snapshot,
     tower snapshot)."""
@@ -107,7 +118,7 @@ def hub_cache(request, tmp_path_factory):
     tower = snapshot(cache, TOWER_ID)
     write_clip_tower(tower)
     checkpoint = snapshot(cache, REPO_ID)
-    write_llava_checkpoint(checkpoint, request.param)
+    write_llava_checkpoint(checkpoint, *request.param)
     return cache, checkpoint, tower
 
 
@@ -116,6 +127,24 @@ def offline_hub(hub_cache, monkeypatch):
     """The fake cache, read offline."""
     use_offline_cache(monkeypatch, hub_cache[0])
     return hub_cache
+
+
+@pytest.fixture(scope="module")
+def weights_hub(tmp_path_factory):
+    """One more cache (safetensors weights) for tests that replace the tokenizer files themselves;
+    returns (cache, llava snapshot)."""
+    cache = tmp_path_factory.mktemp("hub")
+    write_clip_tower(snapshot(cache, TOWER_ID))
+    checkpoint = snapshot(cache, REPO_ID)
+    write_llava_checkpoint(checkpoint, "safetensors", legacy=False, sentencepiece_only=True)
+    return cache, checkpoint
+
+
+@pytest.fixture
+def offline_weights(weights_hub, monkeypatch):
+    """The llava snapshot of :func:`weights_hub`, its cache read offline."""
+    use_offline_cache(monkeypatch, weights_hub[0])
+    return weights_hub[1]
 
 
 @pytest.fixture
@@ -131,8 +160,6 @@ class ReleaseLLaVA:
 
     def __init__(self, checkpoint, tower):
         from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-        from stages.models.llava_original import read_state_dict
 
         raw = json.loads((checkpoint / "config.json").read_text())
         self.llm = LlamaForCausalLM.from_pretrained(
@@ -157,13 +184,31 @@ class ReleaseLLaVA:
 
 
 def tokenizer_image_token(tokenizer, prompt: str) -> list[int]:
-    """The release's llava.mm_utils.tokenizer_image_token: each "<image>"-separated chunk tokenised
-    alone, the chunks joined by -200, the <s> of every chunk but the first dropped."""
+    """The release's llava.mm_utils.tokenizer_image_token: the prompt split at "<image>", each chunk
+    tokenised alone with the tokenizer's default special tokens, a chunk's first token dropped when
+    it is <s> (every chunk but the first), the chunks joined by the sentinel -200."""
     chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
-    ids = chunks[0]
+    ids = list(chunks[0])
     for chunk in chunks[1:]:
-        ids += [IMAGE_TOKEN_INDEX] + chunk[1:]
+        ids += [IMAGE_TOKEN_INDEX] + (chunk[1:] if chunk[:1] == [tokenizer.bos_token_id] else chunk)
     return ids
+
+
+def sentencepiece_image_token(prompt: str) -> list[int]:
+    """The same, with the release's own tokenizer: transformers 4.31's slow LlamaTokenizer, i.e. <s>
+    and sentencepiece's ids of each chunk (``Vicuna``'s tokenizer.model, run by sentencepiece)."""
+    import sentencepiece
+
+    model = sentencepiece.SentencePieceProcessor(model_proto=llama2_sentencepiece_model())
+    chunks = [model.encode(chunk) for chunk in prompt.split("<image>")]
+    return [model.bos_id()] + [i for chunk in chunks for i in [IMAGE_TOKEN_INDEX, *chunk]][1:]
+
+
+def sentinel_ids(ids: list[int], image_token_id: int) -> list[int]:
+    """``ids`` with its one run of image tokens replaced by the sentinel -200."""
+    first, count = ids.index(image_token_id), ids.count(image_token_id)
+    assert ids[first:first + count] == [image_token_id] * count
+    return ids[:first] + [IMAGE_TOKEN_INDEX] + ids[first + count:]
 
 
 def test_family_is_registered():
@@ -197,6 +242,67 @@ def test_prompt_is_the_llava_v1_conversation(loaded):
         f"Be brief. USER: <image>\n{QUESTION} ASSISTANT:"
 
 
+TOKENIZER_FILES = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+
+
+def with_tokenizer(checkpoint, folder, *, legacy: bool | None, sentencepiece_only: bool):
+    """``folder``: the files of ``checkpoint`` (linked) with freshly written Vicuna tokenizer files."""
+    folder.mkdir()
+    for item in checkpoint.iterdir():
+        if item.name not in TOKENIZER_FILES:
+            (folder / item.name).symlink_to(item.resolve())
+    write_vicuna_tokenizer(folder, legacy=legacy, sentencepiece_only=sentencepiece_only)
+    return folder
+
+
+PROMPTS = [(QUESTION, None), (QUESTION, "Be brief."),
+           ("How many 🦙 are in Zürich's 2 parks? Answer in 3 words, naïvely.", LLAVA_V1_SYSTEM)]
+
+
+@pytest.mark.parametrize("sentencepiece_only", [True, False], ids=["tokenizer.model", "tokenizer.json"])
+@pytest.mark.parametrize("legacy", [None, True, False], ids=["legacy-unset", "legacy", "non-legacy"])
+def test_prompt_ids_are_the_releases_whatever_the_legacy_flag(offline_weights, tmp_path, legacy,
+                                                              sentencepiece_only):
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    folder = with_tokenizer(offline_weights, tmp_path / "llava", legacy=legacy,
+                            sentencepiece_only=sentencepiece_only)
+    lmm = load_lmm("llava_original", str(folder), dtype=torch.float32, attn_implementation="sdpa",
+                   device=torch.device("cpu"))
+    processor, image = lmm.processor, Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (90, 30, 200))
+    # transformers' own LlavaProcessor: the whole prompt tokenised with the image tokens inside it.
+    whole_prompt = LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                                  patch_size=PATCH, vision_feature_select_strategy="default",
+                                  num_additional_image_tokens=1)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for question, system in PROMPTS:
+        prompt = build_prompt(processor, question, system)
+        ids = processor(images=[image], text=[prompt])["input_ids"][0]
+        assert ids.count(lmm.image_token_id) == GRID * GRID
+        release = sentencepiece_image_token(prompt)
+        assert sentinel_ids(ids, lmm.image_token_id) == release == tokenizer_image_token(tokenizer, prompt)
+        around = release.index(IMAGE_TOKEN_INDEX)
+        assert release[around - 4:around + 3] == RELEASE_IDS_AROUND_THE_IMAGE
+        if (question, system) == (QUESTION, None):
+            assert release == RELEASE_PROMPT_IDS
+        whole = sentinel_ids(whole_prompt(images=[image], text=[prompt])["input_ids"][0], lmm.image_token_id)
+        if legacy:
+            assert whole == release
+        else:   # transformers 5 adds "▁" at the start of the text only: the "▁" after the image is lost
+            assert whole == release[:around + 1] + release[around + 2:]
+
+
+@pytest.mark.parametrize("module", ["sentencepiece", "google.protobuf"])
+def test_a_tokenizer_model_without_sentencepiece_is_a_config_error_naming_path_and_package(
+        offline_weights, tmp_path, monkeypatch, module):
+    folder = with_tokenizer(offline_weights, tmp_path / "llava", legacy=False, sentencepiece_only=True)
+    monkeypatch.setitem(sys.modules, module, None)          # import fails as if not installed
+    package = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}[module]
+    with pytest.raises(ConfigError, match=rf"{re.escape(repr(str(folder)))}.*tokenizer.model.*{package}"):
+        load_lmm("llava_original", str(folder), dtype=torch.float32, attn_implementation="sdpa",
+                 device=torch.device("cpu"))
+
+
 def test_logits_equal_the_release_computation(loaded, offline_hub):
     _, checkpoint, tower = offline_hub
     processor, model = loaded.processor, loaded.model
@@ -206,13 +312,13 @@ def test_logits_equal_the_release_computation(loaded, offline_hub):
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(loaded.image_token_id) == GRID * GRID
-    first = ids.index(loaded.image_token_id)
-    sentinel_ids = ids[:first] + [IMAGE_TOKEN_INDEX] + ids[first + GRID * GRID:]
     # The processor's text tokens are the release's (chunk-wise tokenisation around "<image>").
-    assert sentinel_ids == tokenizer_image_token(processor.tokenizer, prompt)
+    release_ids = sentinel_ids(ids, loaded.image_token_id)
+    assert release_ids == tokenizer_image_token(processor.tokenizer, prompt)
+    assert release_ids == sentencepiece_image_token(prompt)
 
     release = ReleaseLLaVA(checkpoint, tower)
-    expected = release.logits(sentinel_ids, inputs["pixel_values"])
+    expected = release.logits(release_ids, inputs["pixel_values"])
     with torch.no_grad():
         actual = model(**inputs).logits[0]
     assert actual.shape == (len(ids), release.vocab_size + 1)
@@ -254,11 +360,10 @@ def test_generate_stage_answers_with_the_release_greedy_tokens(offline_hub, tmp_
 
     image_processor = CLIPImageProcessor.from_pretrained(tower)
     prompt = f"{LLAVA_V1_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"
-    tokenizer = vicuna_like_tokenizer()
     for row in table.itertuples():
         image = Image.open(tmp_path / f"{row.image_id}.png")
         pixel_values = image_processor(image, return_tensors="pt").pixel_values
-        ids = tokenizer_image_token(tokenizer, prompt)
+        ids = sentencepiece_image_token(prompt)
         generated = []
         for _ in range(row.num_tokens):
             token = int(release.logits(ids + generated, pixel_values)[-1].argmax())

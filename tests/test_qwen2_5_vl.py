@@ -1,6 +1,7 @@
 """The qwen2_5_vl family: a tiny Qwen2.5-VL checkpoint in the published layout of
 Qwen/Qwen2.5-VL-7B-Instruct (flat pre-transformers-5 config, ``visual.*`` / ``model.layers.*`` keys in
-sharded safetensors, byte-level BPE tokenizer files, preprocessor and chat template), fabricated into a
+sharded safetensors, the real Qwen2.5 byte-level BPE tokenizer files, preprocessor and chat template; tiny
+random weights with the published 152064-row vocabulary), fabricated into a
 fake Hugging Face cache and loaded through the registry by its hub id. Checked: the grid of each image
 (dynamic resolution), that image-grid cell (r, c) lands on ``ImageLayout`` position r * C + c (through
 the processor, the vision tower's window reordering and the model's own splicing, on non-square
@@ -19,6 +20,8 @@ import torch
 from PIL import Image
 
 from fake_hub import snapshot, use_offline_cache
+from real_tokenizers import write_qwen2_5_tokenizer
+
 from stages.capture import AttentionCapture, eager_reference_rows
 from stages.config import ConfigError
 from stages.generate import build_prompt, token_char_spans
@@ -45,19 +48,14 @@ CHAT_TEMPLATE = (
     "}}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ "
     "content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if "
     "add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# Qwen2's added tokens in the published order (ids 151643..151664 there, right after the BPE vocabulary
-# here); the last eight are not special.
+# Qwen2's added tokens in the published order (ids 151643..151664, right after the 151643 BPE tokens);
+# the last eight are not special.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 PLAIN_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                       "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
-# transformers' Qwen2Tokenizer pre-tokenizer split (tokenization_qwen2.PRETOKENIZE_REGEX).
-PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-CORPUS = ["You are a helpful assistant.", QUESTION, "A red square and a blue circle on the mat.",
-          "system user assistant"]
-BPE_SIZE = 300
+BPE_SIZE = 151643
 
 
 def token_ids() -> dict[str, int]:
@@ -66,43 +64,20 @@ def token_ids() -> dict[str, int]:
 
 
 def write_tokenizer(folder) -> None:
-    """Qwen2's tokenizer files: tokenizer.json (byte-level BPE, NFC, the Qwen2 split regex, added tokens),
-    vocab.json + merges.txt (the BPE alone), tokenizer_config.json (Qwen2Tokenizer, eos <|im_end|>, pad
-    <|endoftext|>, no bos, the chat template)."""
-    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                            trainers)
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
-        vocab_size=BPE_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    assert tokenizer.get_vocab_size() == BPE_SIZE
-    ids = token_ids()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_ADDED_TOKENS])
-    assert all(tokenizer.token_to_id(token) == i for token, i in ids.items())
-    tokenizer.save(str(folder / "tokenizer.json"))
-    bpe = json.loads(tokenizer.to_str())["model"]
-    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
+    """Qwen2.5's real tokenizer files (:func:`real_tokenizers.write_qwen2_5_tokenizer`): tokenizer.json
+    (byte-level BPE, NFC, the Qwen2 split regex, added tokens), vocab.json + merges.txt (the BPE alone),
+    tokenizer_config.json (Qwen2Tokenizer, eos <|im_end|>, pad <|endoftext|>, no bos, the chat template)."""
+    write_qwen2_5_tokenizer(folder, {"chat_template": CHAT_TEMPLATE})
+    bpe = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    assert len(bpe["vocab"]) == BPE_SIZE
+    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
     merges = [" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    decoder = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                        "single_word": False, "special": token in SPECIAL_TOKENS} for token, i in ids.items()}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_prefix_space": False, "added_tokens_decoder": decoder,
-        "additional_special_tokens": SPECIAL_TOKENS[1:], "bos_token": None, "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
-        "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}, indent=2))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def published_config() -> dict:
     """config.json as published for the 7B (flat text fields, vision_config, mrope rope_scaling), sizes
-    shrunk, token ids those of the tiny tokenizer."""
+    shrunk, token ids and vocabulary size as published."""
     ids = token_ids()
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
@@ -120,7 +95,7 @@ def published_config() -> dict:
                           "spatial_merge_size": MERGE, "spatial_patch_size": PATCH, "window_size": 112,
                           "fullatt_block_indexes": [1, 3], "tokens_per_second": 2, "temporal_patch_size": 2},
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-        "vocab_size": BPE_SIZE + 52,          # padded beyond the tokenizer, like 152064 > 151665
+        "vocab_size": 152064,                 # padded beyond the tokenizer's 151665
     }
 
 
@@ -245,6 +220,14 @@ def test_prompt_is_the_qwen_chat_template(loaded):
         f"<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
     assert build_prompt(loaded.processor, QUESTION, "Be brief.").startswith(
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    # The published ids: "system", "\n", "You are a helpful assistant.", ..., "Describe the image in detail."
+    ids = model_inputs(loaded, [noise_image(56, 84)])["input_ids"][0].tolist()
+    image_pad = token_ids()["<|image_pad|>"]
+    assert ids.count(image_pad) == 2 * 3
+    assert ids[:ids.index(image_pad)] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198,
+                                          151644, 872, 198, 151652]
+    after_image = ids[len(ids) - ids[::-1].index(image_pad):]
+    assert after_image == [151653, 74785, 279, 2168, 304, 7716, 13, 151645, 198, 151644, 77091, 198]
 
 
 @pytest.mark.parametrize(("size", "grid"), [
@@ -479,7 +462,7 @@ def local_copy(folder, destination, file: str, changes: dict, replace: bool):
 
 
 @pytest.mark.parametrize(("file", "changes", "replace", "message"), [
-    ("preprocessor_config.json", {"merge_size": 1}, False, r"\(14, 1, 312\), the model \(14, 2, 312\)"),
+    ("preprocessor_config.json", {"merge_size": 1}, False, r"\(14, 1, 151655\), the model \(14, 2, 151655\)"),
     # Snapshots taken before the hub's preprocessor_config.json named Qwen2VLImageProcessor.
     ("preprocessor_config.json", {"image_processor_type": "Qwen2_5_VLImageProcessor"}, False,
      "cannot load the processor of Qwen2.5-VL model .*Unrecognized image processor"),
@@ -506,16 +489,17 @@ def test_answer_spans_follow_the_byte_level_tokenizer(loaded):
     """The generate stage's token -> character spans work on Qwen2's byte-level BPE: a character split
     over byte tokens shares one span, the end-of-turn token is special."""
     tokenizer = loaded.processor.tokenizer
-    ids = tokenizer("A red café, a blue circle.", add_special_tokens=False)["input_ids"] + \
+    ids = tokenizer("A red café, a blue circle near 镇.", add_special_tokens=False)["input_ids"] + \
         [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     answer, starts, ends, special = token_char_spans(tokenizer, ids)
-    assert answer == "A red café, a blue circle."
+    assert answer == "A red café, a blue circle near 镇."
     assert special == [False] * (len(ids) - 1) + [True]
     spans = [(start, end) for start, end, is_special in zip(starts, ends, special) if not is_special]
     distinct = list(dict.fromkeys(spans))
     assert "".join(answer[start:end] for start, end in distinct) == answer       # in order, no gaps
-    accent = answer.index("é")
-    assert sum(start <= accent < end for start, end in spans) == 2              # its two byte tokens
+    assert answer[starts[2]:ends[2]] == " café"                                 # one token of the vocabulary
+    character = answer.index("镇")
+    assert sum(start <= character < end for start, end in spans) == 3     # " " + its 3 bytes in 3 tokens
 
 
 @pytest.mark.gpu

@@ -48,7 +48,9 @@ Conversion into transformers: a stock ``LlavaForConditionalGeneration`` whose ``
 ``model.multi_modal_projector`` is :class:`SDCLIPProjector` (step 4); ``vision_feature_layer`` -1,
 strategy "full". The language model is the base LlamaForCausalLM with the LoRA merged (PEFT
 ``merge_and_unload``, as the release), so :mod:`stages.capture` works unchanged. The image token
-is handled as in :mod:`stages.models.llava_original` ("<image>" added, zero rows, suppressed).
+is handled as in :mod:`stages.models.llava_v1` ("<image>" added, zero rows, suppressed), and so are the
+prompt ids (the release's chunk-wise tokenisation around "<image>",
+:class:`~stages.models.llava_v1.LlavaV1Processor`).
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ from torch import nn
 
 from stages.config import ConfigError
 from stages.devices import place_model
-from stages.models.llava_original import (IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE, _add_image_token, _pad_rows,
-                                          _text_config, resolve_checkpoint)
-from stages.models.registry import Devices, LoadedLMM, uniform_layouts
+from stages.models.base import Devices, LoadedLMM, uniform_layouts
+from stages.models.llava_v1 import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE,
+                                    LlavaV1Processor, add_image_token, llama_text_config, load_tokenizer,
+                                    pad_embedding_rows, resolve_checkpoint)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -74,8 +77,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOISE_SEED = 0
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_RESIZE = (7, 8)        # CLIP input side = R * 7 // 8 (336 for R = 384)
 _NON_LORA_PREFIX = "model.mm_projector."
 
@@ -291,7 +292,7 @@ def _merged_language_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype
     if not base:
         raise ConfigError(f"{folder}/adapter_config.json names no base_model_name_or_path; set lmm.base")
     base_folder = resolve_checkpoint(base)
-    llm = LlamaForCausalLM.from_pretrained(base_folder, config=_text_config(raw), dtype=dtype,
+    llm = LlamaForCausalLM.from_pretrained(base_folder, config=llama_text_config(raw), dtype=dtype,
                                            attn_implementation=attn_implementation)
     return PeftModel.from_pretrained(llm, folder).merge_and_unload(), base_folder
 
@@ -306,13 +307,12 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     Returns the model in eval mode (``dtype`` on ``device``: one device, or several CUDA devices it is
     spread over once built, :func:`stages.devices.place_model`, the diffusion vision tower kept whole
     on one of them since its forward draws noise on the pixels' device and calls the UNet's blocks
-    itself) and a ``LlavaProcessor`` (R px CLIP
+    itself) and a :class:`~stages.models.llava_v1.LlavaV1Processor` (R px CLIP
     preprocessing, base tokenizer + "<image>", llava_v1 template) expanding "<image>" to N tokens,
     laid row-major on the N = cells x cells diffusion grid; ``pad_to_square`` when config.json's
     ``image_aspect_ratio`` is "pad" (the release's expand2square).
     """
-    from transformers import (AutoTokenizer, CLIPImageProcessor, GenerationConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
     folder = resolve_checkpoint(path)
@@ -324,8 +324,8 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     projector_state = non_lora_state(folder)
     tower = _build_tower(raw, dtype, attn_implementation)
     llm, base_folder = _merged_language_model(folder, raw, dtype, attn_implementation, base)
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
-    added_ids = _add_image_token(tokenizer)
+    tokenizer = load_tokenizer(base_folder, str(base_folder))
+    added_ids = add_image_token(tokenizer)
 
     sd_channels = tower.unet.up_blocks[tower.feature_block].resnets[-1].out_channels
     clip_channels = tower.clip.config.hidden_size
@@ -363,7 +363,7 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     model.model.vision_tower, model.model.multi_modal_projector = tower, projector
     state = {f"model.language_model.{key}": value for key, value in llm.model.state_dict().items()}
     state["lm_head.weight"] = llm.lm_head.weight.detach()
-    _pad_rows(state, text_config.vocab_size)
+    pad_embedding_rows(state, text_config.vocab_size)
     prefix = "model.language_model."
     model.model.language_model.load_state_dict(
         {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)},
@@ -383,7 +383,7 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
     image_processor = CLIPImageProcessor(size={"shortest_edge": resolution},
                                          crop_size={"height": resolution, "width": resolution},
                                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+    processor = LlavaV1Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="full", num_additional_image_tokens=0,
                                chat_template=LLAVA_V1_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
     place_model(model, device, keep_whole=[DiffusionVisionTower.__name__])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from stages.config import ConfigError
 from stages.devices import place_model, pretrained_placement
-from stages.models.registry import Devices, LoadedLMM, model_source, uniform_layouts
+from stages.models.base import Devices, LoadedLMM, model_source, uniform_layouts
 
 if TYPE_CHECKING:
     import torch

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
 from stages.devices import place_model, pretrained_placement
-from stages.models.registry import GRID_CHOICES, Devices, ImageLayout, LoadedLMM, model_source
+from stages.models.base import Devices, ImageLayout, LoadedLMM, model_source
+from stages.models.registry import LMM_FAMILIES
 
 if TYPE_CHECKING:
     import torch
@@ -80,8 +81,9 @@ def anyres_layouts(config: Any, grid: str) -> Callable[[Mapping[str, Any]], list
     """
     import torch
 
-    if grid not in GRID_CHOICES["llava_next"]:
-        raise ValueError(f"grid must be one of {GRID_CHOICES['llava_next']}, got {grid!r}")
+    choices = LMM_FAMILIES["llava_next"].grid_choices
+    if grid not in choices:
+        raise ValueError(f"grid must be one of {choices}, got {grid!r}")
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
     image_token_id = int(config.image_token_id)

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.config import ConfigError
 from stages.devices import place_model, pretrained_placement
-from stages.models.registry import Devices, ImageLayout, LoadedLMM, model_source
+from stages.models.base import Devices, ImageLayout, LoadedLMM, model_source
 
 if TYPE_CHECKING:
     import torch
