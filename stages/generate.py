@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stages.config import ConfigError, from_mapping
+from stages.config import ConfigError, from_mapping, schema_default
 from stages.io.attention import AttentionWriter
 from stages.io.images import ImageError, load_rgb_image
 from stages.io.tables import read_table, write_table
@@ -52,13 +52,13 @@ class LMMConfig:
     """Config section ``lmm``: which model, in which precision, with which attention kernel, over how
     many GPUs (``gpus``: the model is spread over that many when no device is given)."""
 
-    family: str = "llava"
-    path: str = "results/models/toy-llava"
-    base: str | None = None
-    grid: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
-    attn_implementation: Literal["sdpa", "flash_attention_2"] = "sdpa"
-    gpus: int = 1
+    family: str = schema_default("lmm", "family")
+    path: str = schema_default("lmm", "path")
+    base: str | None = schema_default("lmm", "base")
+    grid: str | None = schema_default("lmm", "grid")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = schema_default("lmm", "dtype")
+    attn_implementation: Literal["sdpa", "flash_attention_2"] = schema_default("lmm", "attn_implementation")
+    gpus: int = schema_default("lmm", "gpus")
 
     def __post_init__(self) -> None:
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
@@ -69,13 +69,13 @@ class LMMConfig:
 class GenerateConfig:
     """Config section ``generate`` (see schemas/config.schema.yaml for every key's meaning)."""
 
-    question: str = "Describe the image in detail."
-    system_prompt: str | None = None
-    pad_to_square: Literal["auto"] | bool = "auto"
-    max_new_tokens: int = 24
-    batch_size: int = 2
-    layers: Literal["all"] | tuple[int, ...] = "all"
-    heads: Literal["all"] | tuple[int, ...] = "all"
+    question: str = schema_default("generate", "question")
+    system_prompt: str | None = schema_default("generate", "system_prompt")
+    pad_to_square: Literal["auto"] | bool = schema_default("generate", "pad_to_square")
+    max_new_tokens: int = schema_default("generate", "max_new_tokens")
+    batch_size: int = schema_default("generate", "batch_size")
+    layers: Literal["all"] | tuple[int, ...] = schema_default("generate", "layers")
+    heads: Literal["all"] | tuple[int, ...] = schema_default("generate", "heads")
 
     def __post_init__(self) -> None:
         if self.pad_to_square != "auto" and not isinstance(self.pad_to_square, bool):

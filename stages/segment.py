@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.config import ConfigError, from_mapping
+from stages.config import ConfigError, from_mapping, schema_default
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
 from stages.io.tables import ArtifactError, read_arrow, write_table
@@ -87,14 +87,14 @@ ATTENTION_SCORE = 1.0
 class SegmentConfig:
     """The ``segment`` config section (see the module docstring for each step)."""
 
-    pool: str = "mean"
-    upsample: str = "auto"
-    remove_corner: bool = False
-    prompt: str = "point"
-    more_masks: bool = False
-    mask_temperature: float = 0.0002
-    box_thresh: float = 0.75
-    attention_thresh: float = 0.5
+    pool: str = schema_default("segment", "pool")
+    upsample: str = schema_default("segment", "upsample")
+    remove_corner: bool = schema_default("segment", "remove_corner")
+    prompt: str = schema_default("segment", "prompt")
+    more_masks: bool = schema_default("segment", "more_masks")
+    mask_temperature: float = schema_default("segment", "mask_temperature")
+    box_thresh: float = schema_default("segment", "box_thresh")
+    attention_thresh: float = schema_default("segment", "attention_thresh")
 
     def __post_init__(self) -> None:
         for key, allowed in (("pool", POOLS), ("upsample", UPSAMPLES), ("prompt", PROMPTS)):
@@ -110,8 +110,8 @@ class SegmentConfig:
 class SamConfig:
     """The ``sam`` config section: architecture ``type`` (vit_h | vit_l | vit_b | tiny) and weights."""
 
-    type: str = "tiny"
-    checkpoint: str = "results/models/toy-sam.safetensors"
+    type: str = schema_default("sam", "type")
+    checkpoint: str = schema_default("sam", "checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
