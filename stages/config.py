@@ -99,22 +99,25 @@ def stage_sections(config: Mapping[str, Any], run: str, dataset: str) -> dict[st
     """The stage sections (:data:`STAGE_SECTIONS`) a job of ``run`` (``"main"`` or a variant's name) on
     ``dataset`` uses: top-level sections < data set overrides < variant overrides (module docstring).
 
-    ``config`` is the whole workflow config with the schema's defaults filled in (as Snakemake's
-    ``validate`` leaves it). Each merged section is validated against the schema; a ConfigError names
-    the key as ``datasets.<dataset>.<section>.<key>`` or ``variants.<run>.<section>.<key>``.
+    ``config`` is a workflow config; keys it leaves out are left out of the sections too (the stage
+    dataclasses then take the schema's defaults; Snakemake's ``validate`` has filled them in already).
+    Each merged section is validated against the schema; a ConfigError names the key as
+    ``datasets.<dataset>.<section>.<key>`` or ``variants.<run>.<section>.<key>``.
     """
-    if run != MAIN_RUN and run not in config["variants"]:
-        raise ConfigError(f"unknown run {run!r}; known: {[MAIN_RUN, *config['variants']]}")
-    if dataset not in config["datasets"]:
-        raise ConfigError(f"unknown data set {dataset!r}; known: {list(config['datasets'])}")
-    of_dataset = dataset_overrides(dataset, config["datasets"][dataset])
-    of_variant = config["variants"].get(run, {}) if run != MAIN_RUN else {}
+    variants, datasets = config.get("variants") or {}, config.get("datasets") or {}
+    if run != MAIN_RUN and run not in variants:
+        raise ConfigError(f"unknown run {run!r}; known: {[MAIN_RUN, *variants]}")
+    if dataset not in datasets:
+        raise ConfigError(f"unknown data set {dataset!r}; known: {list(datasets)}")
+    of_dataset = dataset_overrides(dataset, datasets[dataset])
+    of_variant = variants.get(run, {}) if run != MAIN_RUN else {}
     sections = {}
     for name in STAGE_SECTIONS:
-        section = _merged(config[name], of_dataset.get(name, {}))
+        top = config.get(name) or {}
+        section = _merged(top, of_dataset.get(name, {}))
         _check_section(name, section, f"datasets.{dataset}.{name}")
         if of_variant.get(name):
-            _check_section(name, _merged(config[name], of_variant[name]), f"variants.{run}.{name}")
+            _check_section(name, _merged(top, of_variant[name]), f"variants.{run}.{name}")
             section = _merged(section, of_variant[name])
             _check_section(name, section, f"variants.{run}.{name} (on data set {dataset})")
         sections[name] = section

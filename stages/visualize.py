@@ -463,7 +463,7 @@ def _pictures(manifest_row: Mapping[str, Any], generation: Mapping[str, Any] | N
 def run(cfg: VisualizeConfig, manifest_path: str | os.PathLike,
         generations_paths: Sequence[str | os.PathLike], attention_paths: Sequence[str | os.PathLike],
         phrases_paths: Sequence[str | os.PathLike], masks_paths: Sequence[str | os.PathLike],
-        out_dir: str | os.PathLike, upsample: str = "auto") -> list[Path]:
+        out_dir: str | os.PathLike, upsample: str = schema_default("segment", "upsample")) -> list[Path]:
     """Write ``<image_id>_overlay.png`` and ``<image_id>_attention.png`` under ``out_dir`` for the
     first ``cfg.num_images`` manifest rows and return the paths written.
 
