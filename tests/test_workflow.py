@@ -107,6 +107,15 @@ def test_bad_variant_override_is_named(tmp_path, override, named):
     assert named in result.stdout + result.stderr
 
 
+def test_bad_data_set_override_is_named(tmp_path):
+    datasets = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]
+    datasets["toy_gcg"]["segment"] = {"pool": "median"}
+    write_config(tmp_path, datasets=datasets)
+    result = snakemake(tmp_path, "--cores", "1", "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "datasets.toy_gcg.segment.pool" in result.stdout + result.stderr
+
+
 def test_lint_finds_nothing_but_the_missing_conda_envs(tmp_path):
     """The only lint is "Specify a conda environment or container": software comes from pyproject.toml."""
     write_config(tmp_path)
