@@ -63,6 +63,18 @@ def schema_default(*path: str) -> Any:
     return tuple(default) if isinstance(default, list) else default
 
 
+def read_sections(config_path: str | Path, dataset: str | None = None) -> dict[str, Any]:
+    """The stage sections a stage's command line uses, from the YAML config at ``config_path``: its
+    top-level sections, or with ``dataset`` those the workflow gives that data set's jobs of the main
+    run (:func:`stage_sections`)."""
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    return stage_sections(config, MAIN_RUN, dataset) if dataset else config
+
+
+DATASET_HELP = ("take the stage sections as this data set of the config gets them (its own overrides "
+                "over the top-level sections)")
+
+
 def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``override``'s keys replaced (nested mappings merged key by key)."""
     merged = copy.deepcopy(dict(base))

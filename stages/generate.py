@@ -27,10 +27,9 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stages.config import ConfigError, from_mapping, schema_default
+from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import AttentionWriter
 from stages.io.images import ImageError, load_rgb_image
 from stages.io.tables import read_table, write_table
@@ -401,8 +400,6 @@ def _reduction_value(selection: str | Sequence[int]) -> str | list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import yaml
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True,
                         help="pipeline config YAML (sections `lmm` and `generate`)")
@@ -410,12 +407,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shard", type=int, required=True, help="shard to answer")
     parser.add_argument("--generations", required=True, help="output generations/shard-K.parquet")
     parser.add_argument("--attention", required=True, help="output attention/shard-K.zarr")
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--question", help="overrides generate.question (a data set's own question)")
     parser.add_argument("--device", help="cuda:N or cpu, or comma-separated cuda:N to spread the model "
                         "over (default: lmm.gpus CUDA devices from cuda:0 when available, else cpu)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    config = read_sections(args.config, args.dataset)
     generate_section = dict(config.get("generate") or {})
     if args.question:
         generate_section["question"] = args.question

@@ -21,12 +21,11 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.config import ConfigError, from_mapping, schema_default
+from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.datasets import FieldRule, GroundTruthSpec, load_json, must_be, validate_ground_truth
 from stages.io.tables import read_arrow, write_table
 from stages.text_encoders import load_text_encoder
@@ -285,15 +284,14 @@ class _CategorySimilarity:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m stages.phrases --generations G --out P [--instances I] [--config config.yaml]``."""
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m stages.phrases", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="config.yaml", help="YAML config; its `phrases` section is used")
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--generations", required=True, help="generations table of the shard (Parquet)")
     parser.add_argument("--out", required=True, help="phrases table to write (Parquet)")
     parser.add_argument("--instances", default=None, help="COCO instances json (enables category matching)")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    config = read_sections(args.config, args.dataset)
     cfg = from_mapping(PhrasesConfig, config.get("phrases"), where="phrases")
     run(cfg, args.generations, args.out, args.instances)
 

@@ -48,14 +48,13 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.config import ConfigError, from_mapping, schema_default
+from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
 from stages.io.tables import ArtifactError, read_arrow, write_table
@@ -455,10 +454,9 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m stages.segment --manifest M --generations G --attention A --phrases P --out O``."""
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m stages.segment", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="config.yaml", help="YAML config (sections `segment` and `sam`)")
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--manifest", required=True, help="manifest table (Parquet)")
     parser.add_argument("--generations", required=True, help="generations table of the shard (Parquet)")
     parser.add_argument("--attention", required=True, help="attention store of the shard (Zarr)")
@@ -466,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="masks table to write (Parquet)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    config = read_sections(args.config, args.dataset)
     cfg = from_mapping(SegmentConfig, config.get("segment"), where="segment")
     sam_cfg = from_mapping(SamConfig, config.get("sam"), where="sam")
     run(cfg, sam_cfg, args.manifest, args.generations, args.attention, args.phrases, args.out, args.device)

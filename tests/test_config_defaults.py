@@ -171,3 +171,22 @@ def test_toy_trainer_cli_defaults(monkeypatch, module, function, cls):
     for key in schema_node("train", "lmm" if cls is TrainLmmConfig else "sam")["properties"]:
         assert getattr(seen[0], key) == getattr(defaults, key), key
 
+
+
+def test_stage_clis_take_a_data_sets_sections(tmp_path, monkeypatch):
+    """--dataset NAME: the generate, phrases and segment CLIs use the sections that data set's jobs get."""
+    config = tmp_path / "config.yaml"
+    config.write_text("generate: {max_new_tokens: 7}\nsegment: {pool: mean}\nphrases: {category_thresh: 0.2}\n"
+                      "datasets:\n  d: {task: images, images: x, generate: {max_new_tokens: 9},\n"
+                      "      segment: {pool: max}, phrases: {category_thresh: 0.8}}\n")
+    generate_calls, phrases_calls, segment_calls = (caught(monkeypatch, module, "run")
+                                                    for module in (generate, phrases, segment))
+    for dataset in ([], ["--dataset", "d"]):
+        generate.main(["--config", str(config), "--manifest", "m", "--shard", "0", "--generations", "g",
+                       "--attention", "a", *dataset])
+        phrases.main(["--config", str(config), "--generations", "g", "--out", "o", *dataset])
+        segment.main(["--config", str(config), "--manifest", "m", "--generations", "g", "--attention", "a",
+                      "--phrases", "p", "--out", "o", *dataset])
+    assert [call[0].max_new_tokens for call in generate_calls] == [7, 9]
+    assert [call[0].category_thresh for call in phrases_calls] == [0.2, 0.8]
+    assert [call[0].pool for call in segment_calls] == ["mean", "max"]
