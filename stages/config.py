@@ -29,11 +29,11 @@ import yaml
 
 T = TypeVar("T")
 
-# Stage sections a data set may override (datasets.<name>.<section>) and a variant may override
-# (variants.<name>.<section>); the model sections (lmm, sam) belong to the run, evaluate to the data set.
-DATASET_SECTIONS = ("generate", "phrases", "segment", "evaluate")
-VARIANT_SECTIONS = ("lmm", "generate", "phrases", "sam", "segment")
+# The sections a job's settings come from (stage_sections), and those a data set may override
+# (datasets.<name>.<section>): the model sections lmm and sam belong to the run (a variant may override
+# them, as generate, phrases and segment; the schema says which), evaluate to the data set.
 STAGE_SECTIONS = ("lmm", "generate", "phrases", "sam", "segment", "evaluate")
+DATASET_SECTIONS = ("generate", "phrases", "segment", "evaluate")
 MAIN_RUN = "main"
 
 
