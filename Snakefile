@@ -8,7 +8,13 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# config.yaml is the embedded toy run. A run given its own configs (`--configfile config/paper/<preset>.yaml
+# [overlay.yaml ...]`) is that config alone: Snakemake would otherwise deep-merge config.yaml's toy data
+# sets and variants into it. Whatever a config leaves out takes the schema's default (validate below).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
 
 
 validate(config, "schemas/config.schema.yaml")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.config import ConfigError, from_mapping
+from stages.config import DATASET_SECTIONS, ConfigError, from_mapping, schema_default
 
 TASKS = ("instance_seg", "gcg", "images")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -60,8 +60,8 @@ class DatasetConfig:
     instances: str | None = None
     mask_gt: str | None = None
     caption_gt: str | None = None
-    question: str | None = None
-    max_pixels: int = 50_000_000
+    question: str | None = schema_default("datasets", "*", "question")
+    max_pixels: int = schema_default("datasets", "*", "max_pixels")
 
     def __post_init__(self) -> None:
         where = f"datasets.{self.name}"
@@ -79,10 +79,12 @@ class DatasetConfig:
 
 def dataset_config(name: str, entry: Mapping[str, Any]) -> DatasetConfig:
     """Build the :class:`DatasetConfig` of the config entry ``datasets.<name>`` (a mapping without
-    ``name``)."""
+    ``name``). The entry's stage-section overrides (``generate``, ``phrases``, ``segment``,
+    ``evaluate``) are not part of it: :func:`stages.config.stage_sections` reads them."""
     if "name" in entry:
         raise ConfigError(f"datasets.{name}: the key 'name' is not allowed (the entry's key is its name)")
-    return from_mapping(DatasetConfig, {**entry, "name": name}, where=f"datasets.{name}")
+    data = {key: value for key, value in entry.items() if key not in DATASET_SECTIONS}
+    return from_mapping(DatasetConfig, {**data, "name": name}, where=f"datasets.{name}")
 
 
 def dataset_configs(section: Mapping[str, Mapping[str, Any]]) -> dict[str, DatasetConfig]:

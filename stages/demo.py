@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from pycocotools import mask as mask_utils
 
 from stages import generate, phrases, segment
-from stages.config import from_mapping
+from stages.config import DATASET_HELP, from_mapping, read_sections
 from stages.datasets import DatasetConfig, ImageEntry, list_image_folder
 from stages.io.images import ImageError, load_rgb_array
 from stages.io.tables import read_table, write_table
@@ -159,12 +158,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--question", default=None, help="question (default: the config's generate.question)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default="config.yaml", help="workflow config giving the model sections")
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--device", default=None, help="cpu, cuda:N (default: cuda:0 when available)")
     parser.add_argument("--no-filter", action="store_true", help="keep every mask (no category/score/merge filter)")
     parser.add_argument("--categories", nargs="+", default=None, help="category names for the filter (default: COCO's 80)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = read_sections(args.config, args.dataset)
     demo_filter = DemoFilter(enabled=not args.no_filter)
     if args.categories:
         demo_filter = dataclasses.replace(demo_filter, categories=tuple(args.categories))

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from pycocotools.coco import COCO
 
-from stages.config import ConfigError
+from stages.config import ConfigError, schema_default
 from stages.evaluation import (
     GCG_CAPTION_GT,
     GCG_MASK_GT,
@@ -67,9 +67,9 @@ class GcgEvalConfig:
     text_sim_thresh: recall's text-similarity (cosine) threshold, in [-1, 1].
     """
 
-    text_encoder: str = "bert-base-uncased"
-    iou_thresh: float = 0.5
-    text_sim_thresh: float = 0.5
+    text_encoder: str = schema_default("evaluate", "gcg", "text_encoder")
+    iou_thresh: float = schema_default("evaluate", "gcg", "iou_thresh")
+    text_sim_thresh: float = schema_default("evaluate", "gcg", "text_sim_thresh")
 
     def __post_init__(self):
         if not 0 < self.iou_thresh <= 1:

@@ -27,10 +27,9 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stages.config import ConfigError, from_mapping
+from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import AttentionWriter
 from stages.io.images import ImageError, load_rgb_image
 from stages.io.tables import read_table, write_table
@@ -52,13 +51,13 @@ class LMMConfig:
     """Config section ``lmm``: which model, in which precision, with which attention kernel, over how
     many GPUs (``gpus``: the model is spread over that many when no device is given)."""
 
-    family: str = "llava"
-    path: str = "results/models/toy-llava"
-    base: str | None = None
-    grid: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
-    attn_implementation: Literal["sdpa", "flash_attention_2"] = "sdpa"
-    gpus: int = 1
+    family: str = schema_default("lmm", "family")
+    path: str = schema_default("lmm", "path")
+    base: str | None = schema_default("lmm", "base")
+    grid: str | None = schema_default("lmm", "grid")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = schema_default("lmm", "dtype")
+    attn_implementation: Literal["sdpa", "flash_attention_2"] = schema_default("lmm", "attn_implementation")
+    gpus: int = schema_default("lmm", "gpus")
 
     def __post_init__(self) -> None:
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
@@ -69,13 +68,13 @@ class LMMConfig:
 class GenerateConfig:
     """Config section ``generate`` (see schemas/config.schema.yaml for every key's meaning)."""
 
-    question: str = "Describe the image in detail."
-    system_prompt: str | None = None
-    pad_to_square: Literal["auto"] | bool = "auto"
-    max_new_tokens: int = 24
-    batch_size: int = 2
-    layers: Literal["all"] | tuple[int, ...] = "all"
-    heads: Literal["all"] | tuple[int, ...] = "all"
+    question: str = schema_default("generate", "question")
+    system_prompt: str | None = schema_default("generate", "system_prompt")
+    pad_to_square: Literal["auto"] | bool = schema_default("generate", "pad_to_square")
+    max_new_tokens: int = schema_default("generate", "max_new_tokens")
+    batch_size: int = schema_default("generate", "batch_size")
+    layers: Literal["all"] | tuple[int, ...] = schema_default("generate", "layers")
+    heads: Literal["all"] | tuple[int, ...] = schema_default("generate", "heads")
 
     def __post_init__(self) -> None:
         if self.pad_to_square != "auto" and not isinstance(self.pad_to_square, bool):
@@ -408,8 +407,6 @@ def _reduction_value(selection: str | Sequence[int]) -> str | list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import yaml
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True,
                         help="pipeline config YAML (sections `lmm` and `generate`)")
@@ -417,12 +414,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shard", type=int, required=True, help="shard to answer")
     parser.add_argument("--generations", required=True, help="output generations/shard-K.parquet")
     parser.add_argument("--attention", required=True, help="output attention/shard-K.zarr")
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--question", help="overrides generate.question (a data set's own question)")
     parser.add_argument("--device", help="cuda:N or cpu, or comma-separated cuda:N to spread the model "
                         "over (default: lmm.gpus CUDA devices from cuda:0 when available, else cpu)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    config = read_sections(args.config, args.dataset)
     generate_section = dict(config.get("generate") or {})
     if args.question:
         generate_section["question"] = args.question

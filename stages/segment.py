@@ -49,14 +49,13 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.config import ConfigError, from_mapping
+from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
 from stages.io.tables import ArtifactError, read_arrow, write_table
@@ -88,14 +87,14 @@ ATTENTION_SCORE = 1.0
 class SegmentConfig:
     """The ``segment`` config section (see the module docstring for each step)."""
 
-    pool: str = "mean"
-    upsample: str = "auto"
-    remove_corner: bool = False
-    prompt: str = "point"
-    more_masks: bool = False
-    mask_temperature: float = 0.0002
-    box_thresh: float = 0.75
-    attention_thresh: float = 0.5
+    pool: str = schema_default("segment", "pool")
+    upsample: str = schema_default("segment", "upsample")
+    remove_corner: bool = schema_default("segment", "remove_corner")
+    prompt: str = schema_default("segment", "prompt")
+    more_masks: bool = schema_default("segment", "more_masks")
+    mask_temperature: float = schema_default("segment", "mask_temperature")
+    box_thresh: float = schema_default("segment", "box_thresh")
+    attention_thresh: float = schema_default("segment", "attention_thresh")
 
     def __post_init__(self) -> None:
         for key, allowed in (("pool", POOLS), ("upsample", UPSAMPLES), ("prompt", PROMPTS)):
@@ -111,8 +110,8 @@ class SegmentConfig:
 class SamConfig:
     """The ``sam`` config section: architecture ``type`` (vit_h | vit_l | vit_b | tiny) and weights."""
 
-    type: str = "tiny"
-    checkpoint: str = "results/models/toy-sam.safetensors"
+    type: str = schema_default("sam", "type")
+    checkpoint: str = schema_default("sam", "checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,10 +458,9 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m stages.segment --manifest M --generations G --attention A --phrases P --out O``."""
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m stages.segment", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="config.yaml", help="YAML config (sections `segment` and `sam`)")
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--manifest", required=True, help="manifest table (Parquet)")
     parser.add_argument("--generations", required=True, help="generations table of the shard (Parquet)")
     parser.add_argument("--attention", required=True, help="attention store of the shard (Zarr)")
@@ -470,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="masks table to write (Parquet)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    config = read_sections(args.config, args.dataset)
     cfg = from_mapping(SegmentConfig, config.get("segment"), where="segment")
     sam_cfg = from_mapping(SamConfig, config.get("sam"), where="sam")
     run(cfg, sam_cfg, args.manifest, args.generations, args.attention, args.phrases, args.out, args.device)

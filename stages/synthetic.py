@@ -46,7 +46,7 @@ import yaml
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from stages.config import ConfigError, from_mapping
+from stages.config import ConfigError, from_mapping, schema_default
 from stages.io.atomic import atomic_path
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
@@ -85,10 +85,10 @@ class SyntheticConfig:
     """The config's ``synthetic`` section: ``num_images`` images of split ``split`` whose sides lie
     in ``image_size`` = [smallest, largest] pixels, all drawn from ``seed``."""
 
-    num_images: int = 6
-    seed: int = 0
-    image_size: tuple[int, int] = (96, 160)
-    split: str = "val"
+    num_images: int = schema_default("synthetic", "num_images")
+    seed: int = schema_default("synthetic", "seed")
+    image_size: tuple[int, int] = schema_default("synthetic", "image_size")
+    split: str = schema_default("synthetic", "split")
 
     def __post_init__(self) -> None:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:

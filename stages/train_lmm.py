@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.config import schema_default
 from stages.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,16 @@ class TrainLmmConfig:
     ``batch_size`` images, linear warm-up then cosine decay of ``lr``, gradient clipping.
     """
 
-    num_train_images: int = 2000
-    steps: int = 2400
-    batch_size: int = 16
-    lr: float = 3e-3
+    num_train_images: int = schema_default("train", "lmm", "num_train_images")
+    steps: int = schema_default("train", "lmm", "steps")
+    batch_size: int = schema_default("train", "lmm", "batch_size")
+    lr: float = schema_default("train", "lmm", "lr")
     warmup_steps: int = 60
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    seed: int = 0
-    world_seed: int = 0
-    image_size: tuple[int, int] = (96, 160)
+    seed: int = schema_default("train", "lmm", "seed")
+    world_seed: int = schema_default("synthetic", "seed")
+    image_size: tuple[int, int] = schema_default("synthetic", "image_size")
     model_image_size: int = 96
     patch_size: int = 8
     vision_hidden_size: int = 64

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.config import ConfigError
+from stages.config import ConfigError, schema_default
 from stages.io.atomic import atomic_path
 from stages.synthetic import MIN_SIDE, make_example
 
@@ -84,11 +84,11 @@ class TrainSamConfig:
     machine's core count.
     """
 
-    num_train_images: int = 512
-    steps: int = 1200
-    batch_size: int = 8
+    num_train_images: int = schema_default("train", "sam", "num_train_images")
+    steps: int = schema_default("train", "sam", "steps")
+    batch_size: int = schema_default("train", "sam", "batch_size")
     points_per_mask: int = 1
-    lr: float = 5e-3
+    lr: float = schema_default("train", "sam", "lr")
     weight_decay: float = 1e-4
     warmup_steps: int = 30
     final_lr_fraction: float = 0.05
@@ -96,9 +96,9 @@ class TrainSamConfig:
     focal_weight: float = 20.0
     iou_weight: float = 1.0
     last_mask_weight: float = 1.0
-    seed: int = 0
-    world_seed: int = 0
-    image_size: tuple[int, int] = (96, 160)
+    seed: int = schema_default("train", "sam", "seed")
+    world_seed: int = schema_default("synthetic", "seed")
+    image_size: tuple[int, int] = schema_default("synthetic", "image_size")
     num_threads: int = 1
 
     def __post_init__(self) -> None:

@@ -43,7 +43,7 @@ import zarr
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from stages.config import ConfigError
+from stages.config import ConfigError, schema_default
 from stages.io.atomic import atomic_path
 from stages.io.attention import open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
@@ -80,7 +80,7 @@ ERROR_COLOUR = (180, 20, 20)
 class VisualizeConfig:
     """The config's ``visualize`` section: pictures for the first ``num_images`` images."""
 
-    num_images: int = 4
+    num_images: int = schema_default("visualize", "num_images")
 
     def __post_init__(self) -> None:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 0:
@@ -463,7 +463,7 @@ def _pictures(manifest_row: Mapping[str, Any], generation: Mapping[str, Any] | N
 def run(cfg: VisualizeConfig, manifest_path: str | os.PathLike,
         generations_paths: Sequence[str | os.PathLike], attention_paths: Sequence[str | os.PathLike],
         phrases_paths: Sequence[str | os.PathLike], masks_paths: Sequence[str | os.PathLike],
-        out_dir: str | os.PathLike, upsample: str = "auto") -> list[Path]:
+        out_dir: str | os.PathLike, upsample: str = schema_default("segment", "upsample")) -> list[Path]:
     """Write ``<image_id>_overlay.png`` and ``<image_id>_attention.png`` under ``out_dir`` for the
     first ``cfg.num_images`` manifest rows and return the paths written.
 
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masks", required=True, nargs="+", type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     parser.add_argument("--num-images", type=int, default=VisualizeConfig.num_images)
-    parser.add_argument("--upsample", choices=UPSAMPLES, default="auto",
+    parser.add_argument("--upsample", choices=UPSAMPLES, default=schema_default("segment", "upsample"),
                         help="how maps are laid on the image: the run's segment.upsample (default: auto)")
     args = parser.parse_args(argv)
     run(VisualizeConfig(num_images=args.num_images), args.manifest, args.generations, args.attention,

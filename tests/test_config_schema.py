@@ -58,3 +58,79 @@ def test_bad_key_or_value_is_named(mutate, named):
     error = info.value
     text = str(error) + " ".join(map(str, error.absolute_path))
     assert named in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-data-set and per-variant stage sections (stages.config.stage_sections).
+
+
+def with_defaults(config):
+    """``config`` with the schema's defaults filled in, as Snakemake's validate leaves it."""
+    from snakemake.utils import validate as snakemake_validate
+
+    config = copy.deepcopy(config)
+    snakemake_validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
+    return config
+
+
+def two_task_config(**variants):
+    config = copy.deepcopy(DEFAULT)
+    config["segment"].update(pool="mean", more_masks=False, remove_corner=True)
+    config["datasets"]["toy_instances"]["segment"] = {"more_masks": True}
+    config["datasets"]["toy_gcg"]["segment"] = {"pool": "max"}
+    config["datasets"]["toy_gcg"]["evaluate"] = {"gcg": {"iou_thresh": 0.75}}
+    config["variants"] = variants
+    return with_defaults(config)
+
+
+def test_precedence_is_defaults_then_top_level_then_data_set_then_variant():
+    from stages.config import stage_sections
+
+    config = two_task_config(one_head={"generate": {"heads": [-2]}, "segment": {"pool": "mean"}})
+    instances = stage_sections(config, "main", "toy_instances")
+    gcg = stage_sections(config, "main", "toy_gcg")
+    assert (instances["segment"]["pool"], instances["segment"]["more_masks"]) == ("mean", True)
+    assert (gcg["segment"]["pool"], gcg["segment"]["more_masks"]) == ("max", False)
+    assert instances["segment"]["remove_corner"] and gcg["segment"]["remove_corner"]     # top level
+    assert instances["segment"]["box_thresh"] == 0.75                                   # schema default
+    assert gcg["evaluate"]["gcg"] == {**config["evaluate"]["gcg"], "iou_thresh": 0.75}
+    assert instances["evaluate"] == config["evaluate"]
+    assert gcg["generate"]["question"] == config["datasets"]["toy_gcg"]["question"]
+    assert instances["generate"]["question"] == config["generate"]["question"]
+    variant_gcg = stage_sections(config, "one_head", "toy_gcg")
+    assert variant_gcg["segment"]["pool"] == "mean" and variant_gcg["generate"]["heads"] == [-2]
+    assert variant_gcg["generate"]["question"] == gcg["generate"]["question"]
+    assert stage_sections(config, "one_head", "toy_instances")["segment"]["more_masks"] is True
+
+
+@pytest.mark.parametrize(("dataset_entry", "named"), [
+    ({"segment": {"pool": "median"}}, "datasets.toy_gcg.segment.pool"),
+    ({"segment": {"pooling": "max"}}, "datasets.toy_gcg.segment"),
+    ({"generate": {"max_new_tokens": 0}}, "datasets.toy_gcg.generate.max_new_tokens"),
+    ({"evaluate": {"gcg": {"iou_thresh": "high"}}}, "datasets.toy_gcg.evaluate.gcg.iou_thresh"),
+    ({"generate": {"question": "Another?"}}, "give the question once"),
+])
+def test_bad_data_set_override_is_named(dataset_entry, named):
+    from stages.config import ConfigError, stage_sections
+
+    config = copy.deepcopy(DEFAULT)
+    config["datasets"]["toy_gcg"].update(dataset_entry)
+    config = with_defaults(config)
+    with pytest.raises(ConfigError) as info:
+        stage_sections(config, "main", "toy_gcg")
+    assert named in str(info.value)
+
+
+def test_data_set_may_not_override_the_model_sections():
+    config = copy.deepcopy(DEFAULT)
+    config["datasets"]["toy_gcg"]["lmm"] = {"path": "elsewhere"}
+    with pytest.raises(jsonschema.ValidationError, match="lmm"):
+        validate(config)
+
+
+def test_data_set_config_leaves_the_stage_overrides_to_the_stages():
+    from stages.datasets import dataset_config
+
+    entry = {"task": "images", "images": "x", "segment": {"pool": "max"}, "generate": {"max_new_tokens": 3}}
+    cfg = dataset_config("d", entry)
+    assert (cfg.name, cfg.task, cfg.images) == ("d", "images", "x")

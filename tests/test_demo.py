@@ -72,3 +72,18 @@ def test_demo_runs_the_stages_on_one_image(tmp_path, capsys):
     assert Image.open(out / "photo_overlay.png").size[0] >= 80
     printed = capsys.readouterr().out
     assert f"== photo: {generations['answer'][0]}" in printed
+
+
+def test_cli_takes_a_data_sets_own_sections(tmp_path, monkeypatch):
+    """--dataset: the sections the workflow gives that data set's jobs (its overrides over the top level)."""
+    config = tmp_path / "config.yaml"
+    config.write_text("segment: {pool: mean, remove_corner: true}\n"
+                      "datasets:\n  coco: {task: images, images: x, segment: {pool: max}, question: 'Q?'}\n")
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda config, *args, **kwargs: seen.append(config))
+    demo.main(["--image", "i.png", "--out", str(tmp_path), "--config", str(config), "--dataset", "coco"])
+    demo.main(["--image", "i.png", "--out", str(tmp_path), "--config", str(config)])
+    with_dataset, top_level = seen
+    assert with_dataset["segment"] == {"pool": "max", "remove_corner": True}
+    assert with_dataset["generate"] == {"question": "Q?"}
+    assert top_level["segment"] == {"pool": "mean", "remove_corner": True}

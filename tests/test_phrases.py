@@ -277,6 +277,21 @@ def test_missing_spacy_model_is_a_config_error(tmp_path):
                     tmp_path / "p.parquet")
 
 
+def test_missing_release_spacy_model_says_how_to_install_it():
+    """en_core_web_lg (the release's, named by the paper presets) is not installed here: the error
+    names the key and gives the command that installs it on a connected machine."""
+    pytest.importorskip("spacy")
+    import importlib.util
+
+    if importlib.util.find_spec("en_core_web_lg") is not None:
+        pytest.skip("en_core_web_lg is installed here")
+    with pytest.raises(ConfigError) as info:
+        phrases.load_spacy("en_core_web_lg")
+    message = str(info.value)
+    assert "phrases.spacy_model 'en_core_web_lg'" in message
+    assert "python -m spacy download en_core_web_lg" in message
+
+
 def test_cli_writes_the_table(tmp_path):
     write_table([generation("1", DOG_PIECES)], tmp_path / "g.parquet", "generations")
     (tmp_path / "config.yaml").write_text("phrases:\n  token_match: chunk\n")

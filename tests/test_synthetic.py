@@ -34,7 +34,7 @@ from stages.synthetic import (
     shape_mask,
 )
 
-CFG = SyntheticConfig(num_images=6, seed=0, image_size=(96, 160))
+CFG = SyntheticConfig(num_images=6, seed=0, image_size=(96, 160), split="val")
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +81,12 @@ def test_same_seed_same_bytes_and_pixels(dataset, tmp_path):
 
 
 def test_other_seed_other_data(dataset, tmp_path):
-    run(SyntheticConfig(num_images=6, seed=1, image_size=(96, 160)), tmp_path)
+    run(SyntheticConfig(num_images=6, seed=1, image_size=(96, 160), split="val"), tmp_path)
     assert list_captions(tmp_path) != list_captions(dataset)
 
 
 def test_image_does_not_depend_on_dataset_size(dataset, tmp_path):
-    run(SyntheticConfig(num_images=2, seed=0, image_size=(96, 160)), tmp_path)
+    run(SyntheticConfig(num_images=2, seed=0, image_size=(96, 160), split="val"), tmp_path)
     assert list_captions(tmp_path) == list_captions(dataset)[:2]
     for name in ["toy_val_000000.jpg", "toy_val_000001.jpg"]:
         assert (tmp_path / "images" / name).read_bytes() == (dataset / "images" / name).read_bytes()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -106,6 +107,15 @@ def test_bad_variant_override_is_named(tmp_path, override, named):
     assert named in result.stdout + result.stderr
 
 
+def test_bad_data_set_override_is_named(tmp_path):
+    datasets = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]
+    datasets["toy_gcg"]["segment"] = {"pool": "median"}
+    write_config(tmp_path, datasets=datasets)
+    result = snakemake(tmp_path, "--cores", "1", "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "datasets.toy_gcg.segment.pool" in result.stdout + result.stderr
+
+
 def test_lint_finds_nothing_but_the_missing_conda_envs(tmp_path):
     """The only lint is "Specify a conda environment or container": software comes from pyproject.toml."""
     write_config(tmp_path)
@@ -180,3 +190,35 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
     jobs = planned_jobs(tmp_path)
     runs = 1 + len(config["variants"])
     assert jobs.get("segment") == 2 * 2 * runs and "generate" not in jobs and "phrases" not in jobs, jobs
+
+
+@pytest.mark.slow
+def test_data_sets_run_with_their_own_settings_and_rerun_alone(tmp_path):
+    """One workflow, two data sets with different segment settings (instance segmentation keeps SAM's
+    three masks and mean-pools, GCG keeps one and max-pools: the release's two settings). Changing one
+    data set's settings reruns that data set's jobs and nothing of the other's."""
+    datasets = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]
+    datasets["toy_instances"]["segment"] = {"more_masks": True}
+    # The toy LMM is barely trained here: keep every phrase whatever category it is closest to.
+    datasets["toy_instances"]["phrases"] = {"category_thresh": -1.0}
+    datasets["toy_gcg"]["segment"] = {"pool": "max"}
+    write_config(tmp_path, shards=1, variants={}, datasets=datasets)
+    snakemake(tmp_path, "--cores", "2")
+    run = tmp_path / "results" / "main"
+    for dataset, expected in [("toy_instances", [0, 1, 2]), ("toy_gcg", [2])]:
+        masks = pd.read_parquet(run / dataset / "masks" / "shard-0.parquet")
+        masks = masks[masks["error"].isna()]
+        per_phrase = masks.groupby(["image_id", "phrase_index"])["mask_index"].apply(sorted)
+        assert len(per_phrase) and all(indices == expected for indices in per_phrase), (dataset, per_phrase)
+    assert planned_jobs(tmp_path) == {}
+
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["datasets"]["toy_gcg"]["segment"]["pool"] = "mean"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry_run = snakemake(tmp_path, "--cores", "1", "--dry-run").stdout
+    assert re.search(r"params have changed since last execution:\s+segment\s", dry_run), dry_run
+    assert "output: results/main/toy_gcg/masks/shard-0.parquet" in dry_run
+    assert "output: results/main/toy_instances/masks/shard-0.parquet" not in dry_run
+    jobs = planned_jobs(tmp_path)
+    assert jobs.pop("segment") == 1 and jobs.pop("evaluate_gcg") == 1 and jobs.pop("visualize") == 1, jobs
+    assert set(jobs) <= {"summary", "all"}, jobs

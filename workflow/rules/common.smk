@@ -1,12 +1,13 @@
 # Helpers shared by the rules: runs, paths, shard lists, per-stage params and input functions.
 #
-# A "run" is the main configuration ("main") or one of config["variants"] (controls), which override
-# whole keys of the stage sections; every run processes every data set under {out}/{run}/{dataset}.
-import copy
+# A "run" is the main configuration ("main") or one of config["variants"] (controls); every run
+# processes every data set under {out}/{run}/{dataset}. The stage sections of one run on one data set
+# come from stages.config.stage_sections: top-level sections < the data set's overrides < the variant's.
+# Each rule's params hold only its own run's and data set's sections, so changing one data set's
+# settings reruns that data set's jobs only.
 from pathlib import Path
 
-import jsonschema
-import yaml
+from stages.config import DATASET_SECTIONS, MAIN_RUN, stage_sections
 
 OUT = config["out"]
 DATASETS = config["datasets"]
@@ -16,40 +17,9 @@ TOY_SAM = f"{OUT}/models/toy-sam.safetensors"
 SYNTHETIC = f"{OUT}/synthetic"
 SYNTHETIC_SPLIT = config["synthetic"]["split"]
 EVALUATED_TASKS = ("instance_seg", "gcg")
-RUN_SECTIONS = ("lmm", "generate", "phrases", "sam", "segment")
-MAIN_RUN = "main"
-
-
-def _merged(base, override):
-    """`base` with `override`'s keys replaced (nested mappings merged key by key)."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _runs():
-    """Run name -> its stage sections, each variant's overrides validated against the schema."""
-    if MAIN_RUN in config["variants"]:
-        raise ValueError(f"variants: the name {MAIN_RUN!r} is the main run's; choose another")
-    schema = yaml.safe_load(Path(workflow.basedir, "schemas", "config.schema.yaml").read_text())
-    runs = {MAIN_RUN: {name: config[name] for name in RUN_SECTIONS}}
-    for variant, overrides in config["variants"].items():
-        sections = {name: _merged(config[name], overrides.get(name, {})) for name in RUN_SECTIONS}
-        for name, section in sections.items():
-            try:
-                jsonschema.Draft202012Validator(schema["properties"][name]).validate(section)
-            except jsonschema.ValidationError as error:
-                path = ".".join(map(str, error.absolute_path))
-                raise ValueError(f"variants.{variant}.{name}{'.' + path if path else ''}: {error.message}") from None
-        runs[variant] = sections
-    return runs
-
-
-RUNS = _runs()
+RUNS = [MAIN_RUN, *config["variants"]]
+# (run, data set) -> the stage sections its jobs use, every one validated against the schema.
+SECTIONS = {(run, name): stage_sections(config, run, name) for run in RUNS for name in DATASETS}
 
 
 wildcard_constraints:
@@ -66,7 +36,7 @@ def _world():
 def train_lmm_params(wildcards):
     """The LMM training section, the world, and every question the pipeline asks."""
     questions = [config["generate"]["question"]]
-    questions += [ds["question"] for ds in DATASETS.values() if ds.get("question")]
+    questions += [sections["generate"]["question"] for sections in SECTIONS.values()]
     return {**config["train"]["lmm"], **_world(), "questions": list(dict.fromkeys(questions))}
 
 
@@ -86,12 +56,12 @@ def artifact(run, dataset, kind, shard, suffix="parquet"):
 
 
 def section(wildcards, name):
-    """The run's config section `name`."""
-    return RUNS[wildcards.run][name]
+    """The config section `name` of the job's run and data set."""
+    return SECTIONS[wildcards.run, wildcards.dataset][name]
 
 
 def section_params(*names):
-    """Params function: the run's sections `names` (what decides the stage's output)."""
+    """Params function: the sections `names` of the job's run and data set (what decides the output)."""
 
     def params(wildcards):
         return {name: section(wildcards, name) for name in names}
@@ -100,8 +70,11 @@ def section_params(*names):
 
 
 def dataset_config(wildcards):
-    """The data set's config section, with its name."""
-    return {"name": wildcards.dataset, **DATASETS[wildcards.dataset]}
+    """What describes the data set itself (task, files, max_pixels), with its name: not its question nor
+    its stage-section overrides, which decide later stages only."""
+    entry = DATASETS[wildcards.dataset]
+    data = {key: value for key, value in entry.items() if key not in (*DATASET_SECTIONS, "question")}
+    return {"name": wildcards.dataset, **data}
 
 
 def dataset_inputs(wildcards):
@@ -124,14 +97,11 @@ def sam_inputs(wildcards):
 
 
 def generate_params(wildcards):
-    """Everything that decides generate's output: the run's generate and lmm sections and the question
-    (lmm.gpus, which decides only where the model runs, is left out: changing it reruns nothing)."""
-    generate = dict(section(wildcards, "generate"))
-    question = DATASETS[wildcards.dataset].get("question")
-    if question:
-        generate["question"] = question
+    """Everything that decides generate's output: the generate section (with the data set's question)
+    and the lmm section (lmm.gpus, which decides only where the model runs, is left out: changing it
+    reruns nothing)."""
     lmm = {key: value for key, value in section(wildcards, "lmm").items() if key != "gpus"}
-    return {"generate": generate, "lmm": lmm}
+    return {"generate": section(wildcards, "generate"), "lmm": lmm}
 
 
 def generate_gpus(wildcards):

@@ -39,7 +39,7 @@ rule evaluate_gcg:
             subcategory="{run}: {dataset}",
         ),
     params:
-        gcg=config["evaluate"]["gcg"],
+        gcg=lambda wildcards: section(wildcards, "evaluate")["gcg"],
     log:
         f"{OUT}/logs/evaluate_gcg/{{run}}/{{dataset}}.log",
     benchmark:
