@@ -22,8 +22,9 @@ from stages.config import ConfigError
 from stages.generate import GenerateConfig, LMMConfig, build_prompt, expand_to_square, token_char_spans
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.tables import read_table, write_table
+from stages.models.llava_v1 import LLAVA_V1_SYSTEM
 from stages.models.registry import LMM_FAMILIES, load_lmm
-from stages.models.toy_lmm import LLAVA_V1_SYSTEM, build_toy_llava
+from stages.models.toy_lmm import build_toy_llava
 
 CAPTIONS = ["A red square sits left of a blue circle.", "Two green triangles, one small dog and a cat."]
 

@@ -11,9 +11,9 @@ from real_tokenizers import write_vicuna_tokenizer
 from test_llava_original import IMAGE_TOKEN_INDEX, sentencepiece_image_token, sentinel_ids
 
 from stages.generate import build_prompt
-from stages.models.llava_v1 import LLAVA_V1_SYSTEM
+from stages.models.llava_v1 import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
 from stages.models.registry import load_lmm
-from stages.models.toy_lmm import CLIP_MEAN, CLIP_STD, LLAVA_15_CHAT_TEMPLATE
+from stages.models.toy_lmm import LLAVA_15_CHAT_TEMPLATE
 
 IMAGE_SIZE, PATCH = 32, 8             # a 4 x 4 grid = 16 image tokens
 QUESTION = "Describe the image in detail."

@@ -21,10 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_llava_original import CORPUS as LLAVA_ORIGINAL_CORPUS
-
 from stages.config import stage_sections
-from stages.models.llava_original import LLAVA_V1_SYSTEM
+from stages.models.llava_v1 import LLAVA_V1_SYSTEM
 from stages.synthetic import SyntheticConfig
 from stages.synthetic import run as write_synthetic
 
@@ -222,25 +220,32 @@ def test_dry_run_of_both_tables_with_the_first_release(fixture_workdir, tmp_path
 
 
 def fabricate_hub(cache: Path, model: str) -> None:
-    """Tiny checkpoints under the preset's own hub ids in a fake hub cache, written by the model tests'
-    writers (llava: the toy llava-hf model of stages.models.toy_lmm). The Llama tokenizers are the
-    writers' own (tests/test_llava_original.py vicuna_like_tokenizer): this is the one place of this
-    module where tokenizers come in."""
+    """Tiny checkpoints under the preset's own hub ids in a fake hub cache, in the published layouts and
+    with the real Vicuna tokenizer as published (tests/real_tokenizers.py): llava-hf's tokenizer.json
+    with "<image>" and "<pad>" added; liuhaotian's and lmsys/vicuna's tokenizer.model only,
+    ``"legacy": false``. The model tests' writers do the writing."""
     from fake_hub import snapshot
 
     if model == "llava":
-        from stages.models.toy_lmm import build_toy_llava
+        from test_llava_hf_prompt import write_llava_hf_checkpoint
 
-        built = build_toy_llava(cache.parent / "toy-llava", list(LLAVA_ORIGINAL_CORPUS))
-        shutil.copytree(built, snapshot(cache, "llava-hf/llava-1.5-7b-hf"), dirs_exist_ok=True)
+        write_llava_hf_checkpoint(snapshot(cache, "llava-hf/llava-1.5-7b-hf"), legacy=False)
     elif model == "llava_original":
         from test_llava_original import REPO_ID, TOWER_ID, write_clip_tower, write_llava_checkpoint
 
         write_clip_tower(snapshot(cache, TOWER_ID))
-        write_llava_checkpoint(snapshot(cache, REPO_ID), "safetensors")
+        write_llava_checkpoint(snapshot(cache, REPO_ID), "bin-shards", legacy=False, sentencepiece_only=True)
     else:
-        from test_difflmm import (BASE_ID, CLIP_ID, LORA_ID, SD_ID, write_base, write_clip, write_lora,
-                                  write_sd)
+        from test_difflmm import (
+            BASE_ID,
+            CLIP_ID,
+            LORA_ID,
+            SD_ID,
+            write_base,
+            write_clip,
+            write_lora,
+            write_sd,
+        )
 
         folders = {repo: snapshot(cache, repo) for repo in (SD_ID, CLIP_ID, BASE_ID, LORA_ID)}
         write_sd(folders[SD_ID])

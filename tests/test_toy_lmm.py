@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from stages.models import toy_lmm
-from stages.models.toy_lmm import LLAVA_V1_SYSTEM, SPECIAL_TOKENS, build_toy_llava
+from stages.models.llava_v1 import LLAVA_V1_SYSTEM
+from stages.models.toy_lmm import SPECIAL_TOKENS, build_toy_llava
 
 CAPTIONS = ["A red square sits left of a blue circle.",
             "Two green triangles, one small dog's ball\nand a cat."]

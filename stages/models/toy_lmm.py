@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.io.atomic import atomic_path
+from stages.models.llava_v1 import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ LLAVA_15_CHAT_TEMPLATE = (
 
 # The Vicuna v1 system line of LLaVA-1.5 and the template's own words, always in the vocabulary
 # (the prompt without its "<image>", a special token that is split off before pre-tokenisation).
-LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 PROMPT_TEXTS = (LLAVA_V1_SYSTEM, "USER: \nDescribe the image in detail. ASSISTANT:")
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_toy_tokenizer(texts: Sequence[str]):
