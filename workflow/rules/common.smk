@@ -4,9 +4,11 @@
 # processes every data set under {out}/{run}/{dataset}. The stage sections of one run on one data set
 # come from stages.config.stage_sections: top-level sections < the data set's overrides < the variant's.
 # Each rule's params hold only its own run's and data set's sections, so changing one data set's
-# settings reruns that data set's jobs only.
+# settings reruns that data set's jobs only, and the version of the code it runs (code_version), so
+# changing that code reruns the rule and what follows.
 from pathlib import Path
 
+from stages.code_version import code_version as script_code_version
 from stages.config import DATASET_SECTIONS, MAIN_RUN, stage_sections
 
 OUT = config["out"]
@@ -17,6 +19,7 @@ TOY_SAM = f"{OUT}/models/toy-sam.safetensors"
 SYNTHETIC = f"{OUT}/synthetic"
 SYNTHETIC_SPLIT = config["synthetic"]["split"]
 EVALUATED_TASKS = ("instance_seg", "gcg")
+SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 RUNS = [MAIN_RUN, *config["variants"]]
 # (run, data set) -> the stage sections its jobs use, every one validated against the schema.
 SECTIONS = {(run, name): stage_sections(config, run, name) for run in RUNS for name in DATASETS}
@@ -26,6 +29,13 @@ wildcard_constraints:
     run="|".join(RUNS),
     dataset="|".join(DATASETS) or "^$",
     shard=r"\d+",
+
+
+def code_version(script):
+    """Params value naming the version of workflow/scripts/<script> and of every module of stages/ and
+    schemas/ that script imports, transitively (stages.code_version). Any change to that code, except
+    to comments, formatting and docstrings, reruns the jobs that run it and what follows."""
+    return f"{script} {script_code_version(SCRIPTS / script)}"
 
 
 def _world():

@@ -15,6 +15,8 @@ rule evaluate_instance_seg:
             category="Metrics",
             subcategory="{run}: {dataset}",
         ),
+    params:
+        code=code_version("evaluate_instance_seg.py"),
     log:
         f"{OUT}/logs/evaluate_instance_seg/{{run}}/{{dataset}}.log",
     benchmark:
@@ -39,6 +41,7 @@ rule evaluate_gcg:
             subcategory="{run}: {dataset}",
         ),
     params:
+        code=code_version("evaluate_gcg.py"),
         gcg=lambda wildcards: section(wildcards, "evaluate")["gcg"],
     log:
         f"{OUT}/logs/evaluate_gcg/{{run}}/{{dataset}}.log",
@@ -54,6 +57,8 @@ rule summary:
     output:
         table=report(f"{OUT}/summary.md", caption="../report/summary.rst", category="Metrics"),
         json=f"{OUT}/summary.json",
+    params:
+        code=code_version("summary.py"),
     log:
         f"{OUT}/logs/summary.log",
     benchmark:

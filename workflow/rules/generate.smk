@@ -10,6 +10,7 @@ rule generate:
         generations=artifact("{run}", "{dataset}", "generations", "{shard}"),
         attention=directory(artifact("{run}", "{dataset}", "attention", "{shard}", "zarr")),
     params:
+        code=code_version("generate.py"),
         stage=generate_params,
     resources:
         gpu=generate_gpus,

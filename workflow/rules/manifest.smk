@@ -7,6 +7,7 @@ rule manifest:
     output:
         manifest_path("{dataset}"),
     params:
+        code=code_version("manifest.py"),
         dataset=dataset_config,
         shards=config["shards"],
     log:

@@ -8,6 +8,7 @@ rule phrases:
     output:
         artifact("{run}", "{dataset}", "phrases", "{shard}"),
     params:
+        code=code_version("phrases.py"),
         stage=section_params("phrases"),
     log:
         f"{OUT}/logs/phrases/{{run}}/{{dataset}}/shard-{{shard}}.log",

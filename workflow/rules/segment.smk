@@ -11,6 +11,7 @@ rule segment:
     output:
         artifact("{run}", "{dataset}", "masks", "{shard}"),
     params:
+        code=code_version("segment.py"),
         stage=section_params("segment", "sam"),
     resources:
         gpu=1,

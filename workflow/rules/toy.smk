@@ -10,6 +10,7 @@ rule synthetic_data:
         mask_gt=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_mask_gt.json",
         caption_gt=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_caption_gt.json",
     params:
+        code=code_version("synthetic_data.py"),
         synthetic=config["synthetic"],
     log:
         f"{OUT}/logs/synthetic_data.log",
@@ -23,6 +24,7 @@ rule train_lmm:
     output:
         directory(TOY_LMM),
     params:
+        code=code_version("train_lmm.py"),
         train=train_lmm_params,
     log:
         f"{OUT}/logs/train_lmm.log",
@@ -36,6 +38,7 @@ rule random_lmm:
     output:
         directory(TOY_LMM_RANDOM),
     params:
+        code=code_version("train_lmm.py"),
         train=train_lmm_params,
         untrained=True,
     log:
@@ -50,6 +53,7 @@ rule train_sam:
     output:
         TOY_SAM,
     params:
+        code=code_version("train_sam.py"),
         train=train_sam_params,
     log:
         f"{OUT}/logs/train_sam.log",

@@ -17,6 +17,7 @@ rule visualize:
             subcategory="{run}: {dataset}",
         ),
     params:
+        code=code_version("visualize.py"),
         visualize=config["visualize"],
         # The attention maps are laid on the image as the run's segment stage lays them.
         upsample=lambda wildcards: section(wildcards, "segment")["upsample"],
