@@ -41,7 +41,8 @@ def code_version(script: str | os.PathLike, packages: tuple[str, ...] = TRACKED_
     return digest.hexdigest()[:VERSION_LENGTH]
 
 
-def imported_modules(script: str | os.PathLike, packages: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, Path]:
+def imported_modules(script: str | os.PathLike,
+                     packages: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, Path]:
     """Module name -> source file of every module of ``packages`` that ``script`` imports, directly or
     through the modules it imports (see the module docstring for what counts as an import)."""
     found: dict[str, Path] = {}
@@ -67,7 +68,7 @@ def module_file(name: str) -> Path | None:
     spec = importlib.util.find_spec(top)
     if spec is None or not spec.submodule_search_locations:
         return None
-    base = Path(list(spec.submodule_search_locations)[0]).joinpath(*rest)
+    base = Path(next(iter(spec.submodule_search_locations))).joinpath(*rest)
     for candidate in (base / "__init__.py", base.with_name(base.name + ".py")):
         if candidate.is_file():
             return candidate
@@ -90,7 +91,8 @@ class _Parsed:
         names: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                node.body = [statement for k, statement in enumerate(node.body) if k or not _is_docstring(statement)]
+                node.body = [statement for k, statement in enumerate(node.body)
+                             if k or not _is_docstring(statement)]
             elif isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):

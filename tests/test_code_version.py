@@ -66,15 +66,18 @@ def snakemake(code: Path, workdir: Path, *args: str) -> str:
     `python -m` puts the current folder first on the module path)."""
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(code / "Snakefile"),
                              "--directory", str(workdir), "--cores", "1", *args], capture_output=True,
-                            text=True, cwd=code, env={**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+                            text=True, check=False, cwd=code,
+                            env={**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, \
+        f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
 
 def planned(code: Path, workdir: Path) -> dict[str, int]:
     """Rule -> jobs the dry run plans (rule all left out)."""
     table = snakemake(code, workdir, "--dry-run").partition("Job stats:")[2]
-    jobs = {match[1]: int(match[2]) for match in re.finditer(r"^([A-Za-z_]\w*)\s+(\d+)\s*$", table, re.M)}
+    rows = re.finditer(r"^([A-Za-z_]\w*)\s+(\d+)\s*$", table, re.MULTILINE)
+    jobs = {match[1]: int(match[2]) for match in rows}
     return {rule: count for rule, count in jobs.items() if rule not in ("total", "all")}
 
 
@@ -92,7 +95,7 @@ def up_to_date_run(tmp_path_factory):
         else:
             shutil.copy2(ROOT / name, code / name)
     write_config(work, shards=1, variants={})
-    for outputs in re.findall(r"^\s+output: (.+)$", snakemake(code, work, "--dry-run"), re.M):
+    for outputs in re.findall(r"^\s+output: (.+)$", snakemake(code, work, "--dry-run"), re.MULTILINE):
         for output in map(Path, outputs.split(", ")):
             # directory() outputs: the model folders, the image folder, Zarr stores, visualisations.
             if output.suffix in ("", ".zarr"):
@@ -135,5 +138,6 @@ def test_a_change_to_the_artifact_schemas_reruns_every_stage_that_reads_or_write
     """schemas/artifacts.py is read through stages.io by every stage but the toy world's and toy SAM's
     (the toy LMM's trainer imports the generate stage)."""
     code, work = changed_copy(up_to_date_run, tmp_path, "schemas/artifacts.py")
-    assert planned(code, work) == {"train_lmm": 1, "manifest": 2, "generate": 2, "phrases": 2, "segment": 2,
-                                   "visualize": 2, "evaluate_instance_seg": 1, "evaluate_gcg": 1, "summary": 1}
+    assert planned(code, work) == {"train_lmm": 1, "manifest": 2, "generate": 2, "phrases": 2,
+                                   "segment": 2, "visualize": 2, "evaluate_instance_seg": 1,
+                                   "evaluate_gcg": 1, "summary": 1}
