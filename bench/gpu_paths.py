@@ -166,7 +166,7 @@ def eager_reference(toy: Path, manifest_rows: list[dict], cfg: GenerateConfig, d
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     torch_dtype = getattr(torch, dtype)
-    processor = AutoProcessor.from_pretrained(toy)
+    processor = AutoProcessor.from_pretrained(toy, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(toy, attn_implementation="eager",
                                                           dtype=torch_dtype).to(device).eval()

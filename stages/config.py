@@ -21,7 +21,7 @@ import importlib.resources
 import types
 import typing
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import jsonschema
@@ -93,6 +93,26 @@ def _check_section(name: str, section: Mapping[str, Any], where: str) -> None:
     except jsonschema.ValidationError as error:
         path = ".".join(map(str, error.absolute_path))
         raise ConfigError(f"{where}{'.' + path if path else ''}: {error.message}") from None
+
+
+def run_folder(config: Mapping[str, Any]) -> str:
+    """The run's folder ``config["out"]``, normalised (``results/`` -> ``results``), once it is known to
+    keep every output inside the working directory: every output path is this folder joined with fixed
+    names and the run, data set and shard wildcards, which the schema restricts to plain names.
+
+    ConfigError naming ``out`` when it is empty or absolute (the outputs would land outside the working
+    directory: choose that with ``snakemake --directory`` instead), climbs out with a ``..`` step, or holds
+    ``{`` or ``}`` (Snakemake would read a wildcard into every output path).
+    """
+    out = config["out"]
+    problem = ("is empty" if not out.strip() else
+               "is an absolute path" if PurePosixPath(out).is_absolute() else
+               "climbs out of the working directory with '..'" if ".." in PurePosixPath(out).parts else
+               "holds '{' or '}', which Snakemake reads as wildcards" if "{" in out or "}" in out else None)
+    if problem:
+        raise ConfigError(f"out ({out!r}) {problem}; it must be a folder inside the working directory "
+                          "(snakemake --directory chooses that one)")
+    return str(PurePosixPath(out))
 
 
 def dataset_overrides(name: str, entry: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -59,9 +59,9 @@ class TransformerMeanEncoder:
 
         resolved = resolve_model_path(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(resolved)
-            self.model = AutoModel.from_pretrained(resolved).to(device).eval()
-        except OSError as exc:
+            self.tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=False)
+            self.model = AutoModel.from_pretrained(resolved, trust_remote_code=False).to(device).eval()
+        except (OSError, ValueError) as exc:  # ValueError: e.g. a model that needs its own code (never run)
             raise ConfigError(f"text encoder {path!r} cannot be loaded: {exc}") from None
         self.name = path
         self.batch_size = batch_size

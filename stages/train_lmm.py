@@ -219,7 +219,7 @@ def init_model(cfg: TrainLmmConfig, corpus: Sequence[str], folder: str | os.Path
                            text_layers=cfg.text_layers, num_attention_heads=cfg.num_attention_heads,
                            initializer_range=cfg.initializer_range)
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
     return model, processor
 
 

@@ -66,6 +66,7 @@ from torch import nn
 from stages.config import ConfigError
 from stages.devices import place_model
 from stages.models.base import Devices, LoadedLMM, uniform_layouts
+from stages.models.checkpoints import load_weights_only
 from stages.models.llava_v1 import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE,
                                     LlavaV1Processor, add_image_token, llama_text_config, load_tokenizer,
                                     pad_embedding_rows, resolve_checkpoint)
@@ -224,7 +225,7 @@ def non_lora_state(folder: Path) -> dict[str, torch.Tensor]:
     """``non_lora_trainables.bin`` with the release's key normalisation (drop "base_model.", then
     "model." when keys start with "model.model."), restricted to ``model.mm_projector.*``, the prefix
     removed. Any other key raises ConfigError."""
-    state = torch.load(folder / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
+    state = load_weights_only(folder / "non_lora_trainables.bin", what="DiffLMM projector weights")
     state = {(key[len("base_model."):] if key.startswith("base_model.") else key): value
              for key, value in state.items()}
     if any(key.startswith("model.model.") for key in state):

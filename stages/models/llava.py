@@ -36,10 +36,10 @@ def load_llava(path: str, *, dtype: torch.dtype, attn_implementation: str, devic
 
     source = model_source(path)
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
         model = LlavaForConditionalGeneration.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation, **pretrained_placement(device))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: e.g. a model that needs its own code (never run)
         raise ConfigError(f"cannot load LLaVA model {path!r} (lmm.path): {exc}") from None
     if getattr(processor, "patch_size", None) is None:
         raise ConfigError(f"the processor of {path!r} has no patch_size, so it does not expand <image> into "

@@ -128,7 +128,7 @@ def load_llava_next(path: str, *, dtype: torch.dtype, attn_implementation: str, 
 
     source = model_source(path)
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
         model = LlavaNextForConditionalGeneration.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation, **pretrained_placement(device))
     except (OSError, ValueError) as exc:

@@ -36,6 +36,7 @@ from transformers import LlavaProcessor
 
 from stages.config import ConfigError
 from stages.models.base import model_source
+from stages.models.checkpoints import load_weights_only
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +118,6 @@ def resolve_checkpoint(path: str) -> Path:
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint in ``folder`` (safetensors preferred, else ``.bin``; single file
     or shards listed by the index json), on the CPU in their stored dtypes."""
-    import torch
     from safetensors.torch import load_file
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
@@ -133,7 +133,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             if name.endswith(".safetensors"):
                 state.update(load_file(folder / name))
             else:
-                state.update(torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True))
+                state.update(load_weights_only(folder / name, what="LLaVA weights", mmap=True))
         return state
     raise ConfigError(f"{folder} holds no model.safetensors, pytorch_model.bin or their *.index.json")
 
@@ -192,7 +192,7 @@ def load_tokenizer(folder: Path, path: str):
                               f"reading it needs the Python package(s) {', '.join(missing)} (pip install "
                               f"{' '.join(missing)})")
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, ImportError) as exc:
         raise ConfigError(f"cannot load the tokenizer of {path!r} ({folder}): {exc}") from None
 

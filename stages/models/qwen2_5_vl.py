@@ -114,14 +114,14 @@ def load_qwen2_5_vl(path: str, *, dtype: torch.dtype, attn_implementation: str, 
 
     source = model_source(path)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load Qwen2.5-VL model {path!r} (lmm.path): {exc}") from None
     if config.model_type != "qwen2_5_vl":
         raise ConfigError(f"{path!r} (lmm.path) holds a model of type {config.model_type!r}, "
                           "not 'qwen2_5_vl'")
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         # ValueError: e.g. an unknown image_processor_type ("Qwen2_5_VLImageProcessor" in snapshots taken
         # before the hub's preprocessor_config.json was changed to "Qwen2VLImageProcessor").

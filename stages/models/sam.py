@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from stages.config import ConfigError
 from stages.io.atomic import atomic_path
+from stages.models.checkpoints import load_weights_only
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +105,7 @@ def read_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return load_file(str(path), device="cpu")
     if path.suffix in (".pth", ".pt", ".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path, what="SAM checkpoint")
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"SAM checkpoint {path} does not hold a plain state dict (name -> tensor)")
         return dict(state)

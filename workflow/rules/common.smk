@@ -9,9 +9,10 @@
 from pathlib import Path
 
 from stages.code_version import code_version as script_code_version
-from stages.config import DATASET_SECTIONS, MAIN_RUN, stage_sections
+from stages.config import DATASET_SECTIONS, MAIN_RUN, run_folder, stage_sections
 
-OUT = config["out"]
+# Every output is OUT joined with fixed names and the run, data set and shard wildcards (plain names).
+OUT = run_folder(config)
 DATASETS = config["datasets"]
 SHARDS = list(range(config["shards"]))
 TOY_LMM = f"{OUT}/models/toy-llava"
