@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -183,6 +184,28 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, 
 def test_a_checkpoint_of_tensors_still_loads(tmp_path):
     _llava_weights(tmp_path, {"model.embed_tokens.weight": torch.ones(2, 3)})
     assert torch.equal(_read_llava(tmp_path)["model.embed_tokens.weight"], torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("codec", [{"filters": [{"id": "pickle"}], "compressor": None},
+                                   {"filters": None, "compressor": {"id": "pickle"}}])
+def test_an_attention_store_that_would_unpickle_is_refused_and_nothing_runs(tmp_path, codec):
+    """Artifacts hold no pickles: a Zarr (v2 layout) store whose values go through numcodecs' pickle
+    codec, with the attention store's attributes, is refused before any chunk is decoded."""
+    from schemas.artifacts import ATTENTION_ARRAY, SCHEMA_VERSION
+    from stages.io.attention import open_attention
+
+    store, marker = tmp_path / "shard-0.zarr", tmp_path / "code-ran"
+    (store / ATTENTION_ARRAY).mkdir(parents=True)
+    (store / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (store / ".zattrs").write_text(json.dumps({"artifact": "attention", "schema_version": SCHEMA_VERSION,
+                                               "grid_covers": "image"}))
+    (store / ATTENTION_ARRAY / ".zarray").write_text(json.dumps(
+        {"zarr_format": 2, "shape": [2], "chunks": [2], "dtype": "<f2", "fill_value": 0, "order": "C",
+         "dimension_separator": ".", **codec}))
+    (store / ATTENTION_ARRAY / "0").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(ValueError, match="pickle"):
+        open_attention(store)[:]
+    assert not marker.exists()
 
 
 # ---- Model folders whose config asks for their own code: refused with the config key named.
