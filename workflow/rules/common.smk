@@ -4,8 +4,8 @@
 # processes every data set under {out}/{run}/{dataset}. The stage sections of one run on one data set
 # come from stages.config.stage_sections: top-level sections < the data set's overrides < the variant's.
 # Each rule's params hold only its own run's and data set's sections, so changing one data set's
-# settings reruns that data set's jobs only, and the version of the code it runs (code_version), so
-# changing that code reruns the rule and what follows.
+# settings reruns that data set's jobs only; they also hold the version of the code the rule runs
+# (code_version), so changing that code reruns the rule and what follows.
 from pathlib import Path
 
 from stages.code_version import code_version as script_code_version
