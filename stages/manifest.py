@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import yaml
 
-from stages.config import ConfigError
+from stages.config import ConfigError, read_sections, schema_default
 from stages.datasets import DatasetConfig, ImageEntry, dataset_config, list_images
 from stages.io.images import ImageError, image_size
 from stages.io.tables import write_table
@@ -82,11 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, help="number of shards (default: the config's `shards`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    config = read_sections(args.config)
     datasets = config.get("datasets") or {}
     if args.dataset not in datasets:
         raise SystemExit(f"data set {args.dataset!r} is not in {args.config}; known: {sorted(datasets)}")
-    shards = args.shards if args.shards is not None else config.get("shards", 1)
+    shards = args.shards if args.shards is not None else config.get("shards", schema_default("shards"))
     run(dataset_config(args.dataset, datasets[args.dataset]), shards, args.out)
 
 

@@ -42,11 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from stages.config import ConfigError, from_mapping, schema_default
+from stages.config import ConfigError, from_mapping, read_sections, schema_default
 from stages.io.atomic import atomic_path
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
@@ -468,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, type=Path, help="the pipeline's config.yaml")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the data set into")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    config = read_sections(args.config)
     run(from_mapping(SyntheticConfig, config.get("synthetic"), where="synthetic"), args.out)
 
 
