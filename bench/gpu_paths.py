@@ -48,8 +48,8 @@ from stages.io.images import load_rgb_image  # noqa: E402
 from stages.io.tables import read_arrow, write_table  # noqa: E402
 from stages.models.llava_v1 import LLAVA_V1_SYSTEM  # noqa: E402
 from stages.models.sam import build_toy_sam  # noqa: E402
-from stages.models.toy_lmm import build_toy_llava  # noqa: E402
 from stages.segment import SamConfig, SegmentConfig  # noqa: E402
+from stages.toy.model import build_toy_llava  # noqa: E402
 
 CAPTIONS = ["A red square sits left of a blue circle.", "Two green triangles, one small dog and a cat."]
 IMAGE_SIZES = [(60, 100), (90, 50), (96, 96), (40, 70), (128, 80), (50, 50)]   # (height, width)

@@ -17,7 +17,7 @@ Usage::
         --world '{"sizes": {"small": [0.12, 0.15], ...}, "image_size": [96, 128]}' \\
         --config '{"name": "a", "steps": 3000}' --config '{"name": "b", "patch_size": 12}'
 
-Each ``--config`` is a JSON object of :class:`stages.train_lmm.TrainLmmConfig` fields plus ``name``.
+Each ``--config`` is a JSON object of :class:`stages.toy.train_lmm.TrainLmmConfig` fields plus ``name``.
 Examples are drawn once, in a process pool, and shared (fork) by the training processes.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stages.synthetic as synthetic  # noqa: E402
+import stages.toy.world as synthetic  # noqa: E402
 
 _CACHE: dict[tuple[str, int], synthetic.Example] = {}
 _make_example = synthetic.make_example
@@ -129,7 +129,7 @@ def run_config(spec: dict, out: Path, manifest: Path, num_val: int, image_size: 
     """Train one config and append its metrics to out/results.jsonl."""
     import torch
 
-    from stages.train_lmm import TrainLmmConfig, train_toy_llava
+    from stages.toy.train_lmm import TrainLmmConfig, train_toy_llava
 
     synthetic.make_example = cached_make_example
     name = spec["name"]
@@ -138,7 +138,7 @@ def run_config(spec: dict, out: Path, manifest: Path, num_val: int, image_size: 
     folder = out / name
     start = time.perf_counter()
     try:
-        model_dir = train_toy_llava(folder / "model", cfg, progress=False, device=device)
+        model_dir = train_toy_llava(folder / "model", cfg, device=device)
         train_s = time.perf_counter() - start
         torch.set_num_threads(2)
         metrics = evaluate(model_dir, folder, manifest, num_val, image_size, device)

@@ -334,11 +334,10 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     else cpu (:func:`resolve_devices`). Raises ConfigError for model-level problems (among them a
     model that does not fit on its devices); per-image problems become error rows.
     """
-    from tqdm import tqdm
-
     from stages.capture import CAPTURABLE_IMPLEMENTATIONS, AttentionCapture
     from stages.devices import input_devices
     from stages.models.registry import load_lmm
+    from stages.progress import progress_bar
 
     if lmm_cfg.attn_implementation not in CAPTURABLE_IMPLEMENTATIONS:
         raise ConfigError(f"lmm.attn_implementation {lmm_cfg.attn_implementation!r}: attention capture runs "
@@ -370,7 +369,7 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     items = (_prepare(row, pad, background) for row in rows.itertuples(index=False))
     with AttentionWriter(attention_path, model=lmm_cfg.path, reduction=reduction,
                          grid_covers="padded_square" if pad else lmm.unpadded_grid_covers) as writer, \
-            tqdm(total=len(rows), desc=f"generate shard {shard}", unit="image") as progress:
+            progress_bar(len(rows), f"generate shard {shard}", logger=log, unit="image") as progress:
         for group in _batches(items, generate_cfg.batch_size):
             with_image = [item for item in group if item.image is not None]
             answers = iter(_answer_items(lmm, capture, prompt, with_image, generate_cfg, inputs_at)

@@ -17,7 +17,8 @@ def stage_logging(log_path: str | os.PathLike, *, threads: int = 1) -> Iterator[
     before it propagates, so the log file always says why a job failed."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # Progress bars in a log file: one line every 10 s, not one per update.
+    # Third-party progress bars (checkpoint loading) in a log file: one refresh every 10 s, not one per
+    # update. The stages' own progress goes to the log as plain lines (stages.progress).
     os.environ.setdefault("TQDM_MININTERVAL", "10")
     with open(log_path, "w", buffering=1) as stream, contextlib.redirect_stderr(stream), \
             contextlib.redirect_stdout(stream):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from stages.capture import AttentionCapture, eager_reference_rows, image_token_positions
 from stages.models.llava_v1 import LLAVA_V1_SYSTEM
-from stages.models.toy_lmm import build_toy_llava
+from stages.toy.model import build_toy_llava
 
 CAPTIONS = ["A red square sits left of a blue circle.", "Two green triangles, one small dog and a cat."]
 LONG_PROMPT = f"{LLAVA_V1_SYSTEM} USER: <image>\nDescribe the image in detail. ASSISTANT:"

@@ -7,16 +7,17 @@ import dataclasses
 
 import pytest
 
-from stages import evaluate_gcg, generate, phrases, segment, train_lmm, train_sam, visualize
+from stages import evaluate_gcg, generate, phrases, segment, visualize
 from stages.config import DATASET_SECTIONS, config_schema, schema_default, schema_node
 from stages.datasets import DatasetConfig
 from stages.evaluate_gcg import GcgEvalConfig
 from stages.generate import GenerateConfig, LMMConfig
 from stages.phrases import PhrasesConfig, TextEncoderConfig
 from stages.segment import SamConfig, SegmentConfig
-from stages.synthetic import SyntheticConfig
-from stages.train_lmm import TrainLmmConfig
-from stages.train_sam import TrainSamConfig
+from stages.toy import train_lmm, train_sam
+from stages.toy.train_lmm import TrainLmmConfig
+from stages.toy.train_sam import TrainSamConfig
+from stages.toy.world import SyntheticConfig
 from stages.visualize import VisualizeConfig
 
 # Config section (schema path; "*" = each entry of a named mapping) -> the dataclass it builds.
@@ -166,7 +167,7 @@ def test_visualize_cli_defaults(monkeypatch):
 def test_toy_trainer_cli_defaults(monkeypatch, module, function, cls):
     seen = []
     monkeypatch.setattr(module, function, lambda out, cfg, *args, **kwargs: seen.append(cfg))
-    module.main(["--out", "o", "--no-progress"])
+    module.main(["--out", "o"])
     defaults = cls()
     for key in schema_node("train", "lmm" if cls is TrainLmmConfig else "sam")["properties"]:
         assert getattr(seen[0], key) == getattr(defaults, key), key

@@ -12,8 +12,8 @@ from stages import demo
 from stages.demo import DemoFilter, keep_masks
 from stages.io.tables import read_table
 from stages.models.sam import build_toy_sam
-from stages.models.toy_lmm import build_toy_llava
 from stages.text_encoders import load_text_encoder
+from stages.toy.model import build_toy_llava
 
 
 def rle_row(image_id, text, score, box, size=(40, 60), error=None, phrase_index=0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.tables import read_table, write_table
 from stages.models.llava_v1 import LLAVA_V1_SYSTEM
 from stages.models.registry import LMM_FAMILIES, load_lmm
-from stages.models.toy_lmm import build_toy_llava
+from stages.toy.model import build_toy_llava
 
 CAPTIONS = ["A red square sits left of a blue circle.", "Two green triangles, one small dog and a cat."]
 
@@ -312,6 +313,22 @@ def test_pad_to_square_auto_follows_the_model_and_true_false_override_it(tmp_pat
 
 
 # --- configuration errors -------------------------------------------------------------------------
+
+def test_progress_is_logged_as_lines_when_stderr_is_not_a_terminal(tmp_path, toy_path, caplog, capsys):
+    """A job's stderr is its log file: the shard's progress is log lines there, not tqdm refreshes."""
+    image = tmp_path / "one.png"
+    Image.fromarray(noise(30, 40, 3)).save(image)
+    manifest = tmp_path / "manifest.parquet"
+    write_table([{"image_id": "one", "file": str(image), "width": 40, "height": 30, "shard": 0,
+                  "error": None}], manifest, "manifest")
+    caplog.set_level(logging.INFO, logger="stages.generate")
+    assert not sys.stderr.isatty()  # pytest captures it
+    generate.run(GenerateConfig(max_new_tokens=2), LMMConfig(path=str(toy_path)), manifest, 0,
+                 tmp_path / "g.parquet", tmp_path / "a.zarr", device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate shard 0: image")]
+    assert len(lines) == 1 and re.fullmatch(r"generate shard 0: image 1/1, \d+ s elapsed, ETA 0 s", lines[0])
+    assert "generate shard" not in capsys.readouterr().err  # no bar (libraries may draw theirs)
+
 
 def test_lmm_grid_is_refused_for_a_family_with_one_grid(tmp_path, toy_path, edge_case_manifest):
     with pytest.raises(ConfigError, match=r"lmm.grid \('base'\).*family 'llava' has one grid"):

@@ -13,7 +13,7 @@ from test_llava_original import IMAGE_TOKEN_INDEX, sentencepiece_image_token, se
 from stages.generate import build_prompt
 from stages.models.llava_v1 import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
 from stages.models.registry import load_lmm
-from stages.models.toy_lmm import LLAVA_15_CHAT_TEMPLATE
+from stages.toy.model import LLAVA_15_CHAT_TEMPLATE
 
 IMAGE_SIZE, PATCH = 32, 8             # a 4 x 4 grid = 16 image tokens
 QUESTION = "Describe the image in detail."

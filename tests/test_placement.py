@@ -14,7 +14,7 @@ from stages.devices import (InputDevices, input_devices, no_split_classes, place
                             pretrained_placement)
 from stages.generate import GenerateConfig, LMMConfig, resolve_devices
 from stages.models.llava_v1 import LLAVA_V1_SYSTEM
-from stages.models.toy_lmm import build_toy_llava
+from stages.toy.model import build_toy_llava
 
 CAPTIONS = ["A red square sits left of a blue circle.", "Two green triangles, one small dog and a cat."]
 GiB = 2 ** 30

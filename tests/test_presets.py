@@ -3,7 +3,7 @@ the release's values, and runs end to end on fabricated checkpoints.
 
 Data: every preset names its data by paths relative to the working directory (data/coco/...,
 data/GranDf/..., data/GranDf_HA_images/...), so the tests put tiny fixtures exactly there: a few
-images of the toy world (stages.synthetic) with their COCO instances file and GranD-f-layout
+images of the toy world (stages.toy.world) with their COCO instances file and GranD-f-layout
 mask and caption files, the val and test images sharing one folder as GranD-f's do.
 """
 
@@ -23,8 +23,8 @@ import yaml
 
 from stages.config import stage_sections
 from stages.models.llava_v1 import LLAVA_V1_SYSTEM
-from stages.synthetic import SyntheticConfig
-from stages.synthetic import run as write_synthetic
+from stages.toy.world import SyntheticConfig
+from stages.toy.world import run as write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "config" / "paper"

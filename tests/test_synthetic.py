@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 
 from stages.config import ConfigError, from_mapping
 from stages.datasets import DatasetConfig, gt_categories, list_images, load_coco_instances, load_gcg
-from stages.synthetic import (
+from stages.toy.world import (
     BACKGROUND_KINDS,
     COLOURS,
     MIN_SIDE,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.models import toy_lmm
 from stages.models.llava_v1 import LLAVA_V1_SYSTEM
-from stages.models.toy_lmm import SPECIAL_TOKENS, build_toy_llava
+from stages.toy import model as toy_model
+from stages.toy.model import SPECIAL_TOKENS, build_toy_llava
 
 CAPTIONS = ["A red square sits left of a blue circle.",
             "Two green triangles, one small dog's ball\nand a cat."]
@@ -76,6 +76,7 @@ def test_command_line_trains_on_the_caption_file(tmp_path):
     captions = tmp_path / "val_gcg_coco_caption_gt.json"
     captions.write_text(json.dumps({"images": [], "annotations": [
         {"image_id": 1, "caption": "A purple zebra.", "labels": ["zebra"]}]}))
-    toy_lmm.main(["--out", str(tmp_path / "model"), "--corpus-json", str(captions), "--question", "Why so?"])
+    toy_model.main(["--out", str(tmp_path / "model"), "--corpus-json", str(captions),
+                    "--question", "Why so?"])
     vocabulary = json.loads((tmp_path / "model" / "tokenizer.json").read_text())["model"]["vocab"]
     assert {"▁A", "A", "▁purple", "▁zebra", "▁Why", "Why", "▁so", "?"} <= set(vocabulary)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 
 import pytest
 import torch
 
 from stages.io.tables import read_table
-from stages.train_lmm import (IGNORE_INDEX, TrainLmmConfig, Trainer, answer_loss, collate, encode_example,
-                              point_accuracy, train_toy_llava)
+from stages.toy.diagnostics import point_accuracy
+from stages.toy.train_lmm import (IGNORE_INDEX, TrainLmmConfig, Trainer, answer_loss, collate, encode_example,
+                                  train_toy_llava)
 
 TINY = TrainLmmConfig(num_train_images=6, steps=2, batch_size=3, lr=1e-2, warmup_steps=1, image_size=(48, 64),
                       model_image_size=32, patch_size=8, vision_hidden_size=32, text_hidden_size=32)
@@ -22,7 +25,7 @@ def trainer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return train_toy_llava(tmp_path_factory.mktemp("trained") / "llava", TINY, progress=False)
+    return train_toy_llava(tmp_path_factory.mktemp("trained") / "llava", TINY)
 
 
 def test_loss_mask_covers_only_the_answer(trainer):
@@ -64,14 +67,20 @@ def test_one_step_changes_weights_and_lowers_loss(tmp_path):
         assert any(part in name for name in changed), part
 
 
-def test_same_seed_same_weights(trained, tmp_path):
+def test_same_seed_same_weights(trained, tmp_path, caplog, capsys):
     from safetensors.torch import load_file
 
-    again = train_toy_llava(tmp_path / "again", TINY, progress=False)
+    caplog.set_level(logging.INFO, logger="stages.toy.train_lmm")
+    again = train_toy_llava(tmp_path / "again", TINY)
+    # progress: log lines (one per step for a 2-step run), never tqdm refreshes
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train toy llava")]
+    assert len(lines) == TINY.steps
+    assert re.fullmatch(r"train toy llava: step 2/2, loss \d+\.\d{3}, \d+ s elapsed, ETA 0 s", lines[-1])
+    assert "train toy llava" not in capsys.readouterr().err  # no bar (libraries may draw theirs)
     first, second = load_file(trained / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    other = train_toy_llava(tmp_path / "other", dataclasses.replace(TINY, seed=1), progress=False)
+    other = train_toy_llava(tmp_path / "other", dataclasses.replace(TINY, seed=1))
     third = load_file(other / "model.safetensors")
     assert not all(torch.equal(first[k], third[k]) for k in first)
 
@@ -93,15 +102,25 @@ def test_saved_model_loads_with_stock_classes_and_generates(trained, tmp_path):
     assert result["images"] == 2
 
 
+def test_diagnostics_cli_logs_val_point_accuracy(trained, caplog):
+    from stages.toy import diagnostics
+
+    caplog.set_level(logging.INFO, logger="stages.toy.diagnostics")
+    diagnostics.main(["--model", str(trained), "--num-images", "1", "--image-size", "48", "64",
+                      "--question", TINY.questions[0], "--max-new-tokens", "4"])
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "stages.toy.diagnostics"]
+    assert line.startswith(f"val point accuracy ({TINY.questions[0]!r}): ") and "'images': 1" in line
+
+
 def test_untrained_twin_has_the_trained_models_architecture_and_initial_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from stages.train_lmm import TrainLmmConfig, init_toy_llava, train_toy_llava
+    from stages.toy.train_lmm import TrainLmmConfig, init_toy_llava, train_toy_llava
 
     cfg = TrainLmmConfig(num_train_images=8, steps=1, batch_size=2)
     untrained = load_file(init_toy_llava(tmp_path / "random", cfg) / "model.safetensors")
     again = load_file(init_toy_llava(tmp_path / "again", cfg) / "model.safetensors")
-    trained = load_file(train_toy_llava(tmp_path / "trained", cfg, progress=False) / "model.safetensors")
+    trained = load_file(train_toy_llava(tmp_path / "trained", cfg) / "model.safetensors")
     assert untrained.keys() == trained.keys()
     assert all(untrained[k].shape == trained[k].shape for k in untrained)
     assert all(torch.equal(untrained[k], again[k]) for k in untrained)

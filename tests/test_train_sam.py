@@ -1,5 +1,8 @@
 """Training the tiny SAM on the toy world: one step learns, runs are deterministic, the file loads."""
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +10,7 @@ from safetensors.torch import load_file
 
 from stages.config import ConfigError
 from stages.models.sam import build_sam, load_sam
-from stages.synthetic import make_example
-from stages.train_sam import (
+from stages.toy.train_sam import (
     TrainSamConfig,
     batch_loss,
     batch_points,
@@ -21,6 +23,7 @@ from stages.train_sam import (
     train_step,
     train_toy_sam,
 )
+from stages.toy.world import make_example
 
 # a few small images and steps: seconds on a CPU
 FAST = TrainSamConfig(num_train_images=3, steps=2, batch_size=2, image_size=(48, 64), warmup_steps=1)
@@ -83,24 +86,34 @@ def test_targets_are_the_resized_masks_averaged_over_cells():
 
 def test_training_is_deterministic_and_leaves_global_state_alone():
     rng_before, threads_before = torch.random.get_rng_state(), torch.get_num_threads()
-    first, history = train_sam_model(FAST, progress=False)
-    again, _ = train_sam_model(FAST, progress=False)
+    first, history = train_sam_model(FAST)
+    again, _ = train_sam_model(FAST)
     assert torch.equal(torch.random.get_rng_state(), rng_before)
     assert torch.get_num_threads() == threads_before
     assert len(history) == FAST.steps and not first.training
     a, b = first.state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other, _ = train_sam_model(TrainSamConfig(**{**FAST.__dict__, "seed": 1}), progress=False)
+    other, _ = train_sam_model(TrainSamConfig(**{**FAST.__dict__, "seed": 1}))
     assert not all(torch.equal(a[k], other.state_dict()[k]) for k in a)
+
+
+def test_progress_goes_to_the_log_as_lines_not_bars(caplog, capsys):
+    caplog.set_level(logging.INFO, logger="stages.toy.train_sam")
+    train_sam_model(FAST)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training tiny SAM")]
+    assert len(lines) == FAST.steps  # one line per step for a 2-step run; about 25 for any longer one
+    assert re.fullmatch(r"training tiny SAM: step 2/2, loss \d+\.\d{3}, iou2 \d\.\d{3}, "
+                        r"\d+ s elapsed, ETA 0 s", lines[-1]), lines[-1]
+    assert "training tiny SAM" not in capsys.readouterr().err  # no bar (libraries may draw theirs)
 
 
 def test_saved_file_loads_and_predicts_through_segments_predictor(tmp_path):
     from segment_anything import SamPredictor
 
-    path = train_toy_sam(tmp_path / "models" / "toy-sam.safetensors", FAST, progress=False)
+    path = train_toy_sam(tmp_path / "models" / "toy-sam.safetensors", FAST)
     assert path.is_file() and not list(path.parent.glob(".*tmp*"))  # written atomically
     sam = load_sam("tiny", path, "cpu")
-    trained, _ = train_sam_model(FAST, progress=False)
+    trained, _ = train_sam_model(FAST)
     state = load_file(path)
     assert all(torch.equal(state[k], v) for k, v in trained.state_dict().items())
     predictor = SamPredictor(sam)
@@ -119,8 +132,7 @@ def test_saved_file_loads_and_predicts_through_segments_predictor(tmp_path):
 
 def test_cli_writes_a_loadable_file(tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
-    main(["--out", str(out), "--steps", "1", "--num-train-images", "2", "--batch-size", "1",
-          "--no-progress"])
+    main(["--out", str(out), "--steps", "1", "--num-train-images", "2", "--batch-size", "1"])
     assert "wrote" in capsys.readouterr().out
     load_sam("tiny", out)
 

@@ -1,1 +1,3 @@
-"""Model builders behind registries (LMM families, toy models); heavy imports happen lazily inside them."""
+"""Model builders behind registries (LMM families, SAM); heavy imports happen lazily inside them.
+
+The toy LLaVA of the default run is not here: it lives in :mod:`stages.toy.model`."""

@@ -1,7 +1,7 @@
 """The "llava" family: stock transformers ``LlavaForConditionalGeneration`` + ``AutoProcessor``.
 
 Loads any checkpoint in the llava-hf layout (e.g. ``llava-hf/llava-1.5-7b-hf``, or the toy model of
-:mod:`stages.models.toy_lmm`) from a local folder or a hub id. The processor must expand the
+:mod:`stages.toy.model`) from a local folder or a hub id. The processor must expand the
 ``<image>`` placeholder to one token per image feature (llava-hf processors carry ``patch_size``,
 ``num_additional_image_tokens`` and ``vision_feature_select_strategy`` for that). Every image fills
 the vision tower's square grid ((image_size / patch_size)**2 tokens, row-major); LLaVA-1.5 was

@@ -1,7 +1,7 @@
 """Rules train_lmm / random_lmm: the toy LLaVA trained on captions only, or its untrained twin."""
-from stages import train_lmm
 from stages.config import from_mapping
 from stages.runner import stage_logging
+from stages.toy import train_lmm
 
 with stage_logging(snakemake.log[0], threads=snakemake.threads):  # noqa: F821 (injected by Snakemake)
     cfg = from_mapping(train_lmm.TrainLmmConfig, snakemake.params.train, where="train.lmm")  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule train_sam: the tiny SAM trained on the toy world's masks with point prompts."""
-from stages import train_sam
 from stages.config import from_mapping
 from stages.runner import stage_logging
+from stages.toy import train_sam
 
 with stage_logging(snakemake.log[0], threads=snakemake.threads):  # noqa: F821 (injected by Snakemake)
     cfg = from_mapping(train_sam.TrainSamConfig, snakemake.params.train, where="train.sam")  # noqa: F821

@@ -2,7 +2,7 @@
 
 The model starts from the ``tiny`` architecture of :mod:`stages.models.sam` (random weights drawn
 from ``TrainSamConfig.seed``) and is trained as SAM is, with point prompts, on the toy world's TRAIN
-split (:func:`stages.synthetic.make_example`, drawn in memory; the val and test splits are never seen):
+split (:func:`stages.toy.world.make_example`, drawn in memory; the val and test splits are never seen):
 
 - images go through SAM's own preprocessing: ``ResizeLongestSide(img_size)`` (as ``SamPredictor``
   does), then ``Sam.preprocess`` (normalisation, zero padding to ``img_size x img_size``);
@@ -27,7 +27,8 @@ output 2 is always trained to give the whole visible object.
 
 Everything is deterministic for a given config and torch thread count (``torch.manual_seed`` and a
 numpy generator from ``seed``; the global torch RNG is left as it was). The result is a safetensors
-state dict (written atomically) that ``load_sam("tiny", path)`` loads.
+state dict (written atomically) that ``load_sam("tiny", path)`` loads. Progress goes to the log, one
+line every 1/25th of the steps.
 
 Measured with the defaults (1,200 steps of 8 images, about 5 min on a shared 2-core CPU): on 64 val
 images (164 objects), one positive point at the object's central pixel (:func:`central_pixel`), the
@@ -39,7 +40,7 @@ loss at the low resolution (the same time), 0.67 after 1,500.
 
 CLI::
 
-    python -m stages.train_sam --out results/models/toy-sam.safetensors [--steps N] [--eval-images N]
+    python -m stages.toy.train_sam --out results/models/toy-sam.safetensors [--steps N] [--eval-images N]
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 
 from stages.config import ConfigError, schema_default
 from stages.io.atomic import atomic_path
-from stages.synthetic import MIN_SIDE, make_example
+from stages.toy.world import MIN_SIDE, make_example
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -155,14 +156,14 @@ def low_res_mask_size(sam: Sam) -> int:
     return sam.prompt_encoder.mask_input_size[0]
 
 
-def _load_train_images(cfg: TrainSamConfig, sam: Sam, progress: bool) -> list[TrainImage]:
-    from tqdm import tqdm
-
+def _load_train_images(cfg: TrainSamConfig, sam: Sam) -> list[TrainImage]:
     img_size, mask_size = sam.image_encoder.img_size, low_res_mask_size(sam)
+    start = time.perf_counter()
     images = []
-    for index in tqdm(range(cfg.num_train_images), desc="drawing train images", disable=not progress):
+    for index in range(cfg.num_train_images):
         example = make_example(cfg.world_seed, "train", index, tuple(cfg.image_size))
         images.append(prepare_image(example.pixels, example.masks, img_size, mask_size))
+    log.info("drew %d train images in %.1f s", len(images), time.perf_counter() - start)
     return images
 
 
@@ -280,7 +281,7 @@ def _lr_factor(step: int, cfg: TrainSamConfig) -> float:
 # Training
 
 
-def train_sam_model(cfg: TrainSamConfig, *, progress: bool = True) -> tuple[Sam, list[dict[str, float]]]:
+def train_sam_model(cfg: TrainSamConfig) -> tuple[Sam, list[dict[str, float]]]:
     """Train a ``tiny`` SAM in memory; returns ``(model in eval mode, per-step loss parts)``.
 
     The global torch RNG and thread count are left as they were.
@@ -288,20 +289,19 @@ def train_sam_model(cfg: TrainSamConfig, *, progress: bool = True) -> tuple[Sam,
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        return _train(cfg, progress)
+        return _train(cfg)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainSamConfig, progress: bool) -> tuple[Sam, list[dict[str, float]]]:
-    from tqdm import tqdm
-
+def _train(cfg: TrainSamConfig) -> tuple[Sam, list[dict[str, float]]]:
     from stages.models.sam import build_sam
+    from stages.progress import ProgressLog
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         sam = build_sam(SAM_TYPE)
-        images = _load_train_images(cfg, sam, progress)
+        images = _load_train_images(cfg, sam)
         rng = np.random.default_rng([cfg.seed, 1])
         optimiser = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _lr_factor(step, cfg))
@@ -309,8 +309,9 @@ def _train(cfg: TrainSamConfig, progress: bool) -> tuple[Sam, list[dict[str, flo
         history: list[dict[str, float]] = []
         order = rng.permutation(len(images))
         cursor = 0
-        bar = tqdm(range(cfg.steps), desc="training tiny SAM", disable=not progress)
-        for _ in bar:
+        progress = ProgressLog(cfg.steps, "training tiny SAM", logger=log)
+        running = None
+        for _ in range(cfg.steps):
             picks = []
             for _ in range(cfg.batch_size):
                 if cursor == len(order):
@@ -320,7 +321,10 @@ def _train(cfg: TrainSamConfig, progress: bool) -> tuple[Sam, list[dict[str, flo
             parts = train_step(sam, optimiser, picks, batch_points(picks, cfg, rng), cfg)
             scheduler.step()
             history.append(parts)
-            bar.set_postfix(loss=f"{parts['loss']:.3f}", iou2=f"{parts['iou_last']:.2f}")
+            # For the log only: running means (loss, mask 2's IoU), where one step's values are noise.
+            running = {key: parts[key] if running is None else 0.95 * running[key] + 0.05 * parts[key]
+                       for key in ("loss", "iou_last")}
+            progress.update(loss=running["loss"], iou2=running["iou_last"])
     return sam.eval(), history
 
 
@@ -335,12 +339,11 @@ def save_sam(sam: Sam, out_path: str | os.PathLike, metadata: dict[str, str] | N
     return out_path
 
 
-def train_toy_sam(out_path: str | os.PathLike, cfg: TrainSamConfig = TrainSamConfig(), *,
-                  progress: bool = True) -> Path:
+def train_toy_sam(out_path: str | os.PathLike, cfg: TrainSamConfig = TrainSamConfig()) -> Path:
     """Train a ``tiny`` SAM on the toy world's train split (see the module docstring) and save it
     to ``out_path`` (safetensors, loadable with ``load_sam("tiny", out_path)``); returns the path."""
     start = time.perf_counter()
-    sam, history = train_sam_model(cfg, progress=progress)
+    sam, history = train_sam_model(cfg)
     log.info("trained tiny SAM in %.0f s; final loss %.4f", time.perf_counter() - start, history[-1]["loss"])
     metadata = {key: str(value) for key, value in asdict(cfg).items()}
     return save_sam(sam, out_path, metadata)
@@ -387,8 +390,9 @@ def evaluate_sam(sam: Sam, num_images: int = 64, *, world_seed: int = 0, split: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m stages.train_sam --out PATH [--steps N] [--eval-images N]``."""
-    parser = argparse.ArgumentParser(prog="python -m stages.train_sam", description=__doc__.split("\n")[0])
+    """``python -m stages.toy.train_sam --out PATH [--steps N] [--eval-images N]``."""
+    parser = argparse.ArgumentParser(prog="python -m stages.toy.train_sam",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="safetensors file to write")
     defaults = TrainSamConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
@@ -398,13 +402,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--eval-images", type=int, default=0,
                         help="after training, report the val IoU on this many images (0: skip)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = TrainSamConfig(steps=args.steps, num_train_images=args.num_train_images,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     start = time.perf_counter()
-    path = train_toy_sam(args.out, cfg, progress=not args.no_progress)
+    path = train_toy_sam(args.out, cfg)
     print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     if args.eval_images:
         from stages.models.sam import load_sam

