@@ -1,4 +1,5 @@
-"""The capture benchmark runs and prints its ratios (a smoke run; timings themselves are not checked)."""
+"""Benchmarks and bench tools: the capture benchmark runs and prints its ratios (a smoke run; timings
+themselves are not checked); the toy seed sweep's overlays and spread table."""
 
 import subprocess
 import sys
@@ -15,3 +16,45 @@ def test_capture_benchmark_quick_run_prints_ratios():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "capture/plain" in result.stdout and "eager/plain" in result.stdout
+
+
+def _toy_seeds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_seeds", ROOT / "bench" / "toy_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_seed_overlay_moves_every_artifact_into_the_seed_folder_and_is_valid():
+    import yaml
+    from snakemake.utils import validate
+
+    from stages.config import read_sections
+
+    overlay = _toy_seeds().seed_overlay(3, "results/seeds/seed-3", "test")
+    config = read_sections(ROOT / "config.yaml")
+    for key, value in overlay.items():          # the deep merge Snakemake does for --configfile overlays
+        if isinstance(value, dict):
+            for name, item in value.items():
+                config[key][name] = {**config[key][name], **item} if isinstance(item, dict) else item
+        else:
+            config[key] = value
+    validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
+    assert config["train"]["lmm"]["seed"] == config["train"]["sam"]["seed"] == 3
+    paths = yaml.safe_dump({"datasets": config["datasets"], "variants": config["variants"], "lmm": config["lmm"],
+                            "sam": config["sam"]})
+    assert "results/synthetic" not in paths and "results/models" not in paths
+    assert config["datasets"]["toy_gcg"]["mask_gt"] == "results/seeds/seed-3/synthetic/test_gcg_coco_mask_gt.json"
+
+
+def test_toy_seed_spread_rows_give_mean_range_and_sample_std():
+    toy_seeds = _toy_seeds()
+    summaries = {seed: [{"run": "main", "task": "gcg", "recall": value, "AP50": None}]
+                 for seed, value in ((0, 0.3), (1, 0.5), (2, 0.4))}
+    (row,) = toy_seeds.spread_rows(summaries)      # AP50 is missing in a seed: left out, not averaged
+    assert row["metric"] == "recall" and row["values"] == {0: 0.3, 1: 0.5, 2: 0.4}
+    assert row["mean"] == pytest.approx(0.4) and (row["min"], row["max"]) == (0.3, 0.5)
+    assert row["std"] == pytest.approx(0.1)
+    assert "| main | gcg | recall | 0.300 | 0.500 | 0.400 | 0.400 | 0.300-0.500 | 0.100 |" in toy_seeds.markdown([row])

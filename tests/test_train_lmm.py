@@ -102,14 +102,21 @@ def test_saved_model_loads_with_stock_classes_and_generates(trained, tmp_path):
     assert result["images"] == 2
 
 
-def test_diagnostics_cli_logs_val_point_accuracy(trained, caplog):
+def test_diagnostics_cli_writes_strict_json_and_a_table(trained, tmp_path, capsys):
+    import json
+
     from stages.toy import diagnostics
 
-    caplog.set_level(logging.INFO, logger="stages.toy.diagnostics")
-    diagnostics.main(["--model", str(trained), "--num-images", "1", "--image-size", "48", "64",
-                      "--question", TINY.questions[0], "--max-new-tokens", "4"])
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "stages.toy.diagnostics"]
-    assert line.startswith(f"val point accuracy ({TINY.questions[0]!r}): ") and "'images': 1" in line
+    out = tmp_path / "diagnostics.json"
+    diagnostics.main(["--model", str(trained), "--split", "train", "--num-images", "4", "--image-size", "48", "64",
+                      "--question", TINY.questions[0], "--out", str(out)])
+    report = json.loads(out.read_text())     # strict: NaN (nothing to score) is written as null
+    assert report["settings"] == {"split": "train", "num_images": 4, "world_seed": 0, "image_size": [48, 64],
+                                  "question": TINY.questions[0]}
+    (result,) = report["models"].values()
+    assert set(result) == {"probe", "naming", "attention"}
+    assert f"| {trained} |" in capsys.readouterr().out
+    assert out.with_suffix(".md").read_text().startswith("# Toy LMM diagnostics")
 
 
 def test_untrained_twin_has_the_trained_models_architecture_and_initial_weights(tmp_path):

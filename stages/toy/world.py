@@ -5,10 +5,11 @@ drawn from the random generator :func:`scene_rng` = ``numpy.random.default_rng([
 so an image does not depend on how many images are made, and the splits never share a scene stream.
 Three steps per image, each usable on its own:
 
-1. :func:`generate_scene` draws a :class:`Scene` (size, background, 1-4 objects of distinct
+1. :func:`generate_scene` draws a :class:`Scene` (size, background, 1-3 objects of distinct
    shape/colour pairs, in painter's order: later objects are drawn over earlier ones);
 2. :func:`render_scene` rasterises it into an RGB image and one *visible* mask per object (what is
-   left of the object after the objects drawn later cover it);
+   left of the object after the objects drawn later cover it); each category (shape) has its own
+   surface pattern (:data:`PATTERNS`), drawn in the object's colour and a light tone;
 3. :func:`describe_scene` writes a caption naming every object once, with its attributes and some
    relations, and returns the phrase of each object exactly as it appears in the caption.
 
@@ -48,7 +49,17 @@ from pycocotools import mask as mask_utils
 from stages.config import ConfigError, from_mapping, read_sections, schema_default
 from stages.io.atomic import atomic_path
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
+# The categories: each differs from the others in its silhouette *and* in its surface pattern, as real
+# categories differ in outline and in texture (fur, stripes, print). At the toy model's input
+# resolution (96 px, 12 px patches) a silhouette alone spans only a few patches and a 2-layer ViT
+# trained on captions barely learns it; a pattern shows in every patch of the object.
+SHAPES = ("circle", "square", "triangle", "cross")
+# Surface of each category: stripes or checks alternating the object's colour with PATTERN_LIGHT in
+# bands of PATTERN_PERIOD pixels (anchored at the object's centre), or solid colour.
+PATTERNS: dict[str, str] = {"circle": "horizontal stripes", "square": "vertical stripes",
+                            "triangle": "checks", "cross": "solid"}
+PATTERN_PERIOD = 8
+PATTERN_LIGHT = (245, 245, 245)
 # Saturated object colours, all far from the muted background tones below.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 30, 35), "green": (35, 160, 55), "blue": (30, 70, 215), "yellow": (245, 210, 25),
@@ -60,12 +71,13 @@ BACKGROUND_TONES: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND_KINDS = ("noise", "gradient")
 NOISE_STD = 10.0
-# Radius (half the object's extent) as a fraction of the image's shorter side.
-SIZES: dict[str, tuple[float, float]] = {"small": (0.09, 0.12), "medium": (0.14, 0.18), "large": (0.21, 0.26)}
+# Radius (half the object's extent) as a fraction of the image's shorter side: the smallest object
+# spans about 3 x 3 patches of the toy model's input.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.20, 0.24), "medium": (0.26, 0.30), "large": (0.32, 0.36)}
 SIZE_WORDS: dict[str, tuple[str, ...]] = {
     "small": ("small", "tiny"), "medium": ("",), "large": ("large", "big"),
 }
-MAX_OBJECTS = 4
+MAX_OBJECTS = 3
 # Every object keeps at least this share of its pixels, and this many pixels, visible.
 MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_PIXELS = 24
@@ -260,7 +272,7 @@ def _visible_enough(full_masks: list[np.ndarray]) -> bool:
 
 def generate_scene(rng: np.random.Generator, image_id: str, min_side: int, max_side: int) -> Scene:
     """Draw a scene: sides in [min_side, max_side] (not square when min_side < max_side), a noise
-    or gradient background, and 1-4 objects of distinct (shape, colour) pairs, each at least
+    or gradient background, and 1-3 objects of distinct (shape, colour) pairs, each at least
     half visible."""
     width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
     if width == height and min_side < max_side:
@@ -312,13 +324,33 @@ def render_background(background: Background, width: int, height: int) -> np.nda
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
+def surface_pattern(obj: ShapeObject, width: int, height: int) -> np.ndarray:
+    """Where the object's surface shows its colour (True) rather than :data:`PATTERN_LIGHT` (False),
+    bool (height, width), over the whole image (callers restrict it to the object's mask). Bands are
+    :data:`PATTERN_PERIOD` pixels wide and anchored at the object's centre; see :data:`PATTERNS`."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    rows = np.floor((ys + 0.5 - obj.cy) / PATTERN_PERIOD).astype(np.int64) % 2 == 0
+    columns = np.floor((xs + 0.5 - obj.cx) / PATTERN_PERIOD).astype(np.int64) % 2 == 0
+    pattern = PATTERNS[obj.shape]
+    if pattern == "horizontal stripes":
+        return rows
+    if pattern == "vertical stripes":
+        return columns
+    if pattern == "checks":
+        return rows == columns
+    return np.ones((height, width), dtype=bool)
+
+
 def render_scene(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
     """Rasterise ``scene``: the RGB image, uint8 (height, width, 3), and the visible mask of each
-    object in ``scene.objects`` order, bool (height, width)."""
+    object in ``scene.objects`` order, bool (height, width). An object's pixels take its colour where
+    its :func:`surface_pattern` is True and :data:`PATTERN_LIGHT` elsewhere."""
     image = render_background(scene.background, scene.width, scene.height)
     full_masks = [shape_mask(obj, scene.width, scene.height) for obj in scene.objects]
     for obj, mask in zip(scene.objects, full_masks):
-        image[mask] = COLOURS[obj.colour]
+        coloured = surface_pattern(obj, scene.width, scene.height)
+        image[mask & coloured] = COLOURS[obj.colour]
+        image[mask & ~coloured] = PATTERN_LIGHT
     return image, visible_masks(full_masks)
 
 

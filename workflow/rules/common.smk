@@ -145,7 +145,8 @@ def all_metrics():
 
 
 def final_targets():
-    """Every shard artifact of every run, the metrics, their summary and the visualisations.
+    """Every shard artifact of every run, the metrics, their summary and the visualisations (and, when
+    the main LMM is the embedded toy, its diagnostics).
 
     Shard artifacts are targets themselves so that a deleted shard file is rebuilt (and what
     gathers it rerun) even when the metrics downstream of it are present."""
@@ -158,4 +159,6 @@ def final_targets():
             targets.append(f"{OUT}/{run}/{name}/visualize")
     if all_metrics():
         targets.append(f"{OUT}/summary.md")
+    if config["lmm"]["path"] == TOY_LMM:
+        targets.append(f"{OUT}/toy_diagnostics.md")
     return targets

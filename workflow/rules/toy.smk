@@ -61,3 +61,23 @@ rule train_sam:
         f"{OUT}/benchmarks/train_sam.tsv"
     script:
         "../scripts/train_sam.py"
+
+
+rule toy_diagnostics:
+    input:
+        trained=TOY_LMM,
+        untrained=TOY_LMM_RANDOM,
+    output:
+        json=f"{OUT}/toy_diagnostics.json",
+        markdown=f"{OUT}/toy_diagnostics.md",
+    params:
+        code=code_version("toy_diagnostics.py"),
+        # On the val split, as many images as the evaluated split has.
+        settings={**_world(), "split": "val", "num_images": config["synthetic"]["num_images"],
+                  "question": config["generate"]["question"]},
+    log:
+        f"{OUT}/logs/toy_diagnostics.log",
+    benchmark:
+        f"{OUT}/benchmarks/toy_diagnostics.tsv"
+    script:
+        "../scripts/toy_diagnostics.py"

@@ -1,0 +1,114 @@
+"""Seed spread of the embedded toy run: the default workflow once per training seed, and the mean and
+spread of every headline number.
+
+For each seed K the toy LMM and the toy SAM are trained with seed K (``train.lmm.seed`` and
+``train.sam.seed``; the toy world, its splits and everything else as in ``config.yaml``) and the whole
+DAG runs into ``<out>/seed-K`` (its config overlay ``<out>/seed-K.yaml`` sits beside it). The table
+gives, for every run (main and controls) and headline metric, the mean over seeds, the smallest and
+largest value and the sample standard deviation; it is printed and written to ``<out>/seeds.md`` and
+``<out>/seeds.json``. Seed 0 is the default run's seed.
+
+Usage (about 6 min per seed on 2 CPU cores)::
+
+    .venv/bin/python bench/toy_seeds.py --seeds 0 1 2 [--out results/seeds] [--cores 2] [--overlay config/toy-val.yaml]
+
+``--overlay``: a config overlay applied before each seed's, e.g. config/toy-val.yaml to measure the
+spread on val (its ``out`` and paths are replaced by the seed's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Headline numbers of each task, as the summary names them: (task, metric key in summary.json).
+HEADLINES = (("instance_seg", "point_accuracy"), ("instance_seg", "AP50"), ("instance_seg", "AP"),
+             ("gcg", "AP50"), ("gcg", "mIoU"), ("gcg", "recall"), ("gcg", "METEOR"))
+
+
+def seed_overlay(seed: int, folder: str, split: str) -> dict:
+    """Config overlay that trains both toy models with ``seed`` and puts every artifact under ``folder``."""
+    synthetic = f"{folder}/synthetic"
+    return {
+        "out": folder,
+        "train": {"lmm": {"seed": seed}, "sam": {"seed": seed}},
+        "datasets": {
+            "toy_instances": {"images": f"{synthetic}/images", "instances": f"{synthetic}/instances.json"},
+            "toy_gcg": {"images": f"{synthetic}/images",
+                        "mask_gt": f"{synthetic}/{split}_gcg_coco_mask_gt.json",
+                        "caption_gt": f"{synthetic}/{split}_gcg_coco_caption_gt.json"},
+        },
+        "variants": {"random_lmm": {"lmm": {"path": f"{folder}/models/toy-llava-random"}}},
+        "lmm": {"path": f"{folder}/models/toy-llava"},
+        "sam": {"checkpoint": f"{folder}/models/toy-sam.safetensors"},
+    }
+
+
+def run_seed(seed: int, out: Path, cores: int, overlays: list[Path]) -> list[dict]:
+    """Run the workflow for ``seed``; return its summary rows."""
+    split = "test"
+    for overlay in overlays:
+        split = (yaml.safe_load(overlay.read_text()) or {}).get("synthetic", {}).get("split", split)
+    folder = out / f"seed-{seed}"
+    overlay_path = out / f"seed-{seed}.yaml"
+    overlay_path.write_text(yaml.safe_dump(seed_overlay(seed, str(folder), split), sort_keys=False))
+    command = [str(Path(sys.executable).parent / "snakemake"), "--cores", str(cores), "--profile",
+               "workflow/profiles/local", "--configfile", "config.yaml", *map(str, overlays), str(overlay_path)]
+    print(f"seed {seed}: {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    return json.loads((folder / "summary.json").read_text())
+
+
+def spread_rows(summaries: dict[int, list[dict]]) -> list[dict]:
+    """Per run and headline metric: values per seed, mean, min, max and sample standard deviation."""
+    rows = []
+    runs = dict.fromkeys(row["run"] for rows_ in summaries.values() for row in rows_)
+    for run in runs:
+        for task, metric in HEADLINES:
+            values = {seed: row[metric] for seed, rows_ in summaries.items() for row in rows_
+                      if row["run"] == run and row["task"] == task and row.get(metric) is not None}
+            if len(values) != len(summaries):
+                continue
+            numbers = list(values.values())
+            rows.append({"run": run, "task": task, "metric": metric, "values": values,
+                         "mean": statistics.fmean(numbers), "min": min(numbers), "max": max(numbers),
+                         "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    seeds = list(rows[0]["values"]) if rows else []
+    lines = ["| run | task | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min-max | std |",
+             "|---|---|---|" + "---|" * (len(seeds) + 3)]
+    for row in rows:
+        values = " | ".join(f"{row['values'][s]:.3f}" for s in seeds)
+        lines.append(f"| {row['run']} | {row['task']} | {row['metric']} | {values} | {row['mean']:.3f} | "
+                     f"{row['min']:.3f}-{row['max']:.3f} | {row['std']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("results/seeds"))
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--overlay", type=Path, action="append", default=[],
+                        help="config overlay applied before each seed's (e.g. config/toy-val.yaml)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summaries = {seed: run_seed(seed, args.out, args.cores, args.overlay) for seed in args.seeds}
+    rows = spread_rows(summaries)
+    (args.out / "seeds.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "seeds.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
