@@ -23,6 +23,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -62,7 +63,9 @@ def run_seed(seed: int, out: Path, cores: int, overlays: list[Path]) -> list[dic
     command = [str(Path(sys.executable).parent / "snakemake"), "--cores", str(cores), "--profile",
                "workflow/profiles/local", "--configfile", "config.yaml", *map(str, overlays), str(overlay_path)]
     print(f"seed {seed}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
+    print(f"seed {seed}: workflow finished in {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads((folder / "summary.json").read_text())
 
 

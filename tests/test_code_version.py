@@ -136,8 +136,10 @@ def test_changing_a_module_of_one_stage_reruns_that_stage_chain_only(up_to_date_
 def test_a_change_to_the_artifact_schemas_reruns_every_stage_that_reads_or_writes_artifacts(
         up_to_date_run, tmp_path):
     """schemas/artifacts.py is read through stages.io by every stage but the toy world's and toy SAM's
-    (the toy LMM's trainer imports the generate stage)."""
+    (the toy LMM's trainer, for both the trained model and its untrained twin, imports the generate
+    stage; the toy diagnostics run the generate and phrases stages)."""
     code, work = changed_copy(up_to_date_run, tmp_path, "schemas/artifacts.py")
-    assert planned(code, work) == {"train_lmm": 1, "manifest": 2, "generate": 2, "phrases": 2,
+    assert planned(code, work) == {"train_lmm": 1, "random_lmm": 1, "toy_diagnostics": 1, "manifest": 2,
+                                   "generate": 2, "phrases": 2,
                                    "segment": 2, "visualize": 2, "evaluate_instance_seg": 1,
                                    "evaluate_gcg": 1, "summary": 1}

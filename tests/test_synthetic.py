@@ -17,9 +17,12 @@ from stages.datasets import DatasetConfig, gt_categories, list_images, load_coco
 from stages.toy.world import (
     BACKGROUND_KINDS,
     COLOURS,
+    MAX_OBJECTS,
     MIN_SIDE,
     MIN_VISIBLE_FRACTION,
     MIN_VISIBLE_PIXELS,
+    PATTERN_LIGHT,
+    PATTERNS,
     SHAPES,
     SIZES,
     Background,
@@ -32,6 +35,7 @@ from stages.toy.world import (
     render_scene,
     run,
     shape_mask,
+    surface_pattern,
 )
 
 CFG = SyntheticConfig(num_images=6, seed=0, image_size=(96, 160), split="val")
@@ -152,9 +156,13 @@ def test_masks_area_and_bbox_match_drawn_objects(dataset):
             assert ann["area"] == mask.sum() > 0
             ys, xs = np.nonzero(mask)
             assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-            # Rendered pixels are exactly the colour; the JPEG keeps it up to compression noise.
-            assert (pixels[mask] == COLOURS[obj.colour]).all()
-            median = np.median(jpeg[mask], axis=0)
+            # Rendered pixels are exactly the colour where the category's pattern shows it and the light
+            # tone elsewhere; the JPEG keeps the colour up to compression noise.
+            coloured = mask & surface_pattern(obj, scene.width, scene.height)
+            assert (pixels[coloured] == COLOURS[obj.colour]).all()
+            assert (pixels[mask & ~coloured] == PATTERN_LIGHT).all()
+            assert coloured.any() and (PATTERNS[obj.shape] != "solid" or (coloured == mask).all())
+            median = np.median(jpeg[coloured], axis=0)
             assert np.abs(median - COLOURS[obj.colour]).max() <= 12, (scene.image_id, obj)
         background = ~np.logical_or.reduce(visible)
         colours = np.array(list(COLOURS.values()))
@@ -187,8 +195,10 @@ def test_visible_parts_follow_painters_order():
     assert (back_full & front_full).sum() > 50
     assert np.array_equal(front_visible, front_full)
     assert np.array_equal(back_visible, back_full & ~front_full)
-    assert (pixels[back_visible] == COLOURS["red"]).all()
-    assert (pixels[front_full] == COLOURS["blue"]).all()
+    back_coloured, front_coloured = surface_pattern(back, 100, 80), surface_pattern(front, 100, 80)
+    assert (pixels[back_visible & back_coloured] == COLOURS["red"]).all()
+    assert (pixels[front_full & front_coloured] == COLOURS["blue"]).all()
+    assert (pixels[(back_visible & ~back_coloured) | (front_full & ~front_coloured)] == PATTERN_LIGHT).all()
 
 
 def test_generated_objects_stay_mostly_visible_and_vary():
@@ -207,7 +217,7 @@ def test_generated_objects_stay_mostly_visible_and_vary():
         kinds.add(scene.background.kind)
         counts.add(len(scene.objects))
     assert shapes == set(SHAPES) and colours == set(COLOURS) and sizes == set(SIZES)
-    assert kinds == set(BACKGROUND_KINDS) and counts == {1, 2, 3, 4}
+    assert kinds == set(BACKGROUND_KINDS) and counts == set(range(1, MAX_OBJECTS + 1))
 
 
 def test_smallest_images_still_hold_visible_objects():
@@ -270,3 +280,29 @@ def test_splits_draw_distinct_scenes_and_name_their_files(tmp_path):
     assert paths.mask_gt.name == "test_gcg_coco_mask_gt.json"
     assert sorted(p.name for p in paths.images.iterdir()) == ["toy_test_000000.jpg", "toy_test_000001.jpg"]
     assert list_captions(tmp_path, "test")[0] == test.caption
+
+
+@pytest.mark.parametrize(("shape", "expected"), [
+    # A 4 x 4 image, object centred at (2, 2), bands of PATTERN_PERIOD px: with a period of at least
+    # 2 px the two bands meet at the centre row/column.
+    ("circle", "rows"), ("square", "columns"), ("triangle", "checks"), ("cross", "solid"),
+])
+def test_each_category_wears_its_own_surface_pattern(shape, expected):
+    obj = ShapeObject(shape, "red", "medium", cx=2.0, cy=2.0, radius=2.0, rotation=0.0)
+    pattern = surface_pattern(obj, 4, 4)
+    upper, left = np.arange(4)[:, None] < 2, np.arange(4)[None, :] < 2   # bands on either side of the centre
+    wanted = {"rows": np.broadcast_to(~upper, (4, 4)), "columns": np.broadcast_to(~left, (4, 4)),
+              "checks": ~upper == ~left, "solid": np.ones((4, 4), bool)}[expected]
+    assert np.array_equal(pattern, wanted)
+
+
+def test_background_clutter_is_grey_and_never_covers_an_object():
+    from stages.toy.world import CLUTTER_TONES
+
+    for index in range(10):
+        example = make_example(0, "val", index, (96, 104))
+        visible = np.logical_or.reduce(example.masks)
+        clutter = np.isin(example.pixels, CLUTTER_TONES).all(axis=2) & ~visible
+        assert clutter.any(), "every image carries some clutter"
+        objects_pixels = example.pixels[visible]
+        assert not np.isin(objects_pixels, CLUTTER_TONES).all(axis=1).any()

@@ -5,7 +5,7 @@ Llama language model, exactly the architecture and on-disk layout of
 :func:`stages.toy.model.build_toy_llava`) is trained from scratch with nothing but the
 next-token loss on image captions of the toy world's *train* split (:func:`stages.toy.world.make_example`).
 No boxes, masks, coordinates or region tokens are used anywhere. Captions name each object with its
-colour and size ("a small red star"), so to emit "star" after "red" the model has to look at the red
+colour and size ("a small red cross"), so to emit "cross" after "red" the model has to look at the red
 object's patches: the attention of that step points at the object, which is what the pipeline reads.
 
 Training sequence of one image: the chat prompt the pipeline uses at inference
