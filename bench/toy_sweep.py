@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stages.toy.world as synthetic  # noqa: E402
+from stages.config import schema_default  # noqa: E402
 
 _CACHE: dict[tuple[str, int], synthetic.Example] = {}
 _make_example = synthetic.make_example
@@ -58,7 +59,7 @@ def set_world(world: dict) -> tuple[int, int]:
     if "sizes" in world:
         synthetic.SIZES.clear()
         synthetic.SIZES.update({k: tuple(v) for k, v in world["sizes"].items()})
-    return tuple(world.get("image_size", (96, 160)))
+    return tuple(world.get("image_size", schema_default("synthetic", "image_size")))
 
 
 def write_val(out: Path, num_val: int, image_size: tuple[int, int]) -> Path:
