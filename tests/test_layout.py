@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
 TOY = "stages.toy"
 SCRIPTS = ROOT / "workflow" / "scripts"
-TOY_SCRIPTS = {"synthetic_data.py", "train_lmm.py", "train_sam.py"}  # the rules of workflow/rules/toy.smk
+# The scripts of the rules of workflow/rules/toy.smk.
+TOY_SCRIPTS = {"synthetic_data.py", "train_lmm.py", "train_sam.py", "toy_diagnostics.py"}
 _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 

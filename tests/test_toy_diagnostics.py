@@ -33,9 +33,9 @@ def _mask(height, width, rows=slice(None), columns=slice(None)):
     # A wide image (4 x 8) is padded to 8 x 8 with two rows above and below: the whole image covers
     # half of every cell.
     (_mask(4, 8), 8, 2, [[0.5, 0.5], [0.5, 0.5]]),
-    # A tall image (8 x 4): padding left and right; its left column band (x 0..1) lands in padded
-    # columns 2..3, the left cells, a quarter of each.
-    (_mask(8, 4, slice(None), slice(0, 2)), 8, 2, [[0.25, 0], [0.25, 0]]),
+    # A tall image (8 x 4): two padding columns left and right; its columns 0..1 land in padded
+    # columns 2..3, half of each left cell.
+    (_mask(8, 4, slice(None), slice(0, 2)), 8, 2, [[0.5, 0], [0.5, 0]]),
     # The side the model resizes to does not change the shares, only the grid does.
     (_mask(6, 6, slice(0, 2), slice(None)), 96, 3, [[1, 1, 1], [0, 0, 0], [0, 0, 0]]),
 ])

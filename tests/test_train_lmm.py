@@ -13,6 +13,7 @@ from stages.io.tables import read_table
 from stages.toy.diagnostics import point_accuracy
 from stages.toy.train_lmm import (IGNORE_INDEX, TrainLmmConfig, Trainer, answer_loss, collate, encode_example,
                                   train_toy_llava)
+from stages.toy.world import make_example
 
 TINY = TrainLmmConfig(num_train_images=6, steps=2, batch_size=3, lr=1e-2, warmup_steps=1, image_size=(48, 64),
                       model_image_size=32, patch_size=8, vision_hidden_size=32, text_hidden_size=32)
@@ -31,7 +32,7 @@ def trained(tmp_path_factory):
 def test_loss_mask_covers_only_the_answer(trainer):
     processor = trainer.processor
     tokenizer = processor.tokenizer
-    caption = "A small red star is above a big blue heart."
+    caption = make_example(TINY.world_seed, "train", 0, TINY.image_size).caption   # in the vocabulary
     for question in TINY.questions:
         ids, labels = encode_example(processor, question, caption)
         image_id = tokenizer.convert_tokens_to_ids(processor.image_token)

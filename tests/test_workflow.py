@@ -80,7 +80,8 @@ def test_each_variant_runs_every_data_set_again(tmp_path):
     jobs = planned_jobs(tmp_path)
     assert jobs["generate"] == jobs["segment"] == 2 * 2 * 2
     assert jobs["manifest"] == 2 and jobs["summary"] == 1
-    assert "random_lmm" not in jobs
+    # Without the random_lmm variant the untrained twin is built for the toy diagnostics only.
+    assert jobs["random_lmm"] == jobs["toy_diagnostics"] == 1
 
 
 def test_generate_jobs_ask_for_their_runs_lmm_gpus(tmp_path):
