@@ -124,6 +124,16 @@ TABLES: dict[str, pa.Schema] = {
     "masks": MASKS,
 }
 
+# The workflow rule that writes each artifact: what a reader names when a file must be rewritten (another
+# schema version, a truncated or corrupt file).
+WRITTEN_BY: dict[str, str] = {
+    "manifest": "manifest",
+    "generations": "generate",
+    "attention": "generate",
+    "phrases": "phrases",
+    "masks": "segment",
+}
+
 # Attention store: one Zarr v3 group per shard, `attention/shard-K.zarr`.
 ATTENTION_ARRAY = "values"
 # Array `values`: float16, 1-D, shape (total_elements_of_shard,), dimension name below; every captured

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
-from stages.io.tables import ArtifactError, read_arrow, write_table
+from stages.io.tables import ArtifactError, CorruptArtifactError, read_arrow, write_table
 
 if TYPE_CHECKING:
     import zarr
@@ -300,6 +300,8 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
         raise ImageFailure("the generation row has no feature grid (grid_h, grid_w)")
     try:
         rows_np = read_rows(attention, generation["attention_offset"], num_tokens, grid)
+    except CorruptArtifactError:
+        raise                       # a damaged store fails the job, naming the rule to rerun
     except ArtifactError as exc:
         raise ImageFailure(str(exc)) from None
     centred, finite = centre_rows(torch.from_numpy(rows_np).to(device))
@@ -408,7 +410,8 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     gets one error row (its generation error when it has one); a phrase row whose image is not in
     the generations table gets an error row. SAM runs in float32 on ``device`` (default:
     :func:`default_device`); with ``prompt: attention`` no SAM is loaded (``sam_cfg`` is unused).
-    ``upsample: auto`` follows the store's ``grid_covers`` attribute.
+    ``upsample: auto`` follows the store's ``grid_covers`` attribute. A damaged input (a truncated
+    table, a corrupt attention chunk) is no image's failure: its CorruptArtifactError stops the shard.
     """
     from segment_anything import SamPredictor
 
@@ -445,6 +448,8 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
             out.extend(segment_image(cfg, predictor, generation, phrases, image_file, attention, device))
         except ImageFailure as exc:
             out.extend([*propagated, _error_row(image_id, str(exc))])
+        except CorruptArtifactError:
+            raise
         except Exception as exc:  # one image's failure (e.g. out of memory) must not lose the shard
             log.exception("segmenting image %s failed", image_id)
             reason = f"segmentation failed: {type(exc).__name__}: {exc}"

@@ -47,7 +47,7 @@ from stages.config import ConfigError, schema_default
 from stages.io.atomic import atomic_path
 from stages.io.attention import open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
-from stages.io.tables import read_table, read_tables
+from stages.io.tables import CorruptArtifactError, read_table, read_tables
 from stages.segment import UPSAMPLES, grid_frame, resolve_upsample
 
 # Distinct, colour-blind-tolerant colours (matplotlib's tab10), chosen by phrase index.
@@ -87,7 +87,7 @@ class VisualizeConfig:
             raise ConfigError(f"visualize.num_images must be a non-negative integer, got {self.num_images!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
@@ -356,8 +356,8 @@ def render_attention_grid(image_rgb: np.ndarray, generation: Mapping[str, Any], 
 
     total = int(generation["num_tokens"])
     unseen = "; hatched: pixels the model never saw" if mode == "crop" else ""
-    header = [f"answer ({total} tokens; showing {count}; each map scaled to its own min..max and laid on the "
-              f"image with upsample {mode}{unseen}):", str(generation["answer"])]
+    header = [(f"answer ({total} tokens; showing {count}; each map scaled to its own min..max and laid on the "
+               f"image with upsample {mode}{unseen}):"), str(generation["answer"])]
     return _stack(_text_block(header, body.width), body)
 
 
@@ -436,6 +436,8 @@ def _picture_or_error(image_id: str, draw: Callable[[], Image.Image]) -> Image.I
     """``draw()``, or a picture of the reason when the image's artifacts cannot be drawn."""
     try:
         return draw()
+    except CorruptArtifactError:
+        raise                       # a damaged artifact fails the job, naming the rule to rerun
     except (ImageError, ValueError) as exc:
         return render_error(image_id, str(exc))
 

@@ -1,7 +1,10 @@
 """Parquet tables of the pipeline (manifest, generations, phrases, masks).
 
 Every table is written with the pyarrow schema declared in :mod:`schemas.artifacts`, which carries
-the schema version; readers check the artifact name and the version before returning a DataFrame.
+the schema version, and with a CRC checksum per page; readers check the artifact name and the version
+before returning a DataFrame. A file that cannot be read back (truncated by a crash or a full disk, a
+page that fails its checksum) raises :class:`CorruptArtifactError` naming the file and the rule that
+rewrites it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,29 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.artifacts import ARTIFACT_KEY, SCHEMA_VERSION, TABLES, VERSION_KEY
-from stages.io.atomic import atomic_path
+from schemas.artifacts import ARTIFACT_KEY, SCHEMA_VERSION, TABLES, VERSION_KEY, WRITTEN_BY
+from stages.io.atomic import NOT_WRITABLE, atomic_path
 
 
 class ArtifactError(ValueError):
     """An artifact is missing, of another schema version, or not the artifact it claims to be."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """An artifact's bytes cannot be read back (a truncated or corrupt file). Stages let it propagate:
+    the job fails with a message naming the file and the rule that rewrites it."""
+
+
+def rule_writing(artifact: str) -> str:
+    """The workflow rule that writes ``artifact`` (:data:`schemas.artifacts.WRITTEN_BY`)."""
+    return WRITTEN_BY.get(artifact, "that wrote it")
+
+
+def unreadable(path: str | os.PathLike, artifact: str, exc: BaseException) -> CorruptArtifactError:
+    """The error for an ``artifact`` file at ``path`` whose bytes failed to read with ``exc``."""
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return CorruptArtifactError(f"{path} is unreadable (truncated or corrupt: {detail}): delete it and rerun "
+                                f"rule {rule_writing(artifact)}")
 
 
 def schema_of(artifact: str) -> pa.Schema:
@@ -47,16 +67,22 @@ def write_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, pat
     else:
         table = to_arrow(rows, artifact)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
     return table
 
 
 def read_arrow(path: str | os.PathLike, artifact: str) -> pa.Table:
-    """Read ``artifact`` from ``path``, checking its name and schema version."""
+    """Read ``artifact`` from ``path``, checking its name and schema version; CorruptArtifactError when
+    the file is truncated or corrupt."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{artifact} file not found: {path}")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in NOT_WRITABLE:
+            raise                                   # not readable by this user: not a corrupt file
+        raise unreadable(path, artifact, exc) from exc
     meta = table.schema.metadata or {}
     found = meta.get(ARTIFACT_KEY, b"").decode()
     version = meta.get(VERSION_KEY, b"").decode()
@@ -65,7 +91,7 @@ def read_arrow(path: str | os.PathLike, artifact: str) -> pa.Table:
     if version != SCHEMA_VERSION:
         raise ArtifactError(
             f"{path} has schema version {version or '(none)'}, this code reads version {SCHEMA_VERSION}; "
-            "rerun the stage that wrote it")
+            f"rerun rule {rule_writing(artifact)} to rewrite it")
     return table.cast(schema_of(artifact))
 
 
