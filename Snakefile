@@ -8,6 +8,10 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+# `snakemake --report`: this text opens the report; rules mark what it shows with report(...).
+report: "workflow/report/workflow.rst"
+
+
 # config.yaml is the embedded toy run. A run given its own configs (`--configfile config/paper/<preset>.yaml
 # [overlay.yaml ...]`) is that config alone: Snakemake would otherwise deep-merge config.yaml's toy data
 # sets and variants into it. Whatever a config leaves out takes the schema's default (validate below).

@@ -1,7 +1,9 @@
-"""The real DAG on the embedded default (tiny random models): dry runs, a full run, a partial rerun."""
+"""The real DAG on the embedded default (toy models, FAST training): dry runs, a full run and its report in
+headless Chromium, a partial rerun."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,14 +14,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from browser import Browser, chromium_executable
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], check=False, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
     return result
@@ -148,11 +152,201 @@ def test_slurm_profile_dry_run_asks_a_gpu_for_gpu_rules_only(tmp_path):
         assert ("gpu=" in text) == (gpu is not None) and (gpu is None or gpu in text), rule_file
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """A work directory in which the default DAG (FAST toy training, 2 shards) has run and
+    `snakemake --report report.html` has built the report; run once for the tests that use it."""
+    workdir = tmp_path_factory.mktemp("default_run")
+    write_config(workdir, shards=2)
+    snakemake(workdir, "--cores", "2")
+    snakemake(workdir, "--report", "report.html")
+    return workdir
+
+
+# Driving the report's single-page app (Snakemake's React report: a menu of categories, a table of
+# results per subcategory, an eye button that shows a result, images in an <img>, HTML in an <iframe>).
+REPORT_HELPERS = """
+window.__links = (text) => [...document.querySelectorAll('#app nav a')].filter(a => a.innerText.trim() === text);
+window.__row = (label) => {
+  const rows = [...document.querySelectorAll('#app nav table tbody tr')]
+    .filter(tr => tr.cells[0].innerText.trim() === label);
+  if (rows.length !== 1) throw new Error(`${rows.length} result rows "${label}"`);
+  return rows[0];
+};
+window.__rowLabels = () => [...document.querySelectorAll('#app nav table tbody tr')]
+  .map(tr => tr.cells[0].innerText.trim());
+window.__view = (label) => { __row(label).querySelector('a[iconname=eye]').click(); return true; };
+window.__shown = () => {          // the image the content pane shows, once it has loaded
+  const img = document.querySelector('#app img[src^="data:image/png"]');
+  if (!img || !img.complete || img.naturalWidth === 0 || img.src !== results[app.state.resultPath].data_uri)
+    return null;
+  const box = img.getBoundingClientRect();
+  return {path: app.state.resultPath, natural: [img.naturalWidth, img.naturalHeight],
+          box: [box.left, box.top, box.width, box.height]};
+};
+true
+"""
+
+# Every embedded figure, decoded by the browser: path -> natural [width, height].
+DECODE_FIGURES = """
+Promise.all(Object.entries(results).filter(([path, result]) => result.mime_type === 'image/png')
+  .map(async ([path, result]) => {
+    const img = new Image();
+    img.src = result.data_uri;
+    await img.decode();
+    return [path, [img.naturalWidth, img.naturalHeight]];
+  })).then(Object.fromEntries)
+"""
+
+# In the iframe of an HTML result: its tables, header cells, first-column cells and rendered size.
+TABLES = """
+[...document.querySelectorAll('table')].map(table => {
+  const box = table.getBoundingClientRect();
+  return {headers: [...table.querySelectorAll('th')].map(th => th.innerText.trim()),
+          first_column: [...table.querySelectorAll('tbody tr')].map(tr => tr.cells[0].innerText.trim()),
+          size: [box.width, box.height]};
+})
+"""
+
+
+def assert_painted(png: bytes, box, name: str, *, min_colours: int) -> None:
+    """The region ``box`` (left, top, width, height in CSS pixels) of a screenshot is no blank area: it
+    holds at least ``min_colours`` distinct colours and no colour covers 95% of it."""
+    left, top, width, height = (round(v) for v in box)
+    assert width > 20 and height > 20, (name, box)
+    region = Image.open(io.BytesIO(png)).convert("RGB").crop((left, top, left + width, top + height))
+    colours = sorted(region.getcolors(maxcolors=1 << 24), reverse=True)
+    assert len(colours) >= min_colours, f"{name}: {len(colours)} colours"
+    assert colours[0][0] < 0.95 * region.width * region.height, f"{name}: one colour covers the region"
+
+
+def chromium_or_skip() -> str:
+    """Chromium's path; without one the test is skipped, except in CI (CI set), where it fails: .ci/run
+    installs it."""
+    executable = chromium_executable()
+    if executable is None:
+        message = "no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI", "") not in ("", "0", "false"):
+            pytest.fail(f"CI: {message}")
+        pytest.skip(message)
+    return executable
+
+
+def test_without_chromium_the_report_test_skips_except_in_ci(monkeypatch):
+    monkeypatch.setenv("CHROMIUM", "no-such-browser-aas")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no chromium"):
+        chromium_or_skip()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI: no chromium"):
+        chromium_or_skip()
+
+
 @pytest.mark.slow
-def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
-    write_config(tmp_path, shards=2)
-    snakemake(tmp_path, "--cores", "2")
-    out = tmp_path / "results"
+def test_report_opens_in_chromium_with_its_figures_and_tables(request):
+    """The default DAG's report in headless Chromium, clicked through as a reader would: every embedded
+    figure decodes at its PNG's size; each image's overlay and attention grid show, with their captions;
+    the summary and the toy diagnostics are rendered tables with the metrics' names and every run; the
+    runtime statistics are drawn. Screenshots (kept in the work directory) are not blank."""
+    executable = chromium_or_skip()
+    workdir = request.getfixturevalue("default_run")
+    out = workdir / "results"
+    shots = workdir / "report-screenshots"
+    shots.mkdir(exist_ok=True)
+    pngs = {str(path.relative_to(workdir)): path for path in out.glob("*/*/visualize/*.png")}
+    assert pngs
+
+    with Browser(executable, width=1400, height=1000) as browser:
+        def click(text: str) -> None:
+            browser.wait_for(f"__links({text!r}).length === 1")
+            browser.evaluate(f"__links({text!r})[0].click()")
+
+        def screenshot(name: str) -> bytes:
+            png = browser.screenshot()
+            (shots / f"{name}.png").write_bytes(png)
+            return png
+
+        browser.open((workdir / "report.html").as_uri())
+        browser.wait_for("typeof app !== 'undefined' && document.querySelectorAll('#app nav a').length > 0")
+        browser.evaluate(REPORT_HELPERS)
+        page = browser.evaluate("document.body.innerText")
+        for entry in ("Workflow", "Statistics", "Summary", "Overlays", "Metrics", "Attend-and-segment"):
+            assert entry in page, entry
+
+        # Every figure of every run and data set is in the report and decodes at its PNG's size.
+        decoded = browser.evaluate(DECODE_FIGURES)
+        assert set(decoded) == set(pngs)
+        for path, size in decoded.items():
+            assert tuple(size) == Image.open(pngs[path]).size, path
+
+        # Overlays -> main: toy_gcg: each image's masks and points, then (toggle) its attention grid.
+        click("Overlays")
+        click("main: toy_gcg")
+        images = browser.wait_for("__rowLabels().length > 0 && __rowLabels()")
+        assert images == sorted({Path(p).name.rsplit("_", 1)[0] for p in pngs if "/main/toy_gcg/" in p})
+        for figure, suffix, described in (("masks and points", "overlay", "the masks"),
+                                          ("per-token attention", "attention", "the attention grid")):
+            browser.evaluate(f"document.getElementById('toggle-figure-{figure}').click()")
+            for image in images:
+                browser.evaluate(f"__view({image!r})")
+                shown = browser.wait_for("(() => { const s = __shown(); "
+                                         f"return s && s.path.endsWith('/{image}_{suffix}.png') && s; }})()")
+                assert shown["box"][2] > 0 and shown["box"][3] > 0, shown
+                caption = browser.evaluate("results[app.state.resultPath].caption")
+                assert described in caption and "run <tt" in caption, caption
+            assert_painted(screenshot(f"{suffix}-{image}"), shown["box"], f"{suffix} of {image}", min_colours=50)
+            # The information button shows the caption in the menu pane; the breadcrumb leads back.
+            browser.evaluate(f"__row({image!r}).querySelector('a[iconname=information-circle]').click()")
+            browser.wait_for(f"document.querySelector('#app nav').innerText.includes({described!r})")
+            assert f"{image} of data set toy_gcg, run main" in browser.evaluate(
+                "document.querySelector('#app nav').innerText")
+            click("main: toy_gcg")
+
+        # Summary: the metrics of every run, one table per task; the toy diagnostics.
+        summary = json.loads((out / "summary.json").read_text())
+        expected = {   # label -> (file, header cells, first-column cells, number of rows)
+            "metrics of every run and data set": (
+                "summary.html", {"point_accuracy", "AP50", "AR100", "METEOR", "CIDEr", "mIoU", "recall"},
+                {row["run"] for row in summary}, len(summary)),
+            "toy LMM diagnostics (val split)": (
+                "toy_diagnostics.html", {"point accuracy", "shape given colour"}, {"trained", "untrained"}, 2),
+        }
+        click("Results")
+        click("Summary")
+        for label, (name, headers, first_column, rows) in expected.items():
+            browser.wait_for(f"__rowLabels().includes({label!r})")
+            browser.evaluate(f"__view({label!r})")
+            uri = browser.wait_for(
+                "(() => { const f = document.querySelector('#app iframe'); "
+                f"return f && app.state.resultPath.endsWith('/{name}') && f.src === results[app.state.resultPath]"
+                ".data_uri && f.getBoundingClientRect().width > 0 && f.src; })()")
+            frame = browser.wait_for_frame(uri)
+            browser.wait_for("document.readyState === 'complete' && document.querySelector('table') !== null",
+                             frame=frame)
+            tables = browser.evaluate(TABLES, frame=frame)
+            assert tables and all(t["size"][0] > 0 and t["size"][1] > 0 for t in tables), tables
+            assert headers <= {h for t in tables for h in t["headers"]}, tables
+            assert first_column == {c for t in tables for c in t["first_column"]}, tables
+            assert sum(len(t["first_column"]) for t in tables) == rows, tables
+            box = browser.evaluate("(b => [b.left, b.top, b.width, b.height])"
+                                   "(document.querySelector('#app iframe').getBoundingClientRect())")
+            assert_painted(screenshot(name.removesuffix(".html")), box, label, min_colours=10)
+
+        # Statistics: the jobs' runtimes by rule, drawn by Vega.
+        click("Results")
+        click("Statistics")
+        box = browser.wait_for("(() => { const c = document.querySelector('#runtimes canvas, #runtimes svg'); "
+                               "const b = c && c.getBoundingClientRect(); "
+                               "return b && b.width > 0 && b.height > 0 && [b.left, b.top, b.width, b.height]; })()")
+        rules = set(browser.evaluate("runtimes_spec.data.values.map(value => value.rule)"))
+        assert {"train_lmm", "generate", "phrases", "segment", "visualize", "summary"} <= rules, rules
+        assert_painted(screenshot("statistics"), box, "runtimes", min_colours=10)
+
+
+@pytest.mark.slow
+def test_default_dag_runs_and_reruns_only_the_deleted_shard(default_run):
+    workdir = default_run  # changed below: the report test comes first
+    out = workdir / "results"
     run = out / "main"
     for dataset, task in [("toy_instances", "instance_seg"), ("toy_gcg", "gcg")]:
         metrics = json.loads((run / dataset / "metrics" / f"{task}.json").read_text())
@@ -165,30 +359,30 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(tmp_path):
     assert "point_accuracy" in (out / "summary.md").read_text()
     for rule in ("generate", "phrases", "segment"):
         assert list((out / "logs" / rule).rglob("*.log")) and list((out / "benchmarks" / rule).rglob("*.tsv"))
-    assert planned_jobs(tmp_path) == {}
-    snakemake(tmp_path, "--report", "report.html")
-    report = (tmp_path / "report.html").read_text(errors="replace")
+    assert planned_jobs(workdir) == {}
+    report = (workdir / "report.html").read_text(errors="replace")
     assert "toy_test_000000_overlay.png" in report and "instance_seg.json" in report
+    assert "summary.html" in report and "toy_diagnostics.html" in report
     summary = json.loads((out / "summary.json").read_text())
     assert {row["run"] for row in summary} == {"main", "random_lmm", "attention_only"}
 
     deleted = run / "toy_instances" / "masks" / "shard-1.parquet"
     kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet") if p != deleted}
     deleted.unlink()
-    jobs = planned_jobs(tmp_path)
+    jobs = planned_jobs(workdir)
     assert jobs.pop("segment") == 1
     assert set(jobs) <= {"evaluate_instance_seg", "visualize", "summary", "all"}, jobs
     assert "evaluate_instance_seg" in jobs
-    snakemake(tmp_path, "--cores", "2")
+    snakemake(workdir, "--cores", "2")
     assert deleted.exists()
     for path, mtime in kept.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
 
     # Changing one stage's section reruns that stage and what follows, nothing before.
-    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["segment"]["pool"] = "max"
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    jobs = planned_jobs(tmp_path)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(workdir)
     runs = 1 + len(config["variants"])
     assert jobs.get("segment") == 2 * 2 * runs and "generate" not in jobs and "phrases" not in jobs, jobs
 

@@ -55,8 +55,10 @@ rule summary:
     input:
         all_metrics(),
     output:
-        table=report(f"{OUT}/summary.md", caption="../report/summary.rst", category="Metrics"),
+        table=f"{OUT}/summary.md",
         json=f"{OUT}/summary.json",
+        html=report(f"{OUT}/summary.html", caption="../report/summary.rst", category="Summary",
+                    labels={"table": "metrics of every run and data set"}),
     params:
         code=code_version("summary.py"),
     log:

@@ -70,6 +70,8 @@ rule toy_diagnostics:
     output:
         json=f"{OUT}/toy_diagnostics.json",
         markdown=f"{OUT}/toy_diagnostics.md",
+        html=report(f"{OUT}/toy_diagnostics.html", caption="../report/toy_diagnostics.rst",
+                    category="Summary", labels={"table": "toy LMM diagnostics (val split)"}),
     params:
         code=code_version("toy_diagnostics.py"),
         # On the val split, as many images as the evaluated split has.

@@ -1,5 +1,9 @@
 # Overlays (masks, points, phrases) and per-token attention grids for the first images: the report.
 
+# The report lists each image once, with a toggle between its two figures (stages/visualize.py); the
+# label that sorts first (the overlay) is the one shown first.
+FIGURES = {"overlay": "masks and points", "attention": "per-token attention"}
+
 
 rule visualize:
     input:
@@ -11,10 +15,12 @@ rule visualize:
     output:
         report(
             directory(f"{OUT}/{{run}}/{{dataset}}/visualize"),
-            patterns=["{name}.png"],
+            patterns=["{image}_{figure}.png"],
             caption="../report/visualize.rst",
             category="Overlays",
             subcategory="{run}: {dataset}",
+            labels=lambda wildcards: {"image": wildcards.image,
+                                      "figure": FIGURES.get(wildcards.figure, wildcards.figure)},
         ),
     params:
         code=code_version("visualize.py"),

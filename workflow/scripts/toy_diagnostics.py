@@ -1,8 +1,10 @@
 """Rule toy_diagnostics: probe, teacher-forced naming and point accuracy of the trained toy LMM and its
-untrained twin on the toy world's val split (stages.toy.diagnostics)."""
+untrained twin on the toy world's val split (stages.toy.diagnostics), as JSON, Markdown and an HTML page
+for the report."""
 import tempfile
 from pathlib import Path
 
+from stages import report_pages
 from stages.runner import stage_logging
 from stages.toy import diagnostics
 
@@ -17,3 +19,5 @@ with stage_logging(snakemake.log[0], threads=snakemake.threads):  # noqa: F821 (
                 image_size=tuple(settings["image_size"]), question=settings["question"])
     diagnostics.write_report(results, snakemake.output.json, snakemake.output.markdown,  # noqa: F821
                              settings=settings)
+    report_pages.write_page(snakemake.output.markdown, snakemake.output.html,  # noqa: F821
+                            "Toy LMM diagnostics")
