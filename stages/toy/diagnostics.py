@@ -32,6 +32,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -184,10 +185,12 @@ def _load(model_dir: str | os.PathLike):
     return model, AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
 
 
-def _examples(split: str, num_images: int, world_seed: int, image_size: tuple[int, int]) -> list[Any]:
+@functools.lru_cache(maxsize=2)
+def _examples(split: str, num_images: int, world_seed: int, image_size: tuple[int, int]) -> tuple[Any, ...]:
+    """The split's first images, drawn once for the probe and the naming check of :func:`diagnose`."""
     from stages.toy.world import make_example
 
-    return [make_example(world_seed, split, i, image_size) for i in range(num_images)]
+    return tuple(make_example(world_seed, split, i, tuple(image_size)) for i in range(num_images))
 
 
 def _pixel_values(examples: Sequence[Any], processor: Any):
