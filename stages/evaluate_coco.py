@@ -74,6 +74,11 @@ class InstanceSegEvaluator:
       column floor(x) and row floor(y): the pixel itself for integer (column, row) points and for
       pixel centres (column + 0.5, row + 0.5) alike; a point outside the image is a miss. None
       when there is no point.
+    - ``point_chance``: the point accuracy a point drawn uniformly over each image would have for the
+      same phrases: the mean over the counted points of the area share (pixels / image pixels) of
+      the ground-truth union of the phrase's category in its image, 0 where the image has none of
+      that category. What ``point_accuracy`` is to be read against: a model that names categories
+      at random and points at random scores about this; large objects make it large.
     - ``point_accuracy_per_prediction``: the same test counted the way the public release's
       ``aas/eval_instance_seg.py`` counts it, the number its papers' tables report: once per
       prediction (per non-empty mask), so with ``more_masks`` a phrase's point counts up to three
@@ -132,11 +137,12 @@ class InstanceSegEvaluator:
         gt_ids = [self._gt_ids[image_id] for image_id in self._image_ids]
         metrics: dict[str, Any] = coco_segm_summary(self._gt, results_coco(self._gt, results), gt_ids)
         points = self._points(rows)
-        hits = self._point_hits(points)
+        hits, chance = self._point_hits(points)
         prediction_points = self._prediction_points(good)
-        prediction_hits = self._point_hits(prediction_points)
+        prediction_hits, _ = self._point_hits(prediction_points)
         metrics.update(
             point_accuracy=hits / len(points) if len(points) else None,
+            point_chance=chance / len(points) if len(points) else None,
             num_points=len(points),
             point_accuracy_per_prediction=(prediction_hits / len(prediction_points)
                                            if len(prediction_points) else None),
@@ -161,23 +167,25 @@ class InstanceSegEvaluator:
         """One row per prediction (mask row without error) that carries a point prompt."""
         return good[good["point_x"].notna() & good["point_y"].notna()]
 
-    def _point_hits(self, points: pd.DataFrame) -> int:
-        """How many ``points`` fall inside the ground-truth union of their predicted category."""
-        hits = 0
+    def _point_hits(self, points: pd.DataFrame) -> tuple[int, float]:
+        """How many ``points`` fall inside the ground-truth union of their predicted category, and the
+        sum over ``points`` of that union's share of its image's pixels (see ``point_chance``)."""
+        hits, chance = 0, 0.0
         for image_id, image_points in points.groupby("image_id", sort=False):
             gt_id = self._gt_ids[image_id]
             height, width = self._gt.imgs[gt_id]["height"], self._gt.imgs[gt_id]["width"]
             unions: dict[int, Any] = {}
             for row in image_points.itertuples(index=False):
-                column, line = math.floor(row.point_x), math.floor(row.point_y)
-                if not (0 <= column < width and 0 <= line < height):
-                    continue
                 category_id = int(row.category_id)
                 if category_id not in unions:
                     unions[category_id] = self._category_union(gt_id, category_id)
                 union = unions[category_id]
-                hits += bool(union is not None and union[line, column])
-        return hits
+                if union is None:
+                    continue
+                chance += float(union.mean())
+                column, line = math.floor(row.point_x), math.floor(row.point_y)
+                hits += bool(0 <= column < width and 0 <= line < height and union[line, column])
+        return hits, chance
 
     def _category_union(self, gt_id: Any, category_id: int):
         """Decoded union (height x width, uint8) of the image's ground-truth masks of the category,

@@ -18,7 +18,7 @@ from stages.evaluation import write_json
 from stages.io.atomic import atomic_path
 
 HEADLINE_METRICS = {
-    "instance_seg": ("point_accuracy", "point_accuracy_per_prediction", "AP", "AP50", "AR100", "num_images", "num_images_with_predictions"),
+    "instance_seg": ("point_accuracy", "point_chance", "point_accuracy_per_prediction", "AP", "AP50", "AR100", "num_images", "num_images_with_predictions"),
     "gcg": ("METEOR", "CIDEr", "AP50", "mIoU", "recall", "num_images", "num_images_with_predictions"),
 }
 

@@ -117,7 +117,7 @@ def test_empty_predictions_give_zero_ap_and_no_point_accuracy(tmp_path):
     gt = instances({1: [(1, box(1, 5, 1, 5))], 2: [(2, box(2, 6, 2, 6))]})
     metrics = evaluate_in_memory(tmp_path, gt, ["1", "2"], [])
     assert metrics["AP"] == 0.0 and metrics["AR100"] == 0.0
-    assert metrics["point_accuracy"] is None
+    assert metrics["point_accuracy"] is None and metrics["point_chance"] is None
     counts = (metrics["num_images"], metrics["num_images_with_predictions"], metrics["num_predictions"])
     assert counts == (2, 0, 0)
 
@@ -127,6 +127,7 @@ def test_empty_ground_truth_makes_ap_undefined(tmp_path):
     metrics = evaluate_in_memory(tmp_path, gt, ["1"], [mask_row("1", 0, box(1, 5, 1, 5), 1, (2.0, 2.0))])
     assert all(metrics[name] is None for name in ("AP", "AP50", "AR100"))
     assert metrics["point_accuracy"] == 0.0
+    assert metrics["point_chance"] == 0.0  # no object of the category: no point could hit
     assert metrics["num_predictions"] == 1
 
 
@@ -169,6 +170,8 @@ def test_point_accuracy_counts_points_per_phrase_against_the_category_union(tmp_
     # more_masks: phrase 5 has three masks but one point, inside the second mask of category 1.
     assert metrics["num_predictions"] == 8 and metrics["num_points"] == 8
     assert metrics["point_accuracy"] == pytest.approx(4 / 8)
+    # Every counted point names category 1: a uniformly random point hits its union this often.
+    assert metrics["point_chance"] == pytest.approx((near | far).mean())
     # The release's count: one point per prediction (phrase 5's point three times, hits; phrases 0
     # and 3 hit; 1, 2 and 4 miss); the empty masks' points and the upstream error are not counted.
     assert metrics["num_prediction_points"] == 8
