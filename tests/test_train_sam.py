@@ -15,6 +15,7 @@ from stages.toy.train_sam import (
     batch_loss,
     batch_points,
     central_pixel,
+    decode_prompts,
     evaluate_sam,
     low_res_mask_size,
     main,
@@ -59,6 +60,28 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch_and_changes_the_weights():
     assert any(k.startswith("image_encoder.") for k in changed)
     assert any(k.startswith("mask_decoder.") for k in changed)
     assert any(k.startswith("prompt_encoder.") for k in changed)
+
+
+def test_one_decoder_call_for_all_images_equals_one_call_per_image():
+    torch.manual_seed(0)
+    sam = build_sam("tiny").train()
+    grid = sam.prompt_encoder.image_embedding_size
+    embeddings = torch.randn(3, sam.prompt_encoder.embed_dim, *grid, requires_grad=True)
+    image_index = torch.tensor([0, 0, 2, 1, 2, 2])
+    coords = torch.rand(len(image_index), 1, 2) * sam.image_encoder.img_size
+    masks, iou = decode_prompts(sam, embeddings, image_index, coords)
+    assert masks.shape == (6, 3, low_res_mask_size(sam), low_res_mask_size(sam)) and iou.shape == (6, 3)
+    for b in range(3):
+        rows = (image_index == b).nonzero()[:, 0]
+        sparse, dense = sam.prompt_encoder(points=(coords[rows], torch.ones(len(rows), 1, dtype=torch.int64)),
+                                           boxes=None, masks=None)
+        expected_masks, expected_iou = sam.mask_decoder(
+            image_embeddings=embeddings[b:b + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        torch.testing.assert_close(masks[rows], expected_masks, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(iou[rows], expected_iou, rtol=1e-5, atol=1e-5)
+    masks.sum().backward()  # the gradient reaches the image embeddings of the images with prompts
+    assert embeddings.grad.abs().flatten(1).sum(1).gt(0).all()
 
 
 def test_targets_are_the_resized_masks_averaged_over_cells():

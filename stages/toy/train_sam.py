@@ -230,24 +230,41 @@ def sam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor
 def batch_loss(sam: Sam, images: Sequence[TrainImage], points: Sequence[np.ndarray],
                cfg: TrainSamConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch: ``points[b]`` float32 ``(P_b, 2)`` pixel indices in image ``b``'s
-    original frame, one per row of ``images[b].targets`` repeated ``points_per_mask`` times."""
+    original frame, one per row of ``images[b].targets`` repeated ``points_per_mask`` times.
+
+    All prompts of the batch go through the mask decoder in one call. ``MaskDecoder`` repeats one
+    image's embedding for each of its prompts and adds the dense prompt embedding to it, so giving it
+    a zero embedding and, as dense prompt embedding, each prompt's own image embedding plus the dense
+    embedding computes the same sum for prompts of different images (:func:`decode_prompts`).
+    """
     from segment_anything.utils.transforms import ResizeLongestSide
 
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     embeddings = _encode_batch(sam, images)
-    image_pe = sam.prompt_encoder.get_dense_pe()
-    low_res_all, iou_all, targets_all = [], [], []
+    coords, image_index, targets = [], [], []
     for b, image in enumerate(images):
-        coords = transform.apply_coords_torch(torch.from_numpy(points[b])[:, None, :], image.original_size)
-        labels = torch.ones(coords.shape[:2], dtype=torch.int64)
-        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        low_res, iou_pred = sam.mask_decoder(
-            image_embeddings=embeddings[b:b + 1], image_pe=image_pe, sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=True)
-        low_res_all.append(low_res)
-        iou_all.append(iou_pred)
-        targets_all.append(image.targets.repeat_interleave(cfg.points_per_mask, dim=0))
-    return sam_loss(torch.cat(low_res_all), torch.cat(iou_all), torch.cat(targets_all), cfg)
+        coords.append(transform.apply_coords_torch(torch.from_numpy(points[b])[:, None, :], image.original_size))
+        image_index += [b] * len(points[b])
+        targets.append(image.targets.repeat_interleave(cfg.points_per_mask, dim=0))
+    low_res, iou_pred = decode_prompts(sam, embeddings, torch.tensor(image_index), torch.cat(coords))
+    return sam_loss(low_res, iou_pred, torch.cat(targets), cfg)
+
+
+def decode_prompts(sam: Sam, embeddings: torch.Tensor, image_index: torch.Tensor,
+                   coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three masks per single-point prompt, prompts of several images in one decoder call.
+
+    ``embeddings``: image embeddings ``(B, C, g, g)``; ``image_index``: int64 ``(N,)``, the image of
+    each prompt; ``coords``: float ``(N, 1, 2)`` positive points in the model's input frame (x, y).
+    Returns low-resolution logits ``(N, 3, m, m)`` and predicted IoUs ``(N, 3)``, the same as one
+    ``sam.mask_decoder(..., multimask_output=True)`` call per image with that image's prompts.
+    """
+    labels = torch.ones(coords.shape[:2], dtype=torch.int64)
+    sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    zero = torch.zeros_like(embeddings[:1])
+    return sam.mask_decoder(
+        image_embeddings=zero, image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=embeddings[image_index] + dense, multimask_output=True)
 
 
 def batch_points(images: Sequence[TrainImage], cfg: TrainSamConfig,
