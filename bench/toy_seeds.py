@@ -30,7 +30,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Headline numbers of each task, as the summary names them: (task, metric key in summary.json).
-HEADLINES = (("instance_seg", "point_accuracy"), ("instance_seg", "AP50"), ("instance_seg", "AP"),
+HEADLINES = (("instance_seg", "point_accuracy"), ("instance_seg", "point_chance"), ("instance_seg", "AP50"),
+             ("instance_seg", "AP"),
              ("gcg", "AP50"), ("gcg", "mIoU"), ("gcg", "recall"), ("gcg", "METEOR"))
 
 
