@@ -45,9 +45,9 @@ def run_stage(recipe: Mapping[str, Any], stage: int, run_dir: str | os.PathLike,
             torch.cuda.set_device(torch.device(cuda[0]))
         train_stage(cfg, stage, run_dir, out, projector=projector, name=name)
         return
-    from stages.devices import visible_device_ids
-
     import torch
+
+    from stages.devices import visible_device_ids
 
     visible = visible_device_ids(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
     ids = [visible[int(device.split(":")[1])] for device in cuda]

@@ -225,6 +225,7 @@ def train_stage(recipe: Recipe, stage: int, run_dir: str | os.PathLike, out: str
 
     cfg = recipe.stage(stage)
     run_dir, out = Path(run_dir), Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     precision = precision_of(recipe, device)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
