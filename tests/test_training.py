@@ -78,8 +78,10 @@ def recipe_mapping(data: dict[str, str], **overrides) -> dict:
     stage = {"image_folder": data["images"], "warmup_ratio": 0.0, "per_device_batch_size": 2}
     recipe = {"base": BASE_ID, "mm_vision_sd_pe": GRID * GRID, "mm_vision_resolution": RESOLUTION,
               "log_steps": 1, "save_steps": 100, "seed": 0,
-              "stage1": {**stage, "data": data["pretrain"], "global_batch_size": 2, "max_steps": 6, "lr": 0.01},
-              "stage2": {**stage, "data": data["finetune"], "global_batch_size": 3, "max_steps": 6, "lr": 0.01,
+              "stage1": {**stage, "data": data["pretrain"], "global_batch_size": 2, "max_steps": 6,
+                         "lr": 0.01},
+              "stage2": {**stage, "data": data["finetune"], "global_batch_size": 3, "max_steps": 6,
+                         "lr": 0.01,
                          "mm_projector_lr": 0.001, "lora_r": 4, "lora_alpha": 8}}
     for key, value in overrides.items():
         recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
@@ -93,7 +95,8 @@ def losses(run_dir: Path) -> list[float]:
 def test_ids_and_labels_follow_the_release_templates(offline):
     tokenizer = load_tokenizer(offline[BASE_ID], BASE_ID)
     entry = {"id": "0", "image": "x.jpg", "conversations": [
-        {"from": "human", "value": "What is in the image?\n<image>"}, {"from": "gpt", "value": "A red square."},
+        {"from": "human", "value": "What is in the image?\n<image>"},
+        {"from": "gpt", "value": "A red square."},
         {"from": "human", "value": "Anything else?"}, {"from": "gpt", "value": "No."}]}
     ids, labels = encode_entry(tokenizer, entry, "v1", GRID * GRID, 2048)
     assert ids.count(IMAGE_INDEX) == GRID * GRID and len(ids) == len(labels)
@@ -125,7 +128,8 @@ def test_ids_and_labels_follow_the_release_templates(offline):
         {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": CAPTIONS[0]}]},
         "plain", GRID * GRID, 2048)
     assert ids[:1 + GRID * GRID] == [tokenizer.bos_token_id] + [IMAGE_INDEX] * GRID * GRID
-    assert tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX]) == CAPTIONS[0] + "\n"
+    labelled = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == CAPTIONS[0] + "\n"
     with pytest.raises(ValueError, match="cuts through the image"):
         encode_entry(tokenizer, {"image": "x.jpg", "conversations": entry["conversations"]}, "v1",
                      GRID * GRID, 40)
@@ -143,7 +147,8 @@ def test_difflmm_trains_in_two_stages_into_the_published_layout(offline, tmp_pat
     recipe = from_mapping(Recipe, recipe_mapping(data), where="training.tiny")
     caplog.set_level("INFO")
     train_stage(recipe, 1, tmp_path / "run1", tmp_path / "projector", name="tiny")
-    train_stage(recipe, 2, tmp_path / "run2", tmp_path / "model", projector=tmp_path / "projector", name="tiny")
+    train_stage(recipe, 2, tmp_path / "run2", tmp_path / "model", projector=tmp_path / "projector",
+                name="tiny")
     for run in ("run1", "run2"):
         curve = losses(tmp_path / run)
         assert len(curve) == 6 and curve[-1] < curve[0] - 0.5, (run, curve)
@@ -153,8 +158,8 @@ def test_difflmm_trains_in_two_stages_into_the_published_layout(offline, tmp_pat
     assert {p.name for p in (tmp_path / "projector").iterdir()} == {"mm_projector.bin", "config.json"}
 
     model = tmp_path / "model"
-    assert {p.name for p in model.iterdir()} >= {"config.json", "adapter_config.json", "adapter_model.safetensors",
-                                                  "non_lora_trainables.bin"}
+    assert {p.name for p in model.iterdir()} >= {"config.json", "adapter_config.json",
+                                                  "adapter_model.safetensors", "non_lora_trainables.bin"}
     config = json.loads((model / "config.json").read_text())
     assert (config["mm_projector_type"], config["mm_vision_tower"], config["mm_vision_sd_clip"]) == \
         ("SDCLIPBlock", SD_ID, CLIP_ID)
@@ -216,14 +221,16 @@ def test_killed_stage_2_resumes_to_the_uninterrupted_weights(offline, tmp_path, 
                              stage2={"global_batch_size": 3, "per_device_batch_size": 1})
     recipe = from_mapping(Recipe, mapping, where="training.tiny")
     train_stage(recipe, 1, tmp_path / "run1", tmp_path / "projector")
-    train_stage(recipe, 2, tmp_path / "reference-run", tmp_path / "reference", projector=tmp_path / "projector")
+    train_stage(recipe, 2, tmp_path / "reference-run", tmp_path / "reference",
+                projector=tmp_path / "projector")
 
     recipe_file = tmp_path / "recipe.json"
     recipe_file.write_text(json.dumps(mapping))
     run_dir, out = tmp_path / "run2", tmp_path / "model"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(hub[0]), "HF_HUB_OFFLINE": "1"}
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(run_dir), str(recipe_file), str(out),
-                             str(tmp_path / "projector")], env=env, capture_output=True, text=True, check=False)
+                             str(tmp_path / "projector")], env=env, capture_output=True, text=True,
+                            check=False)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (run_dir / "checkpoints" / "step-2").is_dir() and not out.exists()
 

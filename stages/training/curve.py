@@ -9,7 +9,8 @@ from collections.abc import Sequence
 WIDTH, HEIGHT, MARGIN = 800, 450, 60
 
 
-def draw_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | os.PathLike, title: str) -> None:
+def draw_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | os.PathLike,
+                    title: str) -> None:
     """Training loss against step, axes labelled with their ranges, written to ``path`` (PNG)."""
     from PIL import Image, ImageDraw
 

@@ -14,7 +14,8 @@ Templates (the release's ``conversation.py``):
   user turns and "ASSISTANT:" are masked (-100). The prompt up to the first "ASSISTANT:" is exactly the
   prompt the generate stage gives the trained model.
 
-Token ids are the release's ``tokenizer_image_token`` ids (:func:`stages.models.llava_v1.encode_release_prompt`:
+Token ids are the release's ``tokenizer_image_token`` ids
+(:func:`stages.models.llava_v1.encode_release_prompt`:
 the prompt tokenised chunk by chunk around "<image>"), with the image expanded to the model's
 ``image_tokens`` copies of :data:`IMAGE_INDEX` (the release's sentinel -200), where the model writes its
 image features. Where a label span starts is found by tokenising the text up to it: the span starts at

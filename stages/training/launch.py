@@ -60,16 +60,19 @@ def run_stage(recipe: Mapping[str, Any], stage: int, run_dir: str | os.PathLike,
         command += ["--projector", str(projector)]
     log.info("launching %s on GPUs %s", " ".join(command), ",".join(ids))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids)}
-    subprocess.run(command, check=True, env=env, stdout=log_stream, stderr=subprocess.STDOUT if log_stream else None)
+    subprocess.run(command, check=True, env=env, stdout=log_stream,
+                   stderr=subprocess.STDOUT if log_stream else None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.training", description="Train one stage of a "
                                      "recipe (one process of a torchrun launch, or alone).")
-    parser.add_argument("--recipe", required=True, help="JSON file: one entry of the config's training section")
+    parser.add_argument("--recipe", required=True,
+                        help="JSON file: one entry of the config's training section")
     parser.add_argument("--stage", type=int, choices=(1, 2), required=True)
     parser.add_argument("--run-dir", required=True, help="folder of checkpoints, losses and loss.png")
-    parser.add_argument("--out", required=True, help="stage 1: the projector folder; stage 2: the model folder")
+    parser.add_argument("--out", required=True,
+                        help="stage 1: the projector folder; stage 2: the model folder")
     parser.add_argument("--projector", help="stage 1's output folder (stage 2)")
     parser.add_argument("--name", default="model")
     args = parser.parse_args(argv)

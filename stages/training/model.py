@@ -67,7 +67,8 @@ class Trainee(nn.Module):
         if self.family == "difflmm":
             return self.projector(self.tower(pixel_values).last_hidden_state)
         with torch.no_grad():
-            hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]
+            hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+            hidden = hidden[:, 1:]
         return self.projector(hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -97,7 +98,8 @@ class Trainee(nn.Module):
         state = dict(state)
         if self.family == "difflmm":
             tower = {key: state.pop(key) for key in list(state) if key.startswith(_TOWER_TRAINABLE)}
-            missing = {key for key in self.tower.state_dict() if key.startswith(_TOWER_TRAINABLE)} - set(tower)
+            wanted = {key for key in self.tower.state_dict() if key.startswith(_TOWER_TRAINABLE)}
+            missing = wanted - set(tower)
             if missing:
                 raise ConfigError(f"stage-1 projector lacks {sorted(missing)}")
             self.tower.load_state_dict(tower, strict=False)
@@ -149,8 +151,8 @@ def _build_difflmm_tower(recipe: Recipe, dtype: torch.dtype, attn_implementation
         clip_config = CLIPVisionConfig.from_pretrained(recipe.mm_vision_sd_clip)
         unet_config = UNet2DConditionModel.load_config(recipe.tower, subfolder="unet")
     except OSError as exc:
-        raise ConfigError(f"training: cannot read the towers {recipe.tower!r} / {recipe.mm_vision_sd_clip!r}: "
-                          f"{exc}") from None
+        raise ConfigError(f"training: cannot read the towers {recipe.tower!r} / "
+                          f"{recipe.mm_vision_sd_clip!r}: {exc}") from None
     raw = {"mm_vision_tower": recipe.tower, "mm_vision_sd_clip": recipe.mm_vision_sd_clip,
            "mm_vision_sd_clip_proj_in": clip_config.hidden_size,
            "mm_vision_sd_clip_proj_out": unet_config["cross_attention_dim"],
@@ -189,7 +191,8 @@ def build_trainee(recipe: Recipe, stage: int, *, frozen_dtype: torch.dtype = tor
         from stages.models.difflmm import SDCLIPProjector
 
         sd_channels = tower.unet.up_blocks[tower.feature_block].resnets[-1].out_channels
-        projector = SDCLIPProjector(sd_channels, tower.clip.config.hidden_size, hidden, recipe.mm_vision_sd_pe)
+        projector = SDCLIPProjector(sd_channels, tower.clip.config.hidden_size, hidden,
+                                    recipe.mm_vision_sd_pe)
         projector.vt_pe.data = torch.randn(projector.vt_pe.shape) * PE_INIT_STD
         image_tokens = _image_grid_difflmm(tower, recipe.mm_vision_resolution, recipe.mm_vision_sd_pe)
         side = recipe.mm_vision_resolution
@@ -198,7 +201,8 @@ def build_trainee(recipe: Recipe, stage: int, *, frozen_dtype: torch.dtype = tor
                                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     else:
         try:
-            tower = CLIPVisionModel.from_pretrained(recipe.tower, dtype=frozen_dtype, attn_implementation=attn)
+            tower = CLIPVisionModel.from_pretrained(recipe.tower, dtype=frozen_dtype,
+                                                    attn_implementation=attn)
             image_processor = CLIPImageProcessor.from_pretrained(recipe.tower)
         except OSError as exc:
             raise ConfigError(f"training: cannot load the CLIP tower {recipe.tower!r}: {exc}") from None

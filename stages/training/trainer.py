@@ -108,7 +108,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[key] for key in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    cuda_keys = sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))
+    cuda = [tensors[key] for key in cuda_keys]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     kind, pos, has_gauss, cached = plain["numpy"]
@@ -242,7 +243,8 @@ def train_stage(recipe: Recipe, stage: int, run_dir: str | os.PathLike, out: str
     data = TrainingData(read_entries(cfg.data), tokenizer, image_processor,
                         "plain" if stage == 1 else "v1", image_tokens, cfg.max_length, cfg.image_folder,
                         cfg.image_aspect_ratio)
-    per_step, steps_per_epoch, total = plan(len(data), cfg.global_batch_size, cfg.epochs, cfg.max_steps, world)
+    per_step, steps_per_epoch, total = plan(len(data), cfg.global_batch_size, cfg.epochs, cfg.max_steps,
+                                            world)
     optimizer = _optimizer(trainee, recipe, stage)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
     checkpoints = run_dir / "checkpoints"
@@ -269,7 +271,8 @@ def train_stage(recipe: Recipe, stage: int, run_dir: str | os.PathLike, out: str
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start_step, total):
         mine = step_indices(len(data), recipe.seed, step, per_step, steps_per_epoch)[rank::world]
-        micros = [mine[k:k + cfg.per_device_batch_size] for k in range(0, len(mine), cfg.per_device_batch_size)]
+        size = cfg.per_device_batch_size
+        micros = [mine[k:k + size] for k in range(0, len(mine), size)]
         losses, tokens = [], 0
         for k, micro in enumerate(micros):
             batch = data.batch(micro)
