@@ -293,7 +293,7 @@ def test_rules_train_then_generate_on_the_trained_model(hub, tmp_path):
     env_keys = {"HF_HUB_CACHE": str(hub[0])}
     os.environ.update(env_keys)
     try:
-        snakemake(workdir, "--cores", "1", "--configfile", str(workdir / "config.yaml"), target)
+        snakemake(workdir, target, "--cores", "1", "--configfile", str(workdir / "config.yaml"))
     finally:
         for key in env_keys:
             os.environ.pop(key)
@@ -303,3 +303,32 @@ def test_rules_train_then_generate_on_the_trained_model(hub, tmp_path):
         assert (workdir / f"results/training/tiny/stage{stage}/loss.png").is_file()
         assert "tiny: step 2/2" in (workdir / f"results/logs/train_stage{stage}/tiny.log").read_text()
     assert (workdir / "results/models/tiny/non_lora_trainables.bin").is_file()
+
+
+def test_training_overlay_sets_the_recipes_of_the_paper_comparison():
+    """config/training/difflmm_vs_clip.yaml over a paper preset: both recipes with LLaVA-1.5's values and
+    DiffLMM's options, the main run on the trained DiffLMM, a variant on the CLIP baseline."""
+    from test_presets import PAPER, load_config
+
+    from stages.config import stage_sections
+
+    config = load_config(PAPER / "difflmm_coco.yaml", ROOT / "config" / "training" / "difflmm_vs_clip.yaml")
+    diff = from_mapping(Recipe, config["training"]["difflmm-7b"])
+    clip = from_mapping(Recipe, config["training"]["llava-clip-7b"])
+    assert (diff.tower, diff.projector_type, diff.select_layer, diff.mm_vision_resolution,
+            diff.mm_vision_sd_pe, diff.mm_vision_sd_timestep, diff.mm_vision_sd_ensemble_size) == \
+        (SD_ID, "SDCLIPBlock", 1, 384, 576, 100, 1)
+    assert (clip.tower, clip.projector_type, clip.select_layer) == (CLIP_ID, "mlp2x_gelu", -2)
+    for recipe in (diff, clip):
+        s1, s2 = recipe.stage1, recipe.stage2
+        assert (s1.lr, s1.global_batch_size, s1.per_device_batch_size, s1.epochs, s1.warmup_ratio,
+                s1.weight_decay, s1.max_length) == (1e-3, 256, 32, 1, 0.03, 0.0, 2048)
+        assert (s2.lr, s2.mm_projector_lr, s2.global_batch_size, s2.per_device_batch_size, s2.lora_r,
+                s2.lora_alpha, s2.lora_dropout, s2.max_length, s2.image_aspect_ratio) == \
+            (2e-4, 2e-5, 128, 16, 128, 256, 0.05, 2048, "pad")
+        assert recipe.gpus == 8 and recipe.precision == "auto" and recipe.gradient_checkpointing
+    out = config["out"]
+    assert stage_sections(config, "main", "coco_val2017")["lmm"]["path"] == f"{out}/models/difflmm-7b"
+    clip_lmm = stage_sections(config, "clip_baseline", "coco_val2017")["lmm"]
+    assert (clip_lmm["family"], clip_lmm["path"], clip_lmm["base"]) == \
+        ("llava_original", f"{out}/models/llava-clip-7b", None)
