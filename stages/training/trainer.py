@@ -247,6 +247,8 @@ def train_stage(recipe: Recipe, stage: int, run_dir: str | os.PathLike, out: str
                                             world)
     optimizer = _optimizer(trainee, recipe, stage)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    # The learning rate logged: the group at the stage's lr (stage 2: the LoRA's, not the projector's).
+    main_group = next(k for k, group in enumerate(optimizer.param_groups) if group["lr"] == cfg.lr)
     checkpoints = run_dir / "checkpoints"
     key = fingerprint(recipe, stage, projector)
     state: dict[str, Any] = {"step": 0, "history": [], "tokens": 0}
@@ -285,7 +287,7 @@ def train_stage(recipe: Recipe, stage: int, run_dir: str | os.PathLike, out: str
                 accelerator.backward(loss / len(micros))
             losses.append(float(loss.detach()))
         accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-        lr = scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[main_group]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
