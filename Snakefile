@@ -26,6 +26,7 @@ validate(config, "schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/manifest.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/phrases.smk"

@@ -18,6 +18,7 @@ from stages.toy import train_lmm, train_sam
 from stages.toy.train_lmm import TrainLmmConfig
 from stages.toy.train_sam import TrainSamConfig
 from stages.toy.world import SyntheticConfig
+from stages.training.recipe import Recipe, Stage1Config, Stage2Config
 from stages.visualize import VisualizeConfig
 
 # Config section (schema path; "*" = each entry of a named mapping) -> the dataclass it builds.
@@ -34,6 +35,9 @@ SECTION_CLASSES = {
     ("segment",): SegmentConfig,
     ("evaluate", "gcg"): GcgEvalConfig,
     ("visualize",): VisualizeConfig,
+    ("training", "*"): Recipe,
+    ("training", "*", "stage1"): Stage1Config,
+    ("training", "*", "stage2"): Stage2Config,
 }
 # The whole config, sections that only group others, and a variant's entry (overrides of other sections,
 # whose defaults are those sections').

@@ -236,22 +236,9 @@ def fabricate_hub(cache: Path, model: str) -> None:
         write_clip_tower(snapshot(cache, TOWER_ID))
         write_llava_checkpoint(snapshot(cache, REPO_ID), "bin-shards", legacy=False, sentencepiece_only=True)
     else:
-        from test_difflmm import (
-            BASE_ID,
-            CLIP_ID,
-            LORA_ID,
-            SD_ID,
-            write_base,
-            write_clip,
-            write_lora,
-            write_sd,
-        )
+        from difflmm_hub import fabricate_difflmm_hub
 
-        folders = {repo: snapshot(cache, repo) for repo in (SD_ID, CLIP_ID, BASE_ID, LORA_ID)}
-        write_sd(folders[SD_ID])
-        write_clip(folders[CLIP_ID])
-        write_base(folders[BASE_ID])
-        write_lora(folders[LORA_ID], folders[BASE_ID])
+        fabricate_difflmm_hub(cache)
 
 
 def offline_overlay(tiny_sam: Path) -> dict:

@@ -146,7 +146,7 @@ def all_metrics():
 
 def final_targets():
     """Every shard artifact of every run, the metrics, their summary and the visualisations (and, when
-    the main LMM is the embedded toy, its diagnostics).
+    the main LMM is the embedded toy, its diagnostics; and every model of the `training` section).
 
     Shard artifacts are targets themselves so that a deleted shard file is rebuilt (and what
     gathers it rerun) even when the metrics downstream of it are present."""
@@ -161,4 +161,5 @@ def final_targets():
         targets.append(f"{OUT}/summary.md")
     if config["lmm"]["path"] == TOY_LMM:
         targets.append(f"{OUT}/toy_diagnostics.md")
+    targets += [f"{OUT}/models/{name}" for name in config["training"]]      # trained even if no run reads it
     return targets
