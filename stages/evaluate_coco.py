@@ -24,12 +24,13 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from stages.datasets import unusable_images
 from stages.evaluation import (
     INSTANCES_GT,
     check_mask_size,
     check_rows_belong,
-    concat_tables,
     coco_segm_summary,
+    concat_tables,
     good_rows,
     gt_image_ids,
     load_ground_truth,
@@ -54,9 +55,13 @@ class InstanceSegEvaluator:
 
     Definitions:
 
-    - Evaluated images: all of ``image_ids`` (the manifest's images). An image with no mask row,
-      only error rows, or an unreadable image is evaluated as an image with no predictions; its
-      ground truth still counts.
+    - Evaluated images: all of ``image_ids`` (the manifest's images) except those whose ground
+      truth cannot be used (:func:`stages.datasets.unusable_images`: an image id the file lists
+      more than once, an image with an annotation without segmentation), which are left out, their
+      annotations and any prediction alike (``num_images_excluded``; each is logged with its
+      reason, and the manifest has an error row for it). An image with no mask row, only error
+      rows, or an unreadable image is evaluated as an image with no predictions; its ground truth
+      still counts.
     - Predictions (:meth:`predictions`): one per mask row without error, so with ``more_masks``
       the three masks of a phrase are three predictions. COCO results format: ``image_id`` = the
       ground truth's own id (the artifact's text id mapped back), ``category_id`` = the row's
@@ -79,7 +84,7 @@ class InstanceSegEvaluator:
       prediction (per non-empty mask), so with ``more_masks`` a phrase's point counts up to three
       times and the point of an empty mask never counts. With one non-empty mask per phrase the
       two agree. ``num_prediction_points``: the predictions that carry a point.
-    - Counts: ``num_images`` (evaluated images), ``num_images_with_predictions``,
+    - Counts: ``num_images`` (evaluated images), ``num_images_excluded``, ``num_images_with_predictions``,
       ``num_predictions``, ``num_points``, ``num_phrase_error_rows`` and ``num_mask_error_rows``
       (error rows of each table; an upstream error may appear in both).
 
@@ -89,8 +94,13 @@ class InstanceSegEvaluator:
 
     def __init__(self, ground_truth: COCO, image_ids: Sequence[str], *, source: str = "the ground truth"):
         self._gt = ground_truth
-        self._image_ids = list(image_ids)
-        self._gt_ids = gt_image_ids(self._image_ids, ground_truth, source)
+        self._manifest_ids = list(image_ids)
+        self._gt_ids = gt_image_ids(self._manifest_ids, ground_truth, source)
+        unusable = unusable_images(ground_truth.dataset["images"], ground_truth.dataset["annotations"])
+        self._excluded = {image_id: unusable[image_id] for image_id in self._manifest_ids if image_id in unusable}
+        for image_id, reason in self._excluded.items():
+            log.warning("image %s is left out of the evaluation: %s", image_id, reason)
+        self._image_ids = [image_id for image_id in self._manifest_ids if image_id not in self._excluded]
         self.reset()
 
     def reset(self) -> None:
@@ -106,10 +116,10 @@ class InstanceSegEvaluator:
         self._masks.append(masks)
 
     def _good_masks(self, rows: pd.DataFrame) -> pd.DataFrame:
-        """The rows without error of the processed masks ``rows``, checked."""
+        """The rows without error of the processed masks ``rows`` of the evaluated images, checked."""
         good = good_rows(rows, REQUIRED_MASK_COLUMNS, "masks")
-        check_rows_belong(good, self._image_ids, MASK_KEY, "masks")
-        return good
+        check_rows_belong(good, self._manifest_ids, MASK_KEY, "masks")
+        return good[~good["image_id"].isin(set(self._excluded))]
 
     def predictions(self) -> list[dict[str, Any]]:
         """The processed masks in COCO results format (see the class docstring), in row order."""
@@ -142,6 +152,7 @@ class InstanceSegEvaluator:
                                            if len(prediction_points) else None),
             num_prediction_points=len(prediction_points),
             num_images=len(self._image_ids),
+            num_images_excluded=len(self._excluded),
             num_images_with_predictions=int(good["image_id"].nunique()),
             num_predictions=len(results),
             num_phrase_error_rows=self._num_phrase_error_rows,
