@@ -173,21 +173,28 @@ class InstanceSegEvaluator:
         return good[good["point_x"].notna() & good["point_y"].notna()]
 
     def _point_hits(self, points: pd.DataFrame) -> int:
-        """How many ``points`` fall inside the ground-truth union of their predicted category."""
+        """How many ``points`` fall inside the ground-truth union of their predicted category.
+
+        One pass over the points' columns, image after image (a stable sort by image), keeping only
+        the current image's decoded unions (pandas' groupby and itertuples cost milliseconds per
+        image, which made 2,000 images take a minute on a loaded machine)."""
         hits = 0
-        for image_id, image_points in points.groupby("image_id", sort=False):
-            gt_id = self._gt_ids[image_id]
-            height, width = self._gt.imgs[gt_id]["height"], self._gt.imgs[gt_id]["width"]
-            unions: dict[int, Any] = {}
-            for row in image_points.itertuples(index=False):
-                column, line = math.floor(row.point_x), math.floor(row.point_y)
-                if not (0 <= column < width and 0 <= line < height):
-                    continue
-                category_id = int(row.category_id)
-                if category_id not in unions:
-                    unions[category_id] = self._category_union(gt_id, category_id)
-                union = unions[category_id]
-                hits += bool(union is not None and union[line, column])
+        points = points.sort_values("image_id", kind="stable")
+        current, unions, height, width, gt_id = None, {}, 0, 0, None
+        for image_id, x, y, category in zip(points["image_id"], points["point_x"], points["point_y"],
+                                            points["category_id"]):
+            if image_id != current:
+                current, unions = image_id, {}
+                gt_id = self._gt_ids[image_id]
+                height, width = self._gt.imgs[gt_id]["height"], self._gt.imgs[gt_id]["width"]
+            column, line = math.floor(x), math.floor(y)
+            if not (0 <= column < width and 0 <= line < height):
+                continue
+            category_id = int(category)
+            if category_id not in unions:
+                unions[category_id] = self._category_union(gt_id, category_id)
+            union = unions[category_id]
+            hits += bool(union is not None and union[line, column])
         return hits
 
     def _category_union(self, gt_id: Any, category_id: int):
