@@ -17,6 +17,13 @@ as a ``KeyError`` deep inside a later stage. The checks are one validator,
 :func:`validate_ground_truth`, driven by a :class:`GroundTruthSpec` per kind of file; the evaluators
 (:mod:`stages.evaluation`) use it too, with specs that also require the fields COCOeval reads.
 
+Two faults of a COCO instances file concern one image only and become that image's error row
+instead of stopping the run (:func:`unusable_images`): an image id listed more than once (the
+annotations of that id cannot be told apart) and an annotation without ``segmentation`` (missing or
+null: there is no ground-truth mask to evaluate against). The manifest gives such an image an error
+row, and the evaluator leaves it out (its annotations and predictions are not counted, see
+:mod:`stages.evaluate_coco`). Every other fault of a ground-truth file stops the job.
+
 Image ids are strings everywhere in the pipeline (COCO's integer ids are written as decimal text, see
 :mod:`schemas.artifacts`).
 """
@@ -94,13 +101,15 @@ def dataset_configs(section: Mapping[str, Mapping[str, Any]]) -> dict[str, Datas
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One image of a data set: its string id, its file, and the size its ground truth declares
-    (pixels; ``None`` for a plain folder, which declares none)."""
+    """One image of a data set: its string id, its file, the size its ground truth declares
+    (pixels; ``None`` for a plain folder, which declares none), and why its ground truth cannot be
+    used (``None`` when it can; see :func:`unusable_images`)."""
 
     image_id: str
     file: Path
     width: int | None
     height: int | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,11 +149,13 @@ def load_json(path: str | os.PathLike) -> Any:
 class FieldRule:
     """A rule on field ``field`` of every entry of the list ``entries`` (``"images"``,
     ``"annotations"`` or ``"categories"``): ``problem(value)`` is None for a good value, else the end
-    of the error message, which reads ``<entries>[<i>].<field> <problem>``."""
+    of the error message, which reads ``<entries>[<i>].<field> <problem>``. An ``optional`` field
+    may be absent or null (the rule then does not apply)."""
 
     entries: str
     field: str
     problem: Callable[[Any], str | None]
+    optional: bool = False
 
 
 def must_be(expected: str, ok: Callable[[Any], bool]) -> Callable[[Any], str | None]:
@@ -167,6 +178,8 @@ IMAGE_SIZE_RULES = tuple(
                                         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1))
     for field in ("width", "height"))
 SEGMENTATION_RULE = FieldRule("annotations", "segmentation", _segmentation_problem)
+# COCO instances: an annotation without segmentation makes its image unusable (unusable_images).
+OPTIONAL_SEGMENTATION_RULE = FieldRule("annotations", "segmentation", _segmentation_problem, optional=True)
 CAPTION_RULES = (
     FieldRule("annotations", "caption", must_be("a string", lambda v: isinstance(v, str))),
     FieldRule("annotations", "labels", must_be(
@@ -180,7 +193,8 @@ class GroundTruthSpec:
     ``images`` / ``annotations`` / ``categories``: the fields every entry of that top-level list
     must have, None where the file needs no such list (``images`` and ``categories`` include
     ``"id"``, ``annotations`` includes ``"image_id"``); ``rules``: further checks of field values.
-    ``kind`` names the file in messages (``"<kind> file <path>: ..."``).
+    ``kind`` names the file in messages (``"<kind> file <path>: ..."``); ``repeated_image_ids``:
+    images may repeat an id (the reader makes such an image an error row, :func:`unusable_images`).
     """
 
     kind: str
@@ -188,6 +202,7 @@ class GroundTruthSpec:
     annotations: tuple[str, ...]
     categories: tuple[str, ...] | None = None
     rules: tuple[FieldRule, ...] = ()
+    repeated_image_ids: bool = False
 
     def where(self, path: str | os.PathLike) -> str:
         """The prefix of this kind's error messages about the file ``path``."""
@@ -196,8 +211,8 @@ class GroundTruthSpec:
 
 COCO_INSTANCES = GroundTruthSpec(
     kind="COCO instances", images=("id", "file_name", "width", "height"),
-    annotations=("image_id", "category_id", "segmentation"), categories=("id", "name"),
-    rules=(*IMAGE_SIZE_RULES, SEGMENTATION_RULE))
+    annotations=("image_id", "category_id"), categories=("id", "name"),
+    rules=(*IMAGE_SIZE_RULES, OPTIONAL_SEGMENTATION_RULE), repeated_image_ids=True)
 GCG_MASK = GroundTruthSpec(
     kind="GCG mask ground truth", images=("id", "width", "height"),
     annotations=("image_id", "category_id", "segmentation"),
@@ -219,7 +234,8 @@ def validate_ground_truth(data: Any, path: str | os.PathLike,
     the file's dicts unchanged).
 
     Checks, in order: each required list is a list of objects holding ``spec``'s fields; ``spec``'s
-    rules; ids unique within each list whose entries need an ``id``; every annotation's
+    rules; ids unique within each list whose entries need an ``id`` (images excepted when
+    ``spec.repeated_image_ids``); every annotation's
     ``image_id`` among the images and ``category_id`` among the categories (where the file has
     those lists). Raises :class:`DatasetError` naming the file, the entry and the field. Linear in
     the number of entries.
@@ -230,11 +246,13 @@ def validate_ground_truth(data: Any, path: str | os.PathLike,
              for key, fields in required.items() if fields is not None}
     for rule in spec.rules:
         for i, entry in enumerate(lists[rule.entries]):
+            if rule.optional and entry.get(rule.field) is None:
+                continue
             problem = rule.problem(entry[rule.field])
             if problem is not None:
                 raise DatasetError(f"{where}: {rule.entries}[{i}].{rule.field} {problem}")
-    ids = {key: _unique_ids(lists[key], key, where) for key, fields in required.items()
-           if fields is not None and "id" in fields}
+    ids = {key: _unique_ids(lists[key], key, where, repeats=key == "images" and spec.repeated_image_ids)
+           for key, fields in required.items() if fields is not None and "id" in fields}
     for key, field in (("images", "image_id"), ("categories", "category_id")):
         if key in lists:
             _check_refs(lists["annotations"], field, ids[key], where, key)
@@ -259,13 +277,14 @@ def _entries(data: Any, key: str, where: str, fields: tuple[str, ...]) -> list[d
     return entries
 
 
-def _unique_ids(entries: list[dict[str, Any]], key: str, where: str) -> set[Any]:
-    """The ``id`` of every entry, checked to be hashable (not a JSON list or object) and unique."""
+def _unique_ids(entries: list[dict[str, Any]], key: str, where: str, repeats: bool = False) -> set[Any]:
+    """The ``id`` of every entry, checked to be hashable (not a JSON list or object) and, unless
+    ``repeats``, unique."""
     seen: set[Any] = set()
     for i, entry in enumerate(entries):
         if not isinstance(entry["id"], Hashable):
             raise DatasetError(f"{where}: {key}[{i}].id must be a number or a string, got {entry['id']!r}")
-        if entry["id"] in seen:
+        if entry["id"] in seen and not repeats:
             raise DatasetError(f"{where}: {key}[{i}] repeats id {entry['id']!r}")
         seen.add(entry["id"])
     return seen
@@ -281,8 +300,39 @@ def _check_refs(annotations: list[dict[str, Any]], field: str, ids: set[Any], wh
             raise DatasetError(f"{where}: annotations[{i}].{field} {value!r} is not in {target}")
 
 
+def unusable_images(images: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> dict[str, str]:
+    """The images of a (validated) COCO instances file whose ground truth cannot be used: image id
+    as text -> the reason, for
+
+    - an id listed more than once in ``images`` (ids compared as text, as the artifacts store
+      them): annotations name their image by id, so the annotations of that id cannot be told
+      apart between its entries;
+    - an image with an annotation whose ``segmentation`` is missing or null: there is no
+      ground-truth mask to evaluate its predictions against (pycocotools would fail on it).
+
+    The manifest makes each of these images an error row (one row per id), and the instance
+    segmentation evaluator leaves them out. Linear in the number of entries.
+    """
+    positions: dict[str, list[int]] = {}
+    for i, image in enumerate(images):
+        positions.setdefault(str(image["id"]), []).append(i)
+    reasons: dict[str, str] = {}
+    for image_id, where in positions.items():
+        if len(where) > 1:
+            entries = ", ".join(f"images[{i}] {images[i].get('file_name', '')!r}" for i in where)
+            reasons[image_id] = (f"image id {images[where[0]]['id']!r} is listed {len(where)} times in the "
+                                 f"ground truth ({entries}): its annotations cannot be told apart")
+    for i, annotation in enumerate(annotations):
+        if annotation.get("segmentation") is None:
+            reasons.setdefault(str(annotation["image_id"]), (
+                f"annotations[{i}] (id {annotation.get('id')!r}) of this image has no segmentation: no "
+                "ground-truth mask to evaluate against"))
+    return reasons
+
+
 def load_coco_instances(path: str | os.PathLike) -> CocoInstances:
-    """Load and validate a COCO instances file (:data:`COCO_INSTANCES`)."""
+    """Load and validate a COCO instances file (:data:`COCO_INSTANCES`; repeated image ids and
+    annotations without segmentation are allowed: see :func:`unusable_images`)."""
     path = Path(path)
     lists = validate_ground_truth(load_json(path), path, COCO_INSTANCES)
     return CocoInstances(path, lists["images"], lists["annotations"], lists["categories"])
@@ -301,32 +351,41 @@ def load_gcg(mask_gt: str | os.PathLike, caption_gt: str | os.PathLike) -> GcgGr
 
 def list_image_folder(folder: str | os.PathLike) -> list[ImageEntry]:
     """Every image file directly in ``folder`` (extension in :data:`IMAGE_EXTENSIONS`, any case),
-    sorted by file name; ``image_id`` is the file stem, which must be unique."""
+    sorted by file name; ``image_id`` is the file stem. Files sharing a stem (``x.jpg`` and
+    ``x.png``) would share an id: they are one entry (the first file) with an ``error`` naming them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    by_stem: dict[str, Path] = {}
+    by_stem: dict[str, list[Path]] = {}
     for file in files:
-        if file.stem in by_stem:
-            raise DatasetError(f"{folder}: {by_stem[file.stem].name} and {file.name} would both have "
-                               f"image id {file.stem!r}")
-        by_stem[file.stem] = file
-    return [ImageEntry(stem, file, None, None) for stem, file in by_stem.items()]
+        by_stem.setdefault(file.stem, []).append(file)
+    return [ImageEntry(stem, group[0], None, None, None if len(group) == 1 else (
+                f"{len(group)} files of {folder} would have image id {stem!r} "
+                f"({', '.join(file.name for file in group)}): rename all but one"))
+            for stem, group in by_stem.items()]
 
 
 def list_images(cfg: DatasetConfig) -> list[ImageEntry]:
     """The data set's images in a fixed order (the order the manifest shards by).
 
-    instance_seg: the instances file's images sorted by id; gcg: the mask file's images sorted by
-    id, file ``<id>.jpg``; images: the folder's files sorted by name. Files are ``<cfg.images>/...``
-    as configured (a relative folder stays relative); whether they exist is not checked here.
+    instance_seg: the instances file's images sorted by id, an id listed more than once given once
+    (its first entry's file), each image of :func:`unusable_images` with its reason as ``error``;
+    gcg: the mask file's images sorted by id, file ``<id>.jpg``; images: the folder's files sorted
+    by name. Files are ``<cfg.images>/...`` as configured (a relative folder stays relative);
+    whether they exist is not checked here.
     """
     images_dir = Path(cfg.images)
     if cfg.task == "instance_seg":
         coco = load_coco_instances(cfg.instances)
-        return [ImageEntry(str(im["id"]), images_dir / im["file_name"], im["width"], im["height"])
-                for im in sorted(coco.images, key=lambda im: im["id"])]
+        unusable = unusable_images(coco.images, coco.annotations)
+        entries: dict[str, ImageEntry] = {}
+        for im in sorted(coco.images, key=lambda im: im["id"]):
+            image_id = str(im["id"])
+            if image_id not in entries:
+                entries[image_id] = ImageEntry(image_id, images_dir / im["file_name"], im["width"],
+                                               im["height"], unusable.get(image_id))
+        return list(entries.values())
     if cfg.task == "gcg":
         gcg = load_gcg(cfg.mask_gt, cfg.caption_gt)
         return [ImageEntry(im["id"], images_dir / f"{im['id']}{GCG_IMAGE_EXTENSION}",

@@ -32,6 +32,7 @@ from pycocotools.cocoeval import COCOeval
 from stages.datasets import (
     CAPTION_RULES,
     IMAGE_SIZE_RULES,
+    OPTIONAL_SEGMENTATION_RULE,
     SEGMENTATION_RULE,
     GroundTruthSpec,
     load_json,
@@ -53,11 +54,13 @@ COCO_SEGM_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "
 # COCOeval (iouType segm) reads every image's height/width (``annToRLE``) and every annotation's
 # area and iscrowd, so a mask file needs all of them; ids must be unique in every list (COCO's index
 # is by id). The value rules are those of stages.datasets' specs, less GranD-f's naming conventions
-# (string image ids, category_id 1), which the evaluators do not rely on.
+# (string image ids, category_id 1), which the evaluators do not rely on. A COCO instances file may
+# repeat an image id and have annotations without segmentation: those images are left out of the
+# evaluation (stages.datasets.unusable_images, stages.evaluate_coco).
 INSTANCES_GT = GroundTruthSpec(
     kind="COCO instances", images=("id", "height", "width"),
-    annotations=("id", "image_id", "category_id", "segmentation", "area", "iscrowd"), categories=("id",),
-    rules=(*IMAGE_SIZE_RULES, SEGMENTATION_RULE))
+    annotations=("id", "image_id", "category_id", "area", "iscrowd"), categories=("id",),
+    rules=(*IMAGE_SIZE_RULES, OPTIONAL_SEGMENTATION_RULE), repeated_image_ids=True)
 GCG_MASK_GT = GroundTruthSpec(
     kind="GCG mask ground truth", images=("id", "height", "width"),
     annotations=("id", "image_id", "category_id", "segmentation", "area", "iscrowd"),

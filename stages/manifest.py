@@ -3,9 +3,13 @@
 The image list and its order come from :func:`stages.datasets.list_images`; image ``i`` of that
 order goes to shard ``i % shards``, so the split is deterministic and the shards differ in size by at
 most one image. Sizes are read from the image headers (no pixel decoding). An image that cannot be
-used (listed in the ground truth but missing, unreadable, empty, more than ``max_pixels`` pixels)
-becomes a row with an ``error`` and keeps its shard; a header size that differs from the size the
-ground truth declares is logged as a warning only (the header is what the pixels are).
+used (listed in the ground truth but missing, unreadable, empty, more than ``max_pixels`` pixels,
+or with ground truth that cannot be used: :func:`stages.datasets.unusable_images`) becomes a row
+with an ``error`` and keeps its shard. So does an image whose header size differs from the size
+its ground truth declares: its masks (the header's size) could not be compared with its
+annotations; when the file's EXIF orientation turns it to the declared size, the message says so.
+Sizes are those of the stored pixel grid; EXIF orientation is never applied
+(:mod:`stages.io.images`), as in COCO, whose annotations are in stored-pixel coordinates.
 
 CLI::
 
@@ -24,7 +28,7 @@ import pyarrow as pa
 
 from stages.config import ConfigError, read_sections, schema_default
 from stages.datasets import DatasetConfig, ImageEntry, dataset_config, list_images
-from stages.io.images import ImageError, image_size
+from stages.io.images import ImageError, exif_orientation, image_size
 from stages.io.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,10 @@ def manifest_row(entry: ImageEntry, shard: int, cfg: DatasetConfig) -> dict[str,
     """The manifest row of one image (see :data:`schemas.artifacts.MANIFEST`)."""
     row: dict[str, Any] = {"image_id": entry.image_id, "file": str(entry.file), "width": None,
                            "height": None, "shard": shard, "error": None}
+    if entry.error is not None:   # the data set's listing says why (a repeated id, unusable ground truth)
+        files = _ground_truth_files(cfg)
+        row["error"] = f"ground truth {files}: {entry.error}" if files else entry.error
+        return row
     if cfg.task != "images" and not entry.file.exists():
         row["error"] = f"image listed in {_ground_truth_files(cfg)} not found on disk: {entry.file}"
         return row
@@ -54,8 +62,13 @@ def manifest_row(entry: ImageEntry, shard: int, cfg: DatasetConfig) -> dict[str,
         row["error"] = (f"image has {width} x {height} = {width * height} pixels, "
                         f"above max_pixels={cfg.max_pixels}")
     elif entry.width is not None and (entry.width, entry.height) != (width, height):
-        log.warning("%s: image %s is %d x %d in its header but %d x %d in the ground truth; using the header",
-                    cfg.name, entry.file, width, height, entry.width, entry.height)
+        row["error"] = (f"image is {width} x {height} pixels in its file but {entry.width} x {entry.height} "
+                        f"in {_ground_truth_files(cfg)}: its masks would not fit its annotations")
+        orientation = exif_orientation(entry.file)
+        if orientation in (5, 6, 7, 8) and (entry.width, entry.height) == (height, width):
+            row["error"] += (f"; its EXIF orientation {orientation} shows it turned to {height} x {width}, but "
+                             "the pipeline uses the stored pixel grid (as COCO does), so the ground truth "
+                             "must declare the stored size and be drawn on it")
     return row
 
 

@@ -122,12 +122,14 @@ def normalise_category_text(text: str) -> str:
 
 
 # What category matching reads from a COCO instances file: category ids (integers, as the phrases
-# table stores them) and names, image ids, and which categories each image's annotations use.
+# table stores them) and names, image ids, and which categories each image's annotations use. An id
+# listed twice is allowed here: the manifest has made that image an error row already.
 INSTANCES_CATEGORIES = GroundTruthSpec(
     kind="COCO instances", images=("id",), annotations=("image_id", "category_id"), categories=("id", "name"),
     rules=(FieldRule("categories", "id", must_be(
                "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))),
-           FieldRule("categories", "name", must_be("a non-empty string", lambda v: isinstance(v, str) and v != ""))))
+           FieldRule("categories", "name", must_be("a non-empty string", lambda v: isinstance(v, str) and v != ""))),
+    repeated_image_ids=True)
 
 
 @dataclass(frozen=True)

@@ -210,19 +210,17 @@ def mask_prompt(image_map: torch.Tensor, temperature: float, box_thresh: float,
     Returns ``(logits, box)``:
     - ``logits`` float32 ``(mask_size, mask_size)``: ``logit(clip(map / temperature, eps, 1 - eps))``
       resized bicubically to SAM's low-resolution frame (long side ``mask_size``, the short side
-      rounded as SAM's ``ResizeLongestSide``), then padded with 0 on the right/bottom (the release
+      rounded as SAM's ``ResizeLongestSide``, at least 1: :func:`preprocess_shape`), then padded with 0 on the right/bottom (the release
       pads with logit 0 too);
     - ``box`` float32 ``(4,)`` XYXY in original-image pixel edges, ``[x0, y0, x1, y1)``: the bounding
       box of the pixels where ``map / temperature > box_thresh`` (the release's absolute threshold on
       the tempered map); the whole image when no pixel passes (the release would give a degenerate
       [0, 0, 0, 0] box there).
     """
-    from segment_anything.utils.transforms import ResizeLongestSide
-
     height, width = image_map.shape
     probabilities = (image_map / temperature).clamp(MASK_PROMPT_EPS, 1 - MASK_PROMPT_EPS)
     logits = torch.log(probabilities / (1 - probabilities))
-    new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, mask_size)
+    new_h, new_w = preprocess_shape(height, width, mask_size)
     logits = F.interpolate(logits[None, None], size=(new_h, new_w), mode="bicubic", align_corners=False)[0, 0]
     logits = F.pad(logits, (0, mask_size - new_w, 0, mask_size - new_h), value=0.0)
 
@@ -232,6 +230,32 @@ def mask_prompt(image_map: torch.Tensor, temperature: float, box_thresh: float,
     else:
         box = torch.tensor([0, 0, width, height], device=image_map.device)
     return logits, box.float()
+
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """SAM's ``ResizeLongestSide.get_preprocess_shape`` (the long side becomes ``long_side``, the
+    short side is scaled and rounded), except that no side becomes 0: an image more than
+    ``2 * long_side`` times longer than wide (e.g. 4000 x 5 px for SAM's 1,024, or for the tiny SAM's
+    256) would round its short side to 0 pixels, which SAM's resize refuses."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, long_side)
+    return max(new_h, 1), max(new_w, 1)
+
+
+def sam_predictor(sam: Any) -> SamPredictor:
+    """A ``SamPredictor`` of ``sam`` whose image, point and box transforms use
+    :func:`preprocess_shape`, so that images of any aspect ratio are segmented (SAM's own would fail
+    on a short side rounding to 0 pixels); for every other image the sizes are SAM's own."""
+    from segment_anything import SamPredictor
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    class _ResizeLongestSide(ResizeLongestSide):
+        get_preprocess_shape = staticmethod(preprocess_shape)
+
+    predictor = SamPredictor(sam)
+    predictor.transform = _ResizeLongestSide(sam.image_encoder.img_size)
+    return predictor
 
 
 def attention_mask(image_map: torch.Tensor, thresh: float) -> np.ndarray:
@@ -413,8 +437,6 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     ``upsample: auto`` follows the store's ``grid_covers`` attribute. A damaged input (a truncated
     table, a corrupt attention chunk) is no image's failure: its CorruptArtifactError stops the shard.
     """
-    from segment_anything import SamPredictor
-
     from stages.models.sam import load_sam
 
     device = torch.device(device) if device is not None else default_device()
@@ -426,7 +448,7 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     attention = open_attention(attention_path)
     cfg = replace(cfg, upsample=resolve_upsample(cfg.upsample, attention_path))
     log.info("segment: maps upsampled with %r", cfg.upsample)
-    predictor = None if cfg.prompt == "attention" else SamPredictor(
+    predictor = None if cfg.prompt == "attention" else sam_predictor(
         load_sam(sam_cfg.type, sam_cfg.checkpoint, device))
 
     out: list[dict[str, Any]] = []

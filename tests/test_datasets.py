@@ -20,6 +20,7 @@ from stages.datasets import (
     list_images,
     load_coco_instances,
     load_gcg,
+    unusable_images,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,6 @@ INSTANCE_CASES = [
     (_set(0, "width", "images", 0), "images[0].width must be a positive integer"),
     (_set("5", "height", "images", 0), "images[0].height must be a positive integer"),
     (_set(True, "width", "images", 1), "images[1].width must be a positive integer, got True"),
-    (_set(10, "id", "images", 1), "images[1] repeats id 10"),
     (_set([10], "id", "images", 0), "images[0].id must be a number or a string, got [10]"),
     (_set(1, "id", "categories", 1), "categories[1] repeats id 1"),
     (_set("x", "annotations"), "field 'annotations' must be a list, found str"),
@@ -104,7 +104,6 @@ INSTANCE_CASES = [
     (_drop("id", "categories", 0), "categories[0] has no field 'id'"),
     (_drop("image_id", "annotations", 2), "annotations[2] has no field 'image_id'"),
     (_drop("category_id", "annotations", 0), "annotations[0] has no field 'category_id'"),
-    (_drop("segmentation", "annotations", 3), "annotations[3] has no field 'segmentation'"),
     (_drop("name", "categories", 1), "categories[1] has no field 'name'"),
     (_set(99, "image_id", "annotations", 1), "annotations[1].image_id 99 is not in images"),
     (_set([10], "image_id", "annotations", 1), "annotations[1].image_id [10] is not in images"),
@@ -206,6 +205,42 @@ def test_instance_listing_sorted_by_integer_id_with_declared_sizes(tmp_path):
     assert [(e.width, e.height) for e in entries] == [(7, 2), (6, 3), (5, 4)]
 
 
+def test_repeated_image_id_is_one_entry_with_an_error_naming_it(tmp_path):
+    """An image id listed twice is one image of the listing (the first entry's file), with an error
+    naming the id and both entries: its annotations cannot be told apart. The other images are
+    listed as usual."""
+    data = coco_instances()
+    data["images"].append({"id": 2, "file_name": "two_again.jpg", "width": 6, "height": 3})
+    cfg = DatasetConfig("coco", "instance_seg", images="imgs",
+                        instances=str(write_json(tmp_path / "i.json", data)))
+    entries = {e.image_id: e for e in list_images(cfg)}
+    assert list(entries) == ["1", "2", "10"]
+    assert entries["2"].file == Path("imgs/two.jpg")
+    assert entries["2"].error == ("image id 2 is listed 2 times in the ground truth (images[1] 'two.jpg', "
+                                  "images[3] 'two_again.jpg'): its annotations cannot be told apart")
+    assert entries["1"].error is None and entries["10"].error is None
+
+
+@pytest.mark.parametrize("segmentation", ["missing", None])
+def test_annotation_without_segmentation_makes_its_image_an_error(tmp_path, segmentation):
+    data = coco_instances()
+    if segmentation == "missing":
+        del data["annotations"][3]["segmentation"]
+    else:
+        data["annotations"][3]["segmentation"] = None
+    cfg = DatasetConfig("coco", "instance_seg", images="imgs",
+                        instances=str(write_json(tmp_path / "i.json", data)))
+    errors = {e.image_id: e.error for e in list_images(cfg)}
+    assert errors == {"1": None, "2": "annotations[3] (id 4) of this image has no segmentation: no "
+                                       "ground-truth mask to evaluate against", "10": None}
+
+
+def test_unusable_images_compares_ids_as_text():
+    images = [{"id": 7, "file_name": "a.jpg"}, {"id": "7", "file_name": "b.jpg"}, {"id": 8, "file_name": "c.jpg"}]
+    annotations = [{"id": 1, "image_id": 8, "segmentation": [[0, 0, 1, 0, 1, 1]]}]
+    assert list(unusable_images(images, annotations)) == ["7"]
+
+
 def test_gcg_listing_uses_id_dot_jpg(tmp_path):
     cfg = DatasetConfig("g", "gcg", images="data/imgs",
                         mask_gt=str(write_json(tmp_path / "m.json", gcg_mask_gt())),
@@ -229,10 +264,12 @@ def test_image_folder_listing(tmp_path):
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match="image folder not found"):
         list_image_folder(tmp_path / "absent")
-    (tmp_path / "x.jpg").write_bytes(b"")
-    (tmp_path / "x.png").write_bytes(b"")
-    with pytest.raises(DatasetError, match="x.jpg and x.png would both have image id 'x'"):
-        list_image_folder(tmp_path)
+    for name in ("x.jpg", "x.png", "y.png"):
+        (tmp_path / name).write_bytes(b"")
+    entries = list_image_folder(tmp_path)
+    assert [(e.image_id, e.file.name) for e in entries] == [("x", "x.jpg"), ("y", "y.png")]
+    assert entries[0].error == f"2 files of {tmp_path} would have image id 'x' (x.jpg, x.png): rename all but one"
+    assert entries[1].error is None
 
 
 def test_gt_categories_per_image(tmp_path):

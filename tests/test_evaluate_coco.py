@@ -188,7 +188,6 @@ def test_points_outside_the_image_are_misses(tmp_path):
 
 @pytest.mark.parametrize("breakage, field", [
     (lambda gt: gt.pop("annotations"), "annotations"),
-    (lambda gt: gt["annotations"][0].pop("segmentation"), "segmentation"),
     (lambda gt: gt["annotations"][0].pop("image_id"), "image_id"),
     (lambda gt: gt["annotations"][0].pop("category_id"), "category_id"),
     (lambda gt: gt["images"][0].pop("height"), "height"),
@@ -210,7 +209,6 @@ def test_missing_ground_truth_field_is_a_clear_error(tmp_path, breakage, field):
     (lambda gt: gt["annotations"][0].pop("iscrowd"), "annotations[0] has no field 'iscrowd'"),
     (lambda gt: gt["images"][1].pop("width"), "images[1] has no field 'width'"),
     (lambda gt: gt["categories"][0].pop("id"), "categories[0] has no field 'id'"),
-    (lambda gt: gt["images"][1].update(id=1), "images[1] repeats id 1"),
     (lambda gt: gt["annotations"][1].update(id=1), "annotations[1] repeats id 1"),
     (lambda gt: gt["categories"][1].update(id=1), "categories[1] repeats id 1"),
     (lambda gt: gt["annotations"][1].update(image_id=7), "annotations[1].image_id 7 is not in images"),
@@ -230,6 +228,29 @@ def test_malformed_ground_truth_names_file_entry_and_field(tmp_path, breakage, m
     with pytest.raises(ValueError) as info:
         load_ground_truth(path, INSTANCES_GT)
     assert f"COCO instances file {path}: {message}" in str(info.value)
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda gt: gt["images"].append({"id": 2, "file_name": "2b.jpg", "height": H + 1, "width": W}),  # id twice
+    lambda gt: gt["annotations"][1].pop("segmentation"),
+    lambda gt: gt["annotations"][1].update(segmentation=None),
+], ids=["repeated image id", "no segmentation", "null segmentation"])
+def test_images_with_unusable_ground_truth_are_left_out(tmp_path, breakage):
+    """Image 2's ground truth cannot be used (its id listed twice: its annotations cannot be told
+    apart; an annotation without segmentation: no mask to compare with): the image is left out,
+    its annotations and predictions alike, and counted in num_images_excluded. Image 1 is evaluated
+    as if image 2 were not there."""
+    dog, cat = box(1, 5, 1, 5), box(0, 3, 0, 3)
+    gt = instances({1: [(1, dog)], 2: [(2, cat)]})
+    breakage(gt)
+    masks = [mask_row("1", 0, dog, 1, (2.0, 2.0)), mask_row("2", 0, box(5, 9, 5, 9), 2, (6.0, 6.0))]
+    paths = write_inputs(tmp_path, gt, ["1", "2"], [masks])
+    metrics = evaluate_coco.run(**paths)["instance_seg"]
+    assert metrics["num_images"] == 1 and metrics["num_images_excluded"] == 1
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["point_accuracy"] == 1.0
+    assert (metrics["num_predictions"], metrics["num_points"]) == (1, 1)
+    predictions = json.loads(paths["predictions_path"].read_text())
+    assert [p["image_id"] for p in predictions] == [1]
 
 
 @pytest.mark.parametrize("content, message", [

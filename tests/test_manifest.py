@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -120,14 +119,67 @@ def test_zero_size_header_is_an_error_row(tmp_path, monkeypatch):
     assert row["error"] == "image has zero size 0 x 7"
 
 
-def test_size_disagreeing_with_ground_truth_is_a_warning(tmp_path, caplog):
+def test_size_disagreeing_with_ground_truth_is_an_error_row(tmp_path):
+    """Masks have the file's size; annotations of another size could not be compared with them (the
+    evaluator would stop): an error row naming both sizes, not a warning."""
     (tmp_path / "imgs").mkdir()
     save_image(tmp_path / "imgs" / "a.png", (12, 9))
-    cfg = instances_dataset(tmp_path, [{"id": 5, "file_name": "a.png", "width": 9, "height": 12}])
-    with caplog.at_level(logging.WARNING, logger="stages.manifest"):
-        row = manifest.run(cfg, 1, tmp_path / "m.parquet").to_pylist()[0]
-    assert row["error"] is None and (row["width"], row["height"]) == (12, 9)
-    assert "12 x 9 in its header but 9 x 12 in the ground truth" in caplog.text
+    save_image(tmp_path / "imgs" / "b.png", (5, 5))
+    cfg = instances_dataset(tmp_path, [{"id": 5, "file_name": "a.png", "width": 9, "height": 12},
+                                       {"id": 6, "file_name": "b.png", "width": 5, "height": 5}])
+    rows = manifest.run(cfg, 1, tmp_path / "m.parquet").to_pylist()
+    assert rows[0]["error"] == (f"image is 12 x 9 pixels in its file but 9 x 12 in {cfg.instances}: its masks "
+                                "would not fit its annotations")
+    assert (rows[0]["width"], rows[0]["height"]) == (12, 9)
+    assert rows[1]["error"] is None
+
+
+def test_exif_rotated_image_is_measured_as_stored(tmp_path):
+    """EXIF orientation is not applied: the stored 40 x 24 grid is the image's size, which ground
+    truth must declare; ground truth declaring the displayed 24 x 40 gets an error row saying why."""
+    (tmp_path / "imgs").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(tmp_path / "imgs" / "r.jpg", exif=exif)
+    stored = instances_dataset(tmp_path, [{"id": 1, "file_name": "r.jpg", "width": 40, "height": 24}])
+    row = manifest.run(stored, 1, tmp_path / "m.parquet").to_pylist()[0]
+    assert row["error"] is None and (row["width"], row["height"]) == (40, 24)
+    displayed = instances_dataset(tmp_path, [{"id": 1, "file_name": "r.jpg", "width": 24, "height": 40}])
+    row = manifest.run(displayed, 1, tmp_path / "m.parquet").to_pylist()[0]
+    assert "its EXIF orientation 6 shows it turned to 24 x 40, but the pipeline uses the stored pixel grid" \
+        in row["error"]
+
+
+def test_unusable_ground_truth_gives_one_error_row_per_image_id(tmp_path):
+    """An image id listed twice, an annotation without segmentation: that image's error row names the
+    file and the reason; the other images are measured as usual."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        save_image(tmp_path / "imgs" / name, (4, 3))
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": i, "file_name": name, "width": 4, "height": 3}
+                   for i, name in ((1, "a.png"), (2, "b.png"), (2, "c.png"), (3, "d.png"))],
+        "annotations": [{"id": 9, "image_id": 3, "category_id": 1},
+                        {"id": 10, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 2, 0, 2, 2]]}],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    cfg = DatasetConfig(name="coco", task="instance_seg", images=str(tmp_path / "imgs"), instances=str(instances))
+    rows = {r["image_id"]: r for r in manifest.run(cfg, 2, tmp_path / "m.parquet").to_pylist()}
+    assert list(rows) == ["1", "2", "3"] and [r["shard"] for r in rows.values()] == [0, 1, 0]
+    assert rows["1"]["error"] is None and rows["1"]["width"] == 4
+    assert rows["2"]["error"] == (f"ground truth {instances}: image id 2 is listed 2 times in the ground truth "
+                                  "(images[1] 'b.png', images[2] 'c.png'): its annotations cannot be told apart")
+    assert rows["3"]["error"] == (f"ground truth {instances}: annotations[0] (id 9) of this image has no "
+                                  "segmentation: no ground-truth mask to evaluate against")
+
+
+def test_files_sharing_an_id_in_a_folder_are_one_error_row(tmp_path):
+    save_image(tmp_path / "x.png", (4, 3))
+    save_image(tmp_path / "x.jpg", (4, 3))
+    save_image(tmp_path / "y.png", (4, 3))
+    rows = manifest.run(folder_dataset(tmp_path), 1, tmp_path / "m.parquet").to_pylist()
+    assert [(r["image_id"], r["error"]) for r in rows] == [
+        ("x", f"2 files of {tmp_path} would have image id 'x' (x.jpg, x.png): rename all but one"), ("y", None)]
 
 
 def test_written_file_is_a_manifest(tmp_path):

@@ -236,11 +236,22 @@ def _without_key(mapping, key):
      r"annotations\[0\].category_id 404 is not in categories"),
     (lambda c: {**c, "annotations": [{"image_id": 77, "category_id": 18}]},
      r"annotations\[0\].image_id 77 is not in images"),
-    (lambda c: {**c, "images": [{"id": 1}, {"id": 1}]}, r"images\[1\] repeats id 1"),
 ])
 def test_bad_instances_file_is_a_dataset_error_naming_the_entry(tmp_path, edit, match):
     with pytest.raises(DatasetError, match=match):
         run_phrases(tmp_path, [generation("1", DOG_PIECES)], edit(COCO))
+
+
+def test_repeated_image_id_does_not_stop_the_shard(tmp_path):
+    """An image id listed twice is the manifest's error row for that image (stages.datasets
+    .unusable_images), whose failed generation this stage carries on; the file is not refused."""
+    instances = {**COCO, "images": [*COCO["images"], {"id": 3}]}
+    rows = run_phrases(tmp_path, [generation("1", DOG_PIECES),
+                                  generation("3", (), error="manifest: image id 3 is listed 2 times")],
+                       instances)
+    assert [r["error"] for r in rows if r["image_id"] == "3"] == [
+        "generation failed: manifest: image id 3 is listed 2 times"]
+    assert any(r["image_id"] == "1" and r["error"] is None for r in rows)
 
 
 def test_missing_instances_file_is_a_dataset_error(tmp_path):

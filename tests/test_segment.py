@@ -532,3 +532,32 @@ def test_cli_writes_the_table(tmp_path, sam_checkpoint):
                   "--generations", str(paths["generations"]), "--attention", str(paths["attention"]),
                   "--phrases", str(paths["phrases"]), "--out", str(paths["masks"]), "--device", "cpu"])
     assert [r["mask_index"] for r in read_arrow(paths["masks"], "masks").to_pylist()] == [0, 1, 2]
+
+
+# --- extreme aspect ratios ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["point", "mask"])
+@pytest.mark.parametrize("size", [(4000, 5), (5, 4000), (4000, 20), (1, 1)])
+def test_images_of_any_aspect_ratio_are_segmented(tmp_path, sam_checkpoint, size, prompt):
+    """A 4000 x 5 image: SAM's ResizeLongestSide would round its short side to 0 px at the tiny SAM's
+    256 (at SAM's 1,024 from 2,048:1 on) and fail; the predictor keeps at least 1 px, and the masks
+    have the image's size."""
+    height, width = size
+    rows = rows_with_peaks(2, [(0, (3, 4), 0.5)])
+    paths = write_shard(tmp_path, [{"image_id": "thin", "size": (height, width), "rows": rows, "phrases": [[0]]}])
+    out = run_segment(paths, sam_checkpoint, prompt=prompt)
+    assert len(out) == 1 and out[0]["error"] in (None, segment.EMPTY_MASK_ERROR), out[0]["error"]
+    assert (out[0]["height"], out[0]["width"]) == (height, width)
+    decoded = mask_utils.decode({"size": [height, width], "counts": out[0]["rle_counts"]})
+    assert decoded.shape == (height, width)
+
+
+def test_preprocess_shape_is_sams_except_that_no_side_is_zero():
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    for height, width in [(480, 640), (1, 1), (20, 4000), (333, 1000)]:
+        assert segment.preprocess_shape(height, width, 1024) == ResizeLongestSide.get_preprocess_shape(
+            height, width, 1024)
+    assert ResizeLongestSide.get_preprocess_shape(5, 4000, 256) == (0, 256)
+    assert segment.preprocess_shape(5, 4000, 256) == (1, 256)
+    assert segment.preprocess_shape(4000, 1, 1024) == (1024, 1)
