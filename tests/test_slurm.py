@@ -32,7 +32,7 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo"
 PARTITIONS = {"cpu_partition": "aas-ci-cpu", "gpu_partition": "aas-ci-gpu"}
 GPU_RULES = {"generate", "segment"}
 START_TIMEOUT_S = 60        # until the node is idle in sinfo
-RUN_TIMEOUT_S = 45 * 60     # the whole DAG (57 jobs) on the one 2-CPU node
+RUN_TIMEOUT_S = 45 * 60     # the whole DAG (56 Slurm jobs; 21 min on the 2-CPU machine under load)
 
 
 def in_ci() -> bool:
