@@ -110,16 +110,17 @@ def claim_gpus(device_ids: Sequence[str], lock_dir: str | os.PathLike, count: in
 def claimed_devices(count: int = 1, *, lock_dir: str | os.PathLike | None = None) -> Iterator[list[str]]:
     """Yield the ``count`` torch device strings this job computes on, holding their claim meanwhile.
 
-    Without CUDA: ``["cpu"]`` whatever ``count`` (the whole model runs on the CPU). With exactly
-    ``count`` visible GPUs: all of them, unclaimed (Slurm: the job's own). With more: ``count`` free
-    ones claimed with :func:`claim_gpus` (the first becomes torch's current device). ValueError when
-    fewer than ``count`` GPUs are visible.
+    Without CUDA, or with ``count`` 0 (the rule asked for no GPU: config ``cluster.request_gpus``
+    false): ``["cpu"]`` (the whole model runs on the CPU). With exactly ``count`` visible GPUs: all of
+    them, unclaimed (Slurm: the job's own). With more: ``count`` free ones claimed with
+    :func:`claim_gpus` (the first becomes torch's current device). ValueError when fewer than ``count``
+    GPUs are visible.
     """
     import torch
 
-    if count < 1:
-        raise ValueError(f"a job needs at least one device, got {count}")
-    if not torch.cuda.is_available():
+    if count < 0:
+        raise ValueError(f"a job cannot ask for {count} GPUs")
+    if count == 0 or not torch.cuda.is_available():
         yield ["cpu"]
         return
     ids = visible_device_ids(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())

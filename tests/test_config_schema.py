@@ -48,6 +48,8 @@ def test_shipped_config_is_valid():
     (lambda c: c["lmm"].update(dtype="int4"), "int4"),
     (lambda c: c["lmm"].update(gpus=0), "gpus"),
     (lambda c: c["lmm"].update(gpus=1.5), "gpus"),
+    (lambda c: c["cluster"].update(request_gpus="no"), "request_gpus"),
+    (lambda c: c["cluster"].update(gpu_partition=""), "gpu_partition"),
     (lambda c: c["datasets"].update({"bad name": {"task": "images", "images": "x"}}), "bad name"),
 ])
 def test_bad_key_or_value_is_named(mutate, named):

@@ -154,6 +154,15 @@ def test_claimed_devices_locks_as_many_devices_as_asked(tmp_path, fake_cuda):
         pass
 
 
+def test_a_job_that_asked_for_no_gpu_runs_on_cpu_without_claiming(tmp_path, fake_cuda):
+    """gpu=0 (config cluster.request_gpus false): the CPU, even where CUDA devices are visible."""
+    with claimed_devices(0, lock_dir=tmp_path) as devices:
+        assert devices == ["cpu"]
+    assert not list(tmp_path.iterdir()) and fake_cuda == []
+    with pytest.raises(ValueError, match="cannot ask for -1 GPUs"), claimed_devices(-1, lock_dir=tmp_path):
+        pass
+
+
 def test_claimed_devices_takes_exactly_what_is_visible_without_locks(tmp_path, fake_cuda, monkeypatch):
     """Slurm (or a node with exactly N GPUs): the N visible devices are the job's own."""
     import torch

@@ -138,6 +138,16 @@ def test_bad_config_stops_with_the_key_named(tmp_path):
     assert "pooling" in result.stdout + result.stderr
 
 
+def planned_resources(out: str) -> dict[str, list[dict[str, str]]]:
+    """Rule -> the resources of each of its jobs in a dry run's output (name -> value as printed)."""
+    planned: dict[str, list[dict[str, str]]] = {}
+    for block in re.split(r"^rule ", out, flags=re.MULTILINE)[1:]:
+        resources = re.search(r"^\s+resources: (.*)$", block, flags=re.MULTILINE)
+        pairs = re.findall(r"(\w+)=([^,]*)", resources.group(1)) if resources else []
+        planned.setdefault(block.split(":", 1)[0], []).append(dict(pairs))
+    return planned
+
+
 def test_slurm_profile_dry_run_asks_a_gpu_for_gpu_rules_only(tmp_path):
     write_config(tmp_path)
     profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
@@ -146,21 +156,34 @@ def test_slurm_profile_dry_run_asks_a_gpu_for_gpu_rules_only(tmp_path):
                        "--printshellcmds")
     assert "generate" in result.stdout and "segment" in result.stdout
     # The GPU request lives on the rules themselves: gpu=1 for segment, the run's lmm.gpus for generate.
-    for rule_file, gpu in [("generate.smk", "gpu=generate_gpus"), ("segment.smk", "gpu=1"),
+    for rule_file, gpu in [("generate.smk", "gpu=generate_gpus"), ("segment.smk", "gpu=gpus(1)"),
                            ("phrases.smk", None), ("evaluate.smk", None), ("manifest.smk", None)]:
         text = (ROOT / "workflow" / "rules" / rule_file).read_text()
         assert ("gpu=" in text) == (gpu is not None) and (gpu is None or gpu in text), rule_file
+    planned = planned_resources(result.stdout)
+    assert {int(job["gpu"]) for rule in ("generate", "segment") for job in planned[rule]} == {1}
+    assert all("gpu" not in job for rule, jobs in planned.items() if rule not in ("generate", "segment")
+               for job in jobs)
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory) -> Path:
-    """A work directory in which the default DAG (FAST toy training, 2 shards) has run and
-    `snakemake --report report.html` has built the report; run once for the tests that use it."""
-    workdir = tmp_path_factory.mktemp("default_run")
-    write_config(workdir, shards=2)
-    snakemake(workdir, "--cores", "2")
-    snakemake(workdir, "--report", "report.html")
-    return workdir
+def test_slurm_partitions_and_gpu_requests_come_from_the_config(tmp_path):
+    """The profile names no partition: every job's slurm_partition is the config's (cluster section), GPU
+    rules' the GPU partition; with cluster.request_gpus false the GPU rules ask for no GPU."""
+    profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    assert "slurm_partition" not in profile["default-resources"]
+    assert not any("slurm_partition" in resources for resources in profile["set-resources"].values())
+    write_config(tmp_path, cluster={"cpu_partition": "short-cpu", "gpu_partition": "a100-nodes",
+                                    "request_gpus": False})
+    out = snakemake(tmp_path, "--profile", str(ROOT / "workflow" / "profiles" / "slurm"), "--dry-run").stdout
+    planned = planned_resources(out)
+    assert {"generate", "segment", "phrases", "train_lmm", "summary"} <= set(planned)
+    for rule, jobs in planned.items():
+        if rule == "all":               # the target rule runs nothing
+            continue
+        gpu_rule = rule in ("generate", "segment")
+        for job in jobs:
+            assert job.get("slurm_partition") == ("a100-nodes" if gpu_rule else "short-cpu"), (rule, job)
+            assert job.get("gpu") == ("0" if gpu_rule else None), (rule, job)
 
 
 # Driving the report's single-page app (Snakemake's React report: a menu of categories, a table of

@@ -22,6 +22,10 @@ SYNTHETIC_SPLIT = config["synthetic"]["split"]
 EVALUATED_TASKS = ("instance_seg", "gcg")
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 RUNS = [MAIN_RUN, *config["variants"]]
+# Slurm partitions (config `cluster`): every rule names its own as `resources: slurm_partition`, so a
+# Slurm run (workflow/profiles/slurm, which names none) sends GPU rules to one and the rest to the other.
+CPU_PARTITION = config["cluster"]["cpu_partition"]
+GPU_PARTITION = config["cluster"]["gpu_partition"]
 # (run, data set) -> the stage sections its jobs use, every one validated against the schema.
 SECTIONS = {(run, name): stage_sections(config, run, name) for run in RUNS for name in DATASETS}
 
@@ -115,9 +119,16 @@ def generate_params(wildcards):
     return {"generate": section(wildcards, "generate"), "lmm": lmm}
 
 
+def gpus(count):
+    """resources gpu= of a GPU rule: `count` GPUs, or none (0: the job computes on the CPU) when
+    cluster.request_gpus is false, for a GPU partition without GPUs."""
+    return count if config["cluster"]["request_gpus"] else 0
+
+
 def generate_gpus(wildcards):
-    """GPUs one generate job of the run requests (resources gpu=N): its lmm.gpus."""
-    return section(wildcards, "lmm")["gpus"]
+    """GPUs one generate job of the run requests (resources gpu=N): its lmm.gpus (none without
+    cluster.request_gpus)."""
+    return gpus(section(wildcards, "lmm")["gpus"])
 
 
 def instances_input(wildcards):

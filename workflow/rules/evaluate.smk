@@ -17,6 +17,8 @@ rule evaluate_instance_seg:
         ),
     params:
         code=code_version("evaluate_instance_seg.py"),
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/evaluate_instance_seg/{{run}}/{{dataset}}.log",
     benchmark:
@@ -43,6 +45,8 @@ rule evaluate_gcg:
     params:
         code=code_version("evaluate_gcg.py"),
         gcg=lambda wildcards: section(wildcards, "evaluate")["gcg"],
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/evaluate_gcg/{{run}}/{{dataset}}.log",
     benchmark:
@@ -61,6 +65,8 @@ rule summary:
                     labels={"table": "metrics of every run and data set"}),
     params:
         code=code_version("summary.py"),
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/summary.log",
     benchmark:

@@ -14,6 +14,7 @@ rule generate:
         stage=generate_params,
     resources:
         gpu=generate_gpus,
+        slurm_partition=GPU_PARTITION,
     log:
         f"{OUT}/logs/generate/{{run}}/{{dataset}}/shard-{{shard}}.log",
     benchmark:

@@ -10,6 +10,8 @@ rule manifest:
         code=code_version("manifest.py"),
         dataset=dataset_config,
         shards=config["shards"],
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/manifest/{{dataset}}.log",
     benchmark:

@@ -10,6 +10,8 @@ rule phrases:
     params:
         code=code_version("phrases.py"),
         stage=section_params("phrases"),
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/phrases/{{run}}/{{dataset}}/shard-{{shard}}.log",
     benchmark:

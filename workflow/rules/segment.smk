@@ -14,7 +14,8 @@ rule segment:
         code=code_version("segment.py"),
         stage=section_params("segment", "sam"),
     resources:
-        gpu=1,
+        gpu=gpus(1),
+        slurm_partition=GPU_PARTITION,
     log:
         f"{OUT}/logs/segment/{{run}}/{{dataset}}/shard-{{shard}}.log",
     benchmark:

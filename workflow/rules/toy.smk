@@ -12,6 +12,8 @@ rule synthetic_data:
     params:
         code=code_version("synthetic_data.py"),
         synthetic=config["synthetic"],
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/synthetic_data.log",
     benchmark:
@@ -26,6 +28,8 @@ rule train_lmm:
     params:
         code=code_version("train_lmm.py"),
         train=train_lmm_params,
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/train_lmm.log",
     benchmark:
@@ -41,6 +45,8 @@ rule random_lmm:
         code=code_version("train_lmm.py"),
         train=train_lmm_params,
         untrained=True,
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/random_lmm.log",
     benchmark:
@@ -55,6 +61,8 @@ rule train_sam:
     params:
         code=code_version("train_sam.py"),
         train=train_sam_params,
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/train_sam.log",
     benchmark:
@@ -77,6 +85,8 @@ rule toy_diagnostics:
         # On the val split, as many images as the evaluated split has.
         settings={**_world(), "split": "val", "num_images": config["synthetic"]["num_images"],
                   "question": config["generate"]["question"]},
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/toy_diagnostics.log",
     benchmark:

@@ -19,7 +19,8 @@ def training_recipe(wildcards):
 
 
 def training_gpus(wildcards):
-    return TRAINING[wildcards.trained].get("gpus", 1)
+    """GPUs a training stage job requests: the recipe's gpus (none without cluster.request_gpus)."""
+    return gpus(TRAINING[wildcards.trained].get("gpus", 1))
 
 
 def training_data(stage):
@@ -52,6 +53,7 @@ rule train_stage1:
         run_dir=training_run(1),
     resources:
         gpu=training_gpus,
+        slurm_partition=GPU_PARTITION,
     log:
         f"{OUT}/logs/train_stage1/{{trained}}.log",
     benchmark:
@@ -75,6 +77,7 @@ rule train_stage2:
         run_dir=training_run(2),
     resources:
         gpu=training_gpus,
+        slurm_partition=GPU_PARTITION,
     log:
         f"{OUT}/logs/train_stage2/{{trained}}.log",
     benchmark:

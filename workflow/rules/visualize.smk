@@ -27,6 +27,8 @@ rule visualize:
         visualize=config["visualize"],
         # The attention maps are laid on the image as the run's segment stage lays them.
         upsample=lambda wildcards: section(wildcards, "segment")["upsample"],
+    resources:
+        slurm_partition=CPU_PARTITION,
     log:
         f"{OUT}/logs/visualize/{{run}}/{{dataset}}.log",
     benchmark:
