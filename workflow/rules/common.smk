@@ -6,6 +6,7 @@
 # Each rule's params hold only its own run's and data set's sections, so changing one data set's
 # settings reruns that data set's jobs only; they also hold the version of the code the rule runs
 # (code_version), so changing that code reruns the rule and what follows.
+import re
 from pathlib import Path
 
 from stages.code_version import code_version as script_code_version
@@ -22,7 +23,7 @@ SYNTHETIC_SPLIT = config["synthetic"]["split"]
 EVALUATED_TASKS = ("instance_seg", "gcg")
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 RUNS = [MAIN_RUN, *config["variants"]]
-# Slurm partitions (config `cluster`): every rule names its own as `resources: slurm_partition`, so a
+# Slurm partitions (config `cluster`): each rule names its own in its resources (slurm_partition), so a
 # Slurm run (workflow/profiles/slurm, which names none) sends GPU rules to one and the rest to the other.
 CPU_PARTITION = config["cluster"]["cpu_partition"]
 GPU_PARTITION = config["cluster"]["gpu_partition"]
@@ -174,3 +175,32 @@ def final_targets():
         targets.append(f"{OUT}/toy_diagnostics.md")
     targets += [f"{OUT}/models/{name}" for name in config["training"]]      # trained even if no run reads it
     return targets
+
+# The training section (workflow/rules/train.smk): one entry per model the workflow trains.
+TRAINING = config["training"]
+
+
+def training_recipe(wildcards):
+    """The recipe (the config entry as given; stages.training.recipe fills in the defaults)."""
+    return TRAINING[wildcards.trained]
+
+
+def training_gpus(wildcards):
+    """GPUs a training stage job requests: the recipe's gpus (none without cluster.request_gpus)."""
+    return gpus(TRAINING[wildcards.trained].get("gpus", 1))
+
+
+def training_data(stage):
+    """Input function: the stage's JSON file (images are read from its image folder, not tracked)."""
+
+    def inputs(wildcards):
+        from stages.config import schema_default
+
+        section = TRAINING[wildcards.trained].get(f"stage{stage}", {})
+        return [section.get("data", schema_default("training", "*", f"stage{stage}", "data"))]
+
+    return inputs
+
+
+def training_run(stage):
+    return f"{OUT}/training/{{trained}}/stage{stage}"

@@ -4,39 +4,8 @@
 # folder trains it first. Each stage is one job on the recipe's `gpus` GPUs (resources gpu=N; torchrun
 # inside the job for N > 1); its run folder {OUT}/training/<name>/stage<k>/ keeps the checkpoints a
 # killed job resumes from, the losses and loss.png (also in the report).
-import re
-
-TRAINING = config["training"]
-
-
 wildcard_constraints:
     trained="|".join(map(re.escape, TRAINING)) or "^$",
-
-
-def training_recipe(wildcards):
-    """The recipe (the config entry as given; stages.training.recipe fills in the defaults)."""
-    return TRAINING[wildcards.trained]
-
-
-def training_gpus(wildcards):
-    """GPUs a training stage job requests: the recipe's gpus (none without cluster.request_gpus)."""
-    return gpus(TRAINING[wildcards.trained].get("gpus", 1))
-
-
-def training_data(stage):
-    """Input function: the stage's JSON file (images are read from its image folder, not tracked)."""
-
-    def inputs(wildcards):
-        from stages.config import schema_default
-
-        section = TRAINING[wildcards.trained].get(f"stage{stage}", {})
-        return [section.get("data", schema_default("training", "*", f"stage{stage}", "data"))]
-
-    return inputs
-
-
-def training_run(stage):
-    return f"{OUT}/training/{{trained}}/stage{stage}"
 
 
 rule train_stage1:
