@@ -50,7 +50,7 @@ def record(stage: str, artifact: str, config: Mapping[str, Any], *, models: Iter
     sorted, so the record does not depend on the order of shards or inputs.
     """
     config = jsonable(config)
-    inputs = [dict(entry) for entry in inputs if entry is not None]
+    inputs = [entry for entry in inputs if entry is not None]
     upstream = [{key: entry.get(key) for key in ("artifact", "stage", "code_version", "config_sha256")}
                 for entry in inputs]
     return {
