@@ -12,7 +12,7 @@ that the config does not give, so two runs of one config with the same code, mod
 equal records.
 
 Models (:func:`model`): a local file or folder is identified by its content hash (every file read in
-full: about a second per GB, paid once per job); a hub id by the commit the local hub cache's ``main``
+full: about a second per GB, paid once per job; a safetensors header's keys in sorted order); a hub id by the commit the local hub cache's ``main``
 ref names, which is what ``from_pretrained`` loaded (null when the cache holds no such ref: the record
 then says the revision is unknown); a ``python:<module>`` model by its package's version and its
 folder's content hash.
@@ -108,8 +108,24 @@ def library_versions() -> dict[str, str | None]:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a file's bytes."""
+    """sha256 (hex) of a file's content: its bytes; for a ``.safetensors`` file, its JSON header as
+    canonical JSON followed by its tensor data, because safetensors writes the header's metadata in
+    no fixed order (two saves of equal tensors and metadata differ in bytes). A ``.safetensors`` file
+    whose header does not parse is hashed by its bytes."""
     with open(path, "rb") as stream:
+        if Path(path).suffix == ".safetensors":
+            size = int.from_bytes(stream.read(8), "little")
+            try:
+                if size > os.fstat(stream.fileno()).st_size:
+                    raise ValueError("header size beyond the end of the file")
+                header = json.loads(stream.read(size))
+            except ValueError:                      # no header (UnicodeDecodeError is a ValueError too)
+                stream.seek(0)
+            else:
+                digest = hashlib.sha256(canonical_json(header).encode())
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+                return digest.hexdigest()
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 

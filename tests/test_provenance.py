@@ -96,6 +96,29 @@ def test_a_local_file_or_folder_is_identified_by_its_content(tmp_path):
     assert provenance.sha256_folder(folder) != before          # a file's place counts, not only its bytes
 
 
+def safetensors_bytes(header: str, data: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header.encode() + data
+
+
+def test_a_safetensors_file_is_hashed_whatever_its_header_order(tmp_path):
+    """safetensors writes its metadata in no fixed order: equal tensors and metadata hash the same."""
+    tensor = '"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    files = {"ab": ('{"__metadata__": {"a": "1", "b": "2"}, ' + tensor + "}", b"\0\0\x80?"),
+             "ba": ('{' + tensor + ', "__metadata__": {"b": "2", "a": "1"}}', b"\0\0\x80?"),
+             "other value": ('{"__metadata__": {"a": "1", "b": "3"}, ' + tensor + "}", b"\0\0\x80?"),
+             "other tensor": ('{"__metadata__": {"a": "1", "b": "2"}, ' + tensor + "}", b"\0\0\0@")}
+    hashes = {}
+    for name, (header, data) in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(safetensors_bytes(header, data))
+        hashes[name] = provenance.sha256_file(path)
+    assert hashes["ab"] == hashes["ba"]
+    assert len({hashes["ab"], hashes["other value"], hashes["other tensor"]}) == 3
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 12)
+    assert provenance.sha256_file(broken) == hashlib.sha256(b"\xff" * 12).hexdigest()
+
+
 def test_a_hub_id_is_identified_by_the_commit_the_cache_names(tmp_path, monkeypatch):
     use_offline_cache(monkeypatch, tmp_path)
     folder = snapshot(tmp_path, "llava-hf/llava-1.5-7b-hf")
