@@ -1,9 +1,12 @@
 """Every artifact of the pipeline, declared once.
 
 Tables are Parquet files written and read only through :mod:`stages.io.tables`; the attention
-store is a Zarr v3 group written and read only through :mod:`stages.io.attention`. Each file
-carries ``SCHEMA_VERSION`` (Parquet: schema metadata ``aas.schema_version``; Zarr: attribute
-``schema_version``) and readers refuse a file of another version.
+store is a Zarr v3 group written and read only through :mod:`stages.io.attention`; the metrics are
+JSON files. Each table and store carries ``SCHEMA_VERSION`` (Parquet: schema metadata
+``aas.schema_version``; Zarr: attribute ``schema_version``) and readers refuse a file of another
+version. Every artifact the stages write also carries its provenance record (:data:`PROVENANCE_FIELDS`;
+Parquet: schema metadata ``aas.provenance``, Zarr: attribute ``provenance``, metrics: field
+``provenance``), which ``python -m stages.inspect`` prints.
 
 Conventions used by all artifacts:
 - ``image_id`` is always a string (COCO's integer ids are written as decimal text); evaluators map
@@ -24,6 +27,8 @@ import pyarrow as pa
 SCHEMA_VERSION = "2"
 VERSION_KEY = b"aas.schema_version"
 ARTIFACT_KEY = b"aas.artifact"
+# Parquet schema metadata holding the provenance record as JSON (written by the stages, not by _schema).
+PROVENANCE_KEY = b"aas.provenance"
 
 
 def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
@@ -152,5 +157,27 @@ ATTENTION_DTYPE = "float16"
 # "image" (the grid covers the whole image, stretched to the grid's aspect).
 GRID_COVERS = ("padded_square", "centre_square", "image")
 # Group attributes: schema_version, artifact="attention", model (id or path), grid_covers,
-# reduction {"layers": "all" | [int], "heads": "all" | [int], "statistic": "mean"}.
-ATTENTION_ATTRS = ("schema_version", "artifact", "model", "grid_covers", "reduction")
+# reduction {"layers": "all" | [int], "heads": "all" | [int], "statistic": "mean"}, provenance (the
+# record below).
+ATTENTION_ATTRS = ("schema_version", "artifact", "model", "grid_covers", "reduction", "provenance")
+
+# Metrics: `{run}/{dataset}/metrics/{task}.json`, a JSON object {task: {metric: value}, "provenance": record}
+# with task one of METRIC_TASKS (readers take the task's entry and may ignore the rest).
+METRIC_TASKS = ("instance_seg", "gcg")
+METRICS_PROVENANCE_FIELD = "provenance"
+
+# The provenance record (stages.provenance.record): what produced an artifact, deterministic (no time, host
+# or absolute path of its own), so two runs of one config on one machine write equal records.
+# - schema_version, artifact: SCHEMA_VERSION and the artifact's name ("metrics" for a metrics file);
+# - stage: the stage that wrote it; code_version: "<module> <hash>", the stages.code_version hash of the
+#   stage's module and of every project module it imports;
+# - config: {section: values} the stage ran with (e.g. {"segment": {...}, "sam": {...}}), config_sha256:
+#   sha256 of that mapping as canonical JSON (sorted keys, no spaces);
+# - models: every model behind the artifact, its own and those its inputs record, each {"role", "path",
+#   "revision", "sha256"}: revision is the hub commit of a hub id (the cache's ref, null when the cache
+#   names none), the package version of a `python:<module>` model or a spaCy pipeline's version;
+#   sha256 the content hash of a local file or folder (null for a hub id);
+# - upstream: each input artifact's {"artifact", "stage", "code_version", "config_sha256"}, and theirs;
+# - libraries: {distribution: version} of python and the libraries the stages compute with.
+PROVENANCE_FIELDS = ("schema_version", "artifact", "stage", "code_version", "config", "config_sha256", "models",
+                     "upstream", "libraries")

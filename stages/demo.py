@@ -13,7 +13,8 @@ It runs the pipeline's own stages (manifest rows, generate, phrases, segment) on
 
 Outputs in ``out_dir``: ``manifest.parquet``, ``generations.parquet``, ``attention.zarr``,
 ``phrases.parquet``, ``masks.parquet`` (every mask), ``masks_kept.parquet`` (after the filters) and
-``<image_id>_overlay.png`` per image.
+``<image_id>_overlay.png`` per image. Every table carries its provenance record (:mod:`stages.provenance`);
+``masks_kept.parquet``'s holds the filter settings and names the filter's text encoder.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from stages import generate, phrases, segment
+from stages import generate, phrases, provenance, segment
 from stages.config import DATASET_HELP, from_mapping, read_sections
 from stages.datasets import DatasetConfig, ImageEntry, list_image_folder
 from stages.io.images import ImageError, load_rgb_array
-from stages.io.tables import read_table, write_table
+from stages.io.tables import read_provenance, read_table, write_table
 from stages.manifest import manifest_row
-from stages.text_encoders import load_text_encoder
+from stages.text_encoders import TransformerMeanEncoder, load_text_encoder
 from stages.visualize import render_error, render_overlay
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ def run(config: Mapping[str, Any], image: str | Path, out_dir: str | Path, *, qu
     entries = demo_entries(image)
     folder = Path(image) if Path(image).is_dir() else Path(image).parent
     dataset = DatasetConfig(name="demo", task="images", images=str(folder))
-    write_table([manifest_row(entry, 0, dataset) for entry in entries], out / "manifest.parquet", "manifest")
+    write_table([manifest_row(entry, 0, dataset) for entry in entries], out / "manifest.parquet", "manifest",
+                provenance.record("manifest", "manifest", {"dataset": dataset, "shards": 1}))
 
     generate_section = dict(config.get("generate", {}))
     if question:
@@ -133,7 +135,10 @@ def run(config: Mapping[str, Any], image: str | Path, out_dir: str | Path, *, qu
         encoder = load_text_encoder(phrases_cfg.text_encoder.kind, phrases_cfg.text_encoder.path,
                                     spacy_nlp=phrases.load_spacy(phrases_cfg.spacy_model))
     kept = masks[keep_masks(masks, encoder, demo_filter)]
-    write_table(kept, out / "masks_kept.parquet", "masks")
+    models = [provenance.model("text_encoder", encoder.name)] if isinstance(encoder, TransformerMeanEncoder) else []
+    write_table(kept, out / "masks_kept.parquet", "masks",
+                provenance.record("demo", "masks", {"demo_filter": demo_filter}, models=models,
+                                  inputs=[read_provenance(out / "masks.parquet")]))
 
     generations = read_table(out / "generations.parquet", "generations").set_index("image_id")
     for entry in entries:

@@ -24,6 +24,8 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from schemas.artifacts import METRICS_PROVENANCE_FIELD
+from stages import provenance
 from stages.datasets import unusable_images
 from stages.evaluation import (
     INSTANCES_GT,
@@ -39,7 +41,7 @@ from stages.evaluation import (
     rle_of,
     write_json,
 )
-from stages.io.tables import read_tables
+from stages.io.tables import read_provenance, read_tables
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +220,17 @@ def run(instances_path: str | os.PathLike, manifest_path: str | os.PathLike,
         predictions_path: str | os.PathLike, metrics_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Evaluate the masks of all shards against the COCO instances file (see
     :class:`InstanceSegEvaluator`); write the predictions (COCO results JSON) and the metrics
-    (``{"instance_seg": {...}}`` JSON, None for undefined values) atomically; return the metrics."""
+    (``{"instance_seg": {...}, "provenance": {...}}`` JSON, None for undefined values; the record has no
+    config section of its own and carries its inputs' models) atomically; return the metrics."""
     ground_truth = load_ground_truth(instances_path, INSTANCES_GT)
     evaluator = InstanceSegEvaluator(ground_truth, read_manifest_image_ids(manifest_path),
                                      source=f"COCO instances file {instances_path}")
     evaluator.process(read_tables(phrases_paths, "phrases"), read_tables(masks_paths, "masks"))
     metrics = evaluator.evaluate()
     write_json(evaluator.predictions(), predictions_path)
-    write_json(metrics, metrics_path)
+    inputs = [read_provenance(path) for path in (manifest_path, *masks_paths, *phrases_paths)]
+    record = provenance.record("evaluate_coco", "metrics", {}, inputs=inputs)
+    write_json({**metrics, METRICS_PROVENANCE_FIELD: record}, metrics_path)
     log.info("instance segmentation metrics: %s", metrics)
     return metrics
 

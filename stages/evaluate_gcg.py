@@ -27,14 +27,16 @@ import numpy as np
 import pandas as pd
 from pycocotools.coco import COCO
 
+from schemas.artifacts import METRICS_PROVENANCE_FIELD
+from stages import provenance
 from stages.config import ConfigError, schema_default
 from stages.evaluation import (
     GCG_CAPTION_GT,
     GCG_MASK_GT,
     check_mask_size,
     check_rows_belong,
-    concat_tables,
     coco_segm_summary,
+    concat_tables,
     good_rows,
     greedy_admissible_pairs,
     greedy_positive_pairs,
@@ -46,7 +48,7 @@ from stages.evaluation import (
     rle_of,
     write_json,
 )
-from stages.io.tables import read_tables
+from stages.io.tables import read_provenance, read_tables
 from stages.text_encoders import TextEncoder, TransformerMeanEncoder
 
 log = logging.getLogger(__name__)
@@ -325,8 +327,9 @@ def run(cfg: GcgEvalConfig, mask_gt_path: str | os.PathLike, caption_gt_path: st
         metrics_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Evaluate the answers and masks of all shards with GLaMM's GCG protocol (see
     :class:`GcgEvaluator`); write the mask predictions (COCO results JSON), the caption predictions
-    and the metrics (``{"gcg": {...}}`` JSON, None for undefined values) atomically; return the
-    metrics."""
+    and the metrics (``{"gcg": {...}, "provenance": {...}}`` JSON, None for undefined values; the record
+    holds the ``evaluate.gcg`` section and names the text encoder and its inputs' models) atomically;
+    return the metrics."""
     mask_gt = load_ground_truth(mask_gt_path, GCG_MASK_GT)
     caption_gt = load_ground_truth(caption_gt_path, GCG_CAPTION_GT)
     evaluator = GcgEvaluator(mask_gt, caption_gt, read_manifest_image_ids(manifest_path),
@@ -338,7 +341,10 @@ def run(cfg: GcgEvalConfig, mask_gt_path: str | os.PathLike, caption_gt_path: st
     metrics = evaluator.evaluate()
     write_json(evaluator.mask_predictions(), mask_predictions_path)
     write_json(evaluator.caption_predictions(), caption_predictions_path)
-    write_json(metrics, metrics_path)
+    inputs = [read_provenance(path) for path in (manifest_path, *generations_paths, *masks_paths)]
+    record = provenance.record("evaluate_gcg", "metrics", {"evaluate": {"gcg": cfg}},
+                               models=[provenance.model("gcg_text_encoder", cfg.text_encoder)], inputs=inputs)
+    write_json({**metrics, METRICS_PROVENANCE_FIELD: record}, metrics_path)
     log.info("GCG metrics: %s", metrics)
     return metrics
 

@@ -29,10 +29,11 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from stages import provenance
 from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import AttentionWriter
 from stages.io.images import ImageError, load_rgb_image
-from stages.io.tables import read_table, write_table
+from stages.io.tables import read_provenance, read_table, write_table
 
 if TYPE_CHECKING:
     import numpy as np
@@ -327,7 +328,8 @@ def _error_row(image_id: str, prompt: str, reason: str, attention_offset: int) -
 def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | os.PathLike, shard: int,
         generations_path: str | os.PathLike, attention_path: str | os.PathLike,
         device: str | Sequence[str] | None = None) -> None:
-    """Answer every image of ``shard`` in the manifest; write its generations table and attention store.
+    """Answer every image of ``shard`` in the manifest; write its generations table and attention store,
+    each with its provenance record (the generate and lmm sections, the LMM and its base).
 
     ``device``: "cuda:N" / "cpu", or several "cuda:N" the model is spread over (the workflow claims
     ``lmm.gpus`` of them); None = the first ``lmm_cfg.gpus`` CUDA devices when CUDA is available,
@@ -364,11 +366,18 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
                  "heads": _reduction_value(generate_cfg.heads), "statistic": "mean"}
     log.info("shard %d: %d images, prompt %r, %s", shard, len(rows), prompt,
              "padded to squares" if pad else "not padded")
+    models = [provenance.model("lmm", lmm_cfg.path)]
+    if lmm_cfg.base is not None:
+        models.append(provenance.model("lmm_base", lmm_cfg.base))
+    sections = {"generate": generate_cfg, "lmm": lmm_cfg}
+    inputs = [read_provenance(manifest_path)]
 
     table: list[dict[str, Any]] = []
     items = (_prepare(row, pad, background) for row in rows.itertuples(index=False))
     with AttentionWriter(attention_path, model=lmm_cfg.path, reduction=reduction,
-                         grid_covers="padded_square" if pad else lmm.unpadded_grid_covers) as writer, \
+                         grid_covers="padded_square" if pad else lmm.unpadded_grid_covers,
+                         provenance=provenance.record("generate", "attention", sections, models=models,
+                                                      inputs=inputs)) as writer, \
             progress_bar(len(rows), f"generate shard {shard}", logger=log, unit="image") as progress:
         for group in _batches(items, generate_cfg.batch_size):
             with_image = [item for item in group if item.image is not None]
@@ -385,7 +394,8 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
                 table.append(_generation_row(item.image_id, prompt, answer, lmm.processor.tokenizer,
                                              writer.append(answer.rows)))
             progress.update(len(group))
-    write_table(table, generations_path, "generations")
+    write_table(table, generations_path, "generations",
+                provenance.record("generate", "generations", sections, models=models, inputs=inputs))
     errors = sum(row["error"] is not None for row in table)
     log.info("shard %d: %d generations (%d errors), %d attention rows", shard, len(table), errors,
              sum(row["num_tokens"] for row in table))

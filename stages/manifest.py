@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from stages import provenance
 from stages.config import ConfigError, read_sections, schema_default
 from stages.datasets import DatasetConfig, ImageEntry, dataset_config, list_images
 from stages.io.images import ImageError, exif_orientation, image_size
@@ -75,7 +76,8 @@ def manifest_row(entry: ImageEntry, shard: int, cfg: DatasetConfig) -> dict[str,
 def run(dataset_cfg: DatasetConfig, shards: int, manifest_path: str | os.PathLike) -> pa.Table:
     """Write the manifest of ``dataset_cfg`` to ``manifest_path`` and return the table written.
 
-    ``shards`` (>= 1) is the number of shards; row order is the data set's image order.
+    ``shards`` (>= 1) is the number of shards; row order is the data set's image order. Its provenance
+    record holds the data set's entry and ``shards``.
     """
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ConfigError(f"shards must be a positive integer, got {shards!r}")
@@ -83,7 +85,8 @@ def run(dataset_cfg: DatasetConfig, shards: int, manifest_path: str | os.PathLik
             for position, entry in enumerate(list_images(dataset_cfg))]
     failed = sum(row["error"] is not None for row in rows)
     log.info("%s: %d images in %d shards, %d error rows", dataset_cfg.name, len(rows), shards, failed)
-    return write_table(rows, manifest_path, "manifest")
+    record = provenance.record("manifest", "manifest", {"dataset": dataset_cfg, "shards": shards})
+    return write_table(rows, manifest_path, "manifest", record)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from stages import provenance
 from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.datasets import FieldRule, GroundTruthSpec, load_json, must_be, validate_ground_truth
-from stages.io.tables import read_arrow, write_table
-from stages.text_encoders import load_text_encoder
+from stages.io.tables import read_arrow, read_provenance, write_table
+from stages.text_encoders import TransformerMeanEncoder, load_text_encoder
 
 TOKEN_MATCHES = ("root", "chunk")
 ENCODER_KINDS = ("auto", "spacy", "transformer")
@@ -211,6 +212,8 @@ def run(cfg: PhrasesConfig, generations_path: str | os.PathLike, phrases_path: s
     image: cosine similarity between the normalised root word and each normalised category name
     (:func:`normalise_category_text`); the best category wins (ties: smallest id); phrases scoring
     below ``cfg.category_thresh`` are dropped. Every distinct string is embedded once per shard.
+    The table's provenance record names the spaCy pipeline and, when category matching used one, the
+    transformer text encoder.
     """
     generations = read_arrow(generations_path, "generations").to_pylist()
     gt = GroundTruthCategories.from_coco(instances_path) if instances_path is not None else None
@@ -222,9 +225,12 @@ def run(cfg: PhrasesConfig, generations_path: str | os.PathLike, phrases_path: s
     chunks_of = dict(zip(parse_positions, (noun_chunks(doc) for doc in nlp.pipe(answers))))
 
     similarity = None
+    models = [provenance.spacy_pipeline("spacy_model", cfg.spacy_model, nlp)]
     if gt is not None:
         roots = [chunk.root for chunks in chunks_of.values() for chunk in chunks]
         similarity = _CategorySimilarity(cfg, nlp, gt, roots)
+        if isinstance(similarity.encoder, TransformerMeanEncoder):
+            models.append(provenance.model("text_encoder", cfg.text_encoder.path))
 
     rows: list[dict[str, Any]] = []
     for k, generation in enumerate(generations):
@@ -259,15 +265,17 @@ def run(cfg: PhrasesConfig, generations_path: str | os.PathLike, phrases_path: s
         if dropped and not kept:
             rows.append(_error_row(image_id, f"every phrase was dropped: best category similarity below "
                                              f"category_thresh={cfg.category_thresh}"))
-    write_table(rows, phrases_path, "phrases")
+    record = provenance.record("phrases", "phrases", {"phrases": cfg}, models=models,
+                               inputs=[read_provenance(generations_path)])
+    write_table(rows, phrases_path, "phrases", record)
 
 
 class _CategorySimilarity:
-    """Cosine similarity of root words to the categories of an image, from one embedding call over
-    the distinct normalised root words and category names of the shard."""
+    """Cosine similarity of root words to the categories of an image, from one embedding call of
+    ``encoder`` over the distinct normalised root words and category names of the shard."""
 
     def __init__(self, cfg: PhrasesConfig, nlp, gt: GroundTruthCategories, roots: list[str]):
-        encoder = load_text_encoder(cfg.text_encoder.kind, cfg.text_encoder.path, spacy_nlp=nlp)
+        self.encoder = encoder = load_text_encoder(cfg.text_encoder.kind, cfg.text_encoder.path, spacy_nlp=nlp)
         self.gt = gt
         category_texts = {c: normalise_category_text(name) for c, name in gt.names.items()}
         texts = list(dict.fromkeys([*category_texts.values(), *(normalise_category_text(r) for r in roots)]))

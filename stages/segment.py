@@ -55,10 +55,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages import provenance
 from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
-from stages.io.tables import ArtifactError, CorruptArtifactError, read_arrow, write_table
+from stages.io.tables import ArtifactError, CorruptArtifactError, read_arrow, read_provenance, write_table
 
 if TYPE_CHECKING:
     import zarr
@@ -436,6 +437,8 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     :func:`default_device`); with ``prompt: attention`` no SAM is loaded (``sam_cfg`` is unused).
     ``upsample: auto`` follows the store's ``grid_covers`` attribute. A damaged input (a truncated
     table, a corrupt attention chunk) is no image's failure: its CorruptArtifactError stops the shard.
+    The table's provenance record holds the segment and sam sections and names the SAM checkpoint
+    (none with ``prompt: attention``) and the models of its inputs.
     """
     from stages.models.sam import load_sam
 
@@ -446,6 +449,7 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     for phrase in read_arrow(phrases_path, "phrases").to_pylist():
         phrases_by_image.setdefault(phrase["image_id"], []).append(phrase)
     attention = open_attention(attention_path)
+    sections = {"segment": cfg, "sam": sam_cfg}           # as given: upsample auto, not what it resolves to
     cfg = replace(cfg, upsample=resolve_upsample(cfg.upsample, attention_path))
     log.info("segment: maps upsampled with %r", cfg.upsample)
     predictor = None if cfg.prompt == "attention" else sam_predictor(
@@ -480,7 +484,11 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
                 torch.cuda.empty_cache()
     for image_id, phrases in phrases_by_image.items():
         out.append(_error_row(image_id, "image not in the generations table"))
-    write_table(out, masks_path, "masks")
+    models = [] if predictor is None else [provenance.model("sam", str(sam_cfg.checkpoint))]
+    inputs = [read_provenance(manifest_path), read_provenance(generations_path),
+              attention_attrs(attention_path).get("provenance"), read_provenance(phrases_path)]
+    record = provenance.record("segment", "masks", sections, models=models, inputs=inputs)
+    write_table(out, masks_path, "masks", record)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 from stages import demo
 from stages.demo import DemoFilter, keep_masks
-from stages.io.tables import read_table
+from stages.io.tables import read_provenance, read_table
 from stages.models.sam import build_toy_sam
 from stages.text_encoders import load_text_encoder
 from stages.toy.model import build_toy_llava
@@ -69,6 +69,10 @@ def test_demo_runs_the_stages_on_one_image(tmp_path, capsys):
     masks = read_table(out / "masks.parquet", "masks")
     assert len(kept) == int(masks["error"].isna().sum())
     assert read_table(out / "masks_kept.parquet", "masks").shape[0] == len(kept)
+    record = read_provenance(out / "masks_kept.parquet")
+    assert record["stage"] == "demo" and record["config"]["demo_filter"]["enabled"] is False
+    assert {model["role"] for model in record["models"]} == {"lmm", "sam", "spacy_model"}
+    assert read_provenance(out / "manifest.parquet")["config"]["dataset"]["name"] == "demo"
     assert Image.open(out / "photo_overlay.png").size[0] >= 80
     printed = capsys.readouterr().out
     assert f"== photo: {generations['answer'][0]}" in printed

@@ -6,7 +6,8 @@ the shard, image after image and token after token, each map row-major over its 
 generations table locates an image's maps: ``attention_offset`` (first element), ``num_tokens``,
 ``grid_h`` and ``grid_w``; they are one contiguous slice of ``num_tokens * grid_h * grid_w`` values.
 Group attributes: ``schema_version``, ``artifact``, ``model``, ``grid_covers`` (what the grids cover:
-"padded_square", "centre_square" or "image") and ``reduction``.
+"padded_square", "centre_square" or "image"), ``reduction`` and ``provenance`` (the record the stage
+gives, :func:`stages.provenance.record`).
 
 Chunks are Zstd-compressed with Zstd's content checksum, and every chunk is written, even one of zeros,
 so a store always holds one Zarr shard file per ``chunk_values * chunks_per_shard`` values. Reading a
@@ -47,13 +48,15 @@ class AttentionWriter:
     Use as a context manager. ``append(rows)`` takes one image's maps, a float array of shape
     (n, grid_h, grid_w) with that image's own grid, stores them as float16 and returns the element
     offset of their first value. ``grid_covers``: "padded_square", "centre_square" or "image" (see
-    :data:`schemas.artifacts.GRID_COVERS`). Values are written a whole Zarr shard file at a time
+    :data:`schemas.artifacts.GRID_COVERS`); ``provenance``: the store's provenance record (attribute
+    ``provenance``; none when None). Values are written a whole Zarr shard file at a time
     (``chunk_values * chunks_per_shard`` values), the remainder on close, so no shard file is
     rewritten.
     """
 
     def __init__(self, path: str | os.PathLike, *, model: str, reduction: dict[str, Any], grid_covers: str,
-                 chunk_values: int = CHUNK_VALUES, chunks_per_shard: int = CHUNKS_PER_SHARD):
+                 provenance: dict[str, Any] | None = None, chunk_values: int = CHUNK_VALUES,
+                 chunks_per_shard: int = CHUNKS_PER_SHARD):
         if grid_covers not in GRID_COVERS:
             raise ValueError(f"grid_covers must be one of {GRID_COVERS}, got {grid_covers!r}")
         self.path = Path(path)
@@ -65,6 +68,7 @@ class AttentionWriter:
             group.attrs.update({
                 "schema_version": SCHEMA_VERSION, "artifact": "attention", "model": model,
                 "grid_covers": grid_covers, "reduction": reduction,
+                **({} if provenance is None else {"provenance": provenance}),
             })
             # Zstd with its content checksum: a damaged chunk fails to decode instead of reading as other
             # values. write_empty_chunks: a chunk of zeros is written too, so a missing shard file is damage.
@@ -183,7 +187,8 @@ def _missing_shard_files(path: Path, values: zarr.Array) -> list[str]:
 
 
 def attention_attrs(path: str | os.PathLike) -> dict[str, Any]:
-    """The attention store's group attributes (model, grid_covers, reduction, schema_version)."""
+    """The attention store's group attributes (model, grid_covers, reduction, schema_version and, when
+    written with one, provenance)."""
     return dict(zarr.open_group(str(path), mode="r").attrs)
 
 

@@ -1,14 +1,16 @@
 """Parquet tables of the pipeline (manifest, generations, phrases, masks).
 
 Every table is written with the pyarrow schema declared in :mod:`schemas.artifacts`, which carries
-the schema version, and with a CRC checksum per page; readers check the artifact name and the version
-before returning a DataFrame. A file that cannot be read back (truncated by a crash or a full disk, a
-page that fails its checksum) raises :class:`CorruptArtifactError` naming the file and the rule that
+the schema version, with the provenance record the stage gives (schema metadata ``aas.provenance``,
+JSON; :func:`read_provenance`) and with a CRC checksum per page; readers check the artifact name and
+the version before returning a DataFrame. A file that cannot be read back (truncated by a crash or a
+full disk, a page that fails its checksum) raises :class:`CorruptArtifactError` naming the file and the rule that
 rewrites it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.artifacts import ARTIFACT_KEY, SCHEMA_VERSION, TABLES, VERSION_KEY, WRITTEN_BY
+from schemas.artifacts import ARTIFACT_KEY, PROVENANCE_KEY, SCHEMA_VERSION, TABLES, VERSION_KEY, WRITTEN_BY
 from stages.io.atomic import NOT_WRITABLE, atomic_path
 
 
@@ -57,8 +59,9 @@ def to_arrow(rows: Iterable[Mapping[str, Any]], artifact: str) -> pa.Table:
 
 
 def write_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, path: str | os.PathLike,
-                artifact: str) -> pa.Table:
-    """Write ``rows`` as ``artifact`` to ``path`` atomically and return the table written."""
+                artifact: str, provenance: Mapping[str, Any] | None = None) -> pa.Table:
+    """Write ``rows`` as ``artifact`` to ``path`` atomically and return the table written; ``provenance``
+    (:func:`stages.provenance.record`) goes into the schema metadata as JSON."""
     schema = schema_of(artifact)
     if isinstance(rows, pa.Table):
         table = rows.select(schema.names).cast(schema)
@@ -66,6 +69,9 @@ def write_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, pat
         table = pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
     else:
         table = to_arrow(rows, artifact)
+    if provenance is not None:
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, write_page_checksum=True)
     return table
@@ -93,6 +99,27 @@ def read_arrow(path: str | os.PathLike, artifact: str) -> pa.Table:
             f"{path} has schema version {version or '(none)'}, this code reads version {SCHEMA_VERSION}; "
             f"rerun rule {rule_writing(artifact)} to rewrite it")
     return table.cast(schema_of(artifact))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[bytes, bytes]:
+    """The schema metadata of the Parquet file at ``path`` (only its footer is read); ArtifactError when
+    there is no such file, CorruptArtifactError when it is no readable Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"Parquet file not found: {path}")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in NOT_WRITABLE:
+            raise
+        raise unreadable(path, "table", exc) from exc
+    return dict(schema.metadata or {})
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The provenance record of the table at ``path``; None for a table written without one."""
+    raw = read_metadata(path).get(PROVENANCE_KEY)
+    return None if raw is None else json.loads(raw)
 
 
 def read_table(path: str | os.PathLike, artifact: str) -> pd.DataFrame:
