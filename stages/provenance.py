@@ -12,7 +12,9 @@ that the config does not give, so two runs of one config with the same code, mod
 equal records.
 
 Models (:func:`model`): a local file or folder is identified by its content hash (every file read in
-full: about a second per GB, paid once per job; a safetensors header's keys in sorted order); a hub id by the commit the local hub cache's ``main``
+full: about a second per GB; a safetensors header's keys in sorted order; the digest of a file of
+:data:`DIGEST_CACHE_MIN_BYTES` or more is kept in a small on-disk cache, :func:`cached_sha256_file`, so a
+model read by many jobs is hashed once per run); a hub id by the commit the local hub cache's ``main``
 ref names, which is what ``from_pretrained`` loaded (null when the cache holds no such ref: the record
 then says the revision is unknown); a ``python:<module>`` model by its package's version and its
 folder's content hash.
@@ -34,6 +36,9 @@ from typing import Any
 from schemas.artifacts import SCHEMA_VERSION
 from stages.code_version import code_version, module_file
 from stages.config import resolve_model_path
+
+# Files at least this large have their digest cached on disk (:func:`cached_sha256_file`).
+DIGEST_CACHE_MIN_BYTES = 64 << 20
 
 # Distributions whose versions every record holds (besides Python's).
 LIBRARIES = ("numpy", "pyarrow", "zarr", "torch", "transformers", "segment-anything", "spacy")
@@ -129,6 +134,45 @@ def sha256_file(path: str | os.PathLike) -> str:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
+def digest_cache_dir() -> Path:
+    """Where :func:`cached_sha256_file` keeps digests: ``$AAS_DIGEST_CACHE`` if set, else
+    ``$XDG_CACHE_HOME/attend-and-segment/sha256`` (``~/.cache/...`` when XDG_CACHE_HOME is unset)."""
+    if os.environ.get("AAS_DIGEST_CACHE"):
+        return Path(os.environ["AAS_DIGEST_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attend-and-segment" / "sha256"
+
+
+def cached_sha256_file(path: str | os.PathLike) -> str:
+    """:func:`sha256_file`, remembered on disk for files of :data:`DIGEST_CACHE_MIN_BYTES` or more.
+
+    The cache entry's name is a hash of the file's real path, size, modification time (ns) and inode,
+    so replacing or rewriting the file (which changes its mtime) misses the cache and hashes it anew; a
+    change that keeps size, mtime and inode (only possible by setting the mtime back on purpose) is not
+    seen, as with ``make`` or ``rsync``. Entries are written atomically, so concurrent jobs may share
+    the cache; an unwritable cache folder only means the file is hashed every time."""
+    stat = os.stat(path)
+    if stat.st_size < DIGEST_CACHE_MIN_BYTES:
+        return sha256_file(path)
+    key = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
+    entry = digest_cache_dir() / hashlib.sha256(key.encode()).hexdigest()
+    try:
+        cached = entry.read_text().strip()
+    except OSError:
+        cached = ""
+    if len(cached) == 64:
+        return cached
+    digest = sha256_file(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+        temporary.write_text(digest)
+        os.replace(temporary, entry)
+    except OSError:
+        pass
+    return digest
+
+
 def sha256_folder(path: str | os.PathLike) -> str:
     """sha256 (hex) of a folder's content: of one line ``<relative path>\\0<file sha256>`` per file under
     it (symbolic links followed, as in a hub snapshot), in the order of their paths."""
@@ -136,7 +180,7 @@ def sha256_folder(path: str | os.PathLike) -> str:
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     digest = hashlib.sha256()
     for name in files:
-        digest.update(f"{name}\0{sha256_file(root / name)}\n".encode())
+        digest.update(f"{name}\0{cached_sha256_file(root / name)}\n".encode())
     return digest.hexdigest()
 
 
@@ -163,7 +207,7 @@ def model(role: str, path: str) -> dict[str, Any]:
     elif Path(path).is_dir():
         sha256 = sha256_folder(path)
     elif Path(path).is_file():
-        sha256 = sha256_file(path)
+        sha256 = cached_sha256_file(path)
     else:
         revision = hub_commit(path)
     return {"role": role, "path": path, "revision": revision, "sha256": sha256}

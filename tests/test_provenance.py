@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,46 @@ def test_a_local_file_or_folder_is_identified_by_its_content(tmp_path):
     assert provenance.sha256_folder(folder) == before
     (folder / "sub" / "model.safetensors").rename(folder / "model.safetensors")
     assert provenance.sha256_folder(folder) != before          # a file's place counts, not only its bytes
+
+
+@pytest.mark.parametrize("change", ["rewritten, same size", "replaced by another file", "grown"])
+def test_a_large_file_is_hashed_once_then_read_from_the_digest_cache_until_it_changes(tmp_path, monkeypatch, change):
+    monkeypatch.setenv("AAS_DIGEST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(provenance, "DIGEST_CACHE_MIN_BYTES", 4)
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"weights")
+    true_digest = hashlib.sha256(b"weights").hexdigest()
+    assert provenance.cached_sha256_file(weights) == true_digest
+    [entry] = (tmp_path / "cache").iterdir()
+    assert entry.read_text() == true_digest
+    entry.write_text("f" * 64)                   # a planted entry is returned: the file is not read again
+    assert provenance.cached_sha256_file(weights) == "f" * 64
+    if change == "rewritten, same size":
+        weights.write_bytes(b"weightz")
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+        expected = hashlib.sha256(b"weightz").hexdigest()
+    elif change == "replaced by another file":
+        (tmp_path / "new.bin").write_bytes(b"weights")
+        os.replace(tmp_path / "new.bin", weights)
+        expected = true_digest
+    else:
+        weights.write_bytes(b"weights!")
+        expected = hashlib.sha256(b"weights!").hexdigest()
+    assert provenance.cached_sha256_file(weights) == expected
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"abc")                    # under the size limit: never cached
+    assert provenance.cached_sha256_file(small) == hashlib.sha256(b"abc").hexdigest()
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_an_unwritable_digest_cache_only_means_hashing_every_time(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("AAS_DIGEST_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(provenance, "DIGEST_CACHE_MIN_BYTES", 1)
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"weights")
+    assert provenance.cached_sha256_file(weights) == hashlib.sha256(b"weights").hexdigest()
 
 
 def safetensors_bytes(header: str, data: bytes) -> bytes:
