@@ -47,9 +47,10 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch_and_changes_the_weights():
               for e in examples]
     assert images[0].targets.shape == (len(examples[0].masks), 64, 64)  # the decoder's low-res grid
     points = batch_points(images, FAST, np.random.default_rng(0))
-    for image, pts in zip(images, points):  # every point lies inside its object's visible mask
-        for mask, (x, y) in zip(image.masks, pts):
-            assert mask[int(y), int(x)]
+    for image, pts in zip(images, points):  # points_per_mask points inside each visible mask, in mask order
+        assert len(pts) == len(image.masks) * FAST.points_per_mask
+        for k, (x, y) in enumerate(pts):
+            assert image.masks[k // FAST.points_per_mask][int(y), int(x)]
     before = {k: v.clone() for k, v in sam.state_dict().items()}
     optimiser = torch.optim.AdamW(sam.parameters(), lr=1e-3)
     first = train_step(sam, optimiser, images, points, FAST)
