@@ -15,6 +15,7 @@ from stages.generate import GenerateConfig, LMMConfig
 from stages.phrases import PhrasesConfig, TextEncoderConfig
 from stages.segment import SamConfig, SegmentConfig
 from stages.toy import train_lmm, train_sam
+from stages.toy.difflmm import ToySdConfig
 from stages.toy.train_lmm import TrainLmmConfig
 from stages.toy.train_sam import TrainSamConfig
 from stages.toy.world import SyntheticConfig
@@ -26,6 +27,7 @@ SECTION_CLASSES = {
     ("synthetic",): SyntheticConfig,
     ("train", "lmm"): TrainLmmConfig,
     ("train", "sam"): TrainSamConfig,
+    ("train", "sd"): ToySdConfig,
     ("datasets", "*"): DatasetConfig,
     ("lmm",): LMMConfig,
     ("generate",): GenerateConfig,
@@ -55,6 +57,7 @@ NOT_CONFIG_KEYS = {
     TrainSamConfig: {"points_per_mask", "weight_decay", "warmup_steps", "final_lr_fraction", "grad_clip",
                      "focal_weight", "iou_weight", "last_mask_weight", "world_seed", "image_size",
                      "num_threads"},
+    ToySdConfig: {"world_seed", "image_size", "kl_weight", "warmup_steps"},
 }
 
 

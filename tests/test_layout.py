@@ -22,7 +22,8 @@ STAGES = ROOT / "stages"
 TOY = "stages.toy"
 SCRIPTS = ROOT / "workflow" / "scripts"
 # The scripts of the rules of workflow/rules/toy.smk.
-TOY_SCRIPTS = {"synthetic_data.py", "train_lmm.py", "train_sam.py", "toy_diagnostics.py"}
+TOY_SCRIPTS = {"synthetic_data.py", "train_lmm.py", "train_sam.py", "toy_diagnostics.py", "pretrain_toy_sd.py",
+               "train_toy_difflmm.py"}
 _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 

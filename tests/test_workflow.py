@@ -72,6 +72,22 @@ def planned_gpus(workdir: Path) -> dict[tuple[str, str], set[int]]:
     return requests
 
 
+def test_towers_overlay_plans_the_toy_difflmm_beside_the_default_runs(tmp_path):
+    """config/toy-towers.yaml adds the unet_tower run: the toy SD and the toy DiffLMM are trained for it
+    alone (the default run trains neither)."""
+    from snakemake.utils import update_config
+
+    write_config(tmp_path / "default")
+    assert "pretrain_toy_sd" not in planned_jobs(tmp_path / "default")
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((ROOT / "config" / "toy-towers.yaml").read_text()))
+    write_config(tmp_path, variants=config["variants"])
+    jobs = planned_jobs(tmp_path)
+    assert config["variants"]["unet_tower"]["lmm"] == {"family": "difflmm", "path": "results/models/toy-difflmm"}
+    assert jobs["pretrain_toy_sd"] == jobs["train_toy_difflmm"] == jobs["train_lmm"] == 1
+    assert jobs["generate"] == 2 * 4          # two data sets, main + random_lmm + attention_only + unet_tower
+
+
 def test_dry_run_plans_every_stage_per_shard(tmp_path):
     config = write_config(tmp_path, shards=3)
     jobs = planned_jobs(tmp_path)

@@ -37,6 +37,12 @@ image gets its own ``torch.Generator`` seeded with :data:`NOISE_SEED` on the mod
 per ensemble member first the posterior's standard normal, then the noise; features are therefore
 reproducible and independent of batching (but, as in the release, differ between CPU and GPU).
 
+Self-contained checkpoints: ``mm_vision_tower``, ``mm_vision_sd_clip`` and the adapter's
+``base_model_name_or_path`` may name a subfolder of the checkpoint folder itself (a relative name such as
+``sd``, ``clip`` or ``language_model`` that exists there: the toy DiffLMM, :mod:`stages.toy.difflmm`,
+writes its SD, CLIP and trained language model so, with a zero LoRA, so the folder moves as one); a name
+that is not such a subfolder (the release's hub ids) is read as before.
+
 Image preprocessing, as the release (``SDCLIPVisionTower.load_model``): ``CLIPImageProcessor(size=R,
 crop_size=R, mean=[0.5]*3, std=[0.5]*3)``; ``mean`` / ``std`` are not CLIPImageProcessor arguments, so
 the release normalises with the CLIP statistics, and the model was trained so. This family keeps
@@ -204,6 +210,13 @@ class SDCLIPProjector(nn.Module):
         return self.linear(joined + self.vt_pe)
 
 
+def _local_source(folder: Path, source: str) -> str:
+    """``source`` as a subfolder of the checkpoint ``folder`` when it names one there (relative), else
+    unchanged (a hub id or a path of its own)."""
+    inside = folder / source
+    return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
+
+
 def _check_fields(raw: dict[str, Any], path: str) -> None:
     """ConfigError unless the config describes the published DiffLMM variant."""
     expected = {"mm_projector_type": "SDCLIPBlock", "mm_vision_sd_concat_clip": True,
@@ -290,6 +303,7 @@ def _merged_language_model(folder: Path, raw: dict[str, Any], dtype: torch.dtype
     if base is None:
         adapter = json.loads((folder / "adapter_config.json").read_text())
         base = adapter.get("base_model_name_or_path")
+        base = _local_source(folder, base) if base else base
     if not base:
         raise ConfigError(f"{folder}/adapter_config.json names no base_model_name_or_path; set lmm.base")
     base_folder = resolve_checkpoint(base)
@@ -322,6 +336,8 @@ def load_difflmm(path: str, *, dtype: torch.dtype, attn_implementation: str,
             raise ConfigError(f"{path!r} has no {name}; not a DiffLMM LoRA checkpoint")
     raw = json.loads((folder / "config.json").read_text())
     _check_fields(raw, path)
+    for field in ("mm_vision_tower", "mm_vision_sd_clip"):
+        raw[field] = _local_source(folder, raw[field])
     projector_state = non_lora_state(folder)
     tower = _build_tower(raw, dtype, attn_implementation)
     llm, base_folder = _merged_language_model(folder, raw, dtype, attn_implementation, base)

@@ -86,7 +86,7 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
                          "height": ex.scene.height, "shard": 0, "error": None})
     write_table(manifest, work / "manifest.parquet", "manifest")
     generate.run(generate.GenerateConfig(question=question, max_new_tokens=max_new_tokens, batch_size=8),
-                 generate.LMMConfig(path=str(model_dir)), work / "manifest.parquet", 0,
+                 generate.LMMConfig(family=family_of(model_dir), path=str(model_dir)), work / "manifest.parquet", 0,
                  work / "generations.parquet", work / "attention.zarr", device="cpu")
     phrases.run(phrases.PhrasesConfig(spacy_model=spacy_model, token_match="root"),
                 work / "generations.parquet", work / "phrases.parquet")
@@ -178,7 +178,21 @@ def linear_probe_accuracy(features: Any, labels: Any, *, fit_share: float = 0.5,
     return float((predicted == y[split:]).double().mean())
 
 
+def family_of(model_dir: str | os.PathLike) -> str:
+    """"difflmm" for a toy DiffLMM folder (:mod:`stages.toy.difflmm`, a LoRA layout), else "llava"."""
+    return "difflmm" if (Path(model_dir) / "adapter_config.json").is_file() else "llava"
+
+
 def _load(model_dir: str | os.PathLike):
+    """(model, processor): the toy LLaVA with the stock classes, a toy DiffLMM through the registry."""
+    if family_of(model_dir) == "difflmm":
+        import torch
+
+        from stages.models.registry import load_lmm
+
+        loaded = load_lmm("difflmm", str(model_dir), dtype=torch.float32, attn_implementation="sdpa",
+                          device=torch.device("cpu"))
+        return loaded.model, loaded.processor
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa").eval()
@@ -230,7 +244,7 @@ def feature_probe(model_dir: str | os.PathLike, *, split: str = "val", num_image
 
     model, processor = _load(model_dir)
     side = processor.image_processor.crop_size["height"]
-    grid = side // model.config.vision_config.patch_size
+    grid = side // processor.patch_size
     examples = _examples(split, num_images, world_seed, image_size)
     pooled: dict[str, list[np.ndarray]] = {"tower": [], "projector": []}
     shapes, colours = [], []
@@ -385,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.toy.diagnostics",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, action="append",
-                        help="toy LLaVA folder (llava-hf layout); repeatable")
+                        help="toy LLaVA folder (llava-hf layout) or toy DiffLMM folder; repeatable")
     parser.add_argument("--num-images", type=int, default=400, help="images of the split (default 400)")
     parser.add_argument("--split", default="val", choices=SPLITS, help="toy world split (default: val)")
     parser.add_argument("--world-seed", type=int, default=defaults.world_seed)

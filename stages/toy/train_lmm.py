@@ -28,6 +28,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import logging
@@ -35,7 +36,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,11 @@ def preprocess_image(pixels: np.ndarray, processor: Any, *, jpeg_quality: int | 
 def encode_example(processor: Any, question: str, caption: str) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one training sequence: the chat prompt with ``<image>`` expanded to
     the grid's image tokens, then the caption and end of sequence. Labels are -100 everywhere but
-    on the answer (caption + ``</s>``)."""
+    on the answer (caption + ``</s>``). The prompt's ids are those the pipeline gives the model at
+    inference: the tokenizer's for a ``LlavaProcessor``, the release's chunk-wise ids for the difflmm
+    family's ``LlavaV1Processor``."""
     from stages.generate import build_prompt
+    from stages.models.llava_v1 import LlavaV1Processor, encode_release_prompt
 
     tokenizer = processor.tokenizer
     prompt = build_prompt(processor, question, None)
@@ -144,9 +148,12 @@ def encode_example(processor: Any, question: str, caption: str) -> tuple[list[in
     image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
     crop = processor.image_processor.crop_size
     num_image_tokens = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
-    expanded: list[int] = []
-    for token in prompt_ids:
-        expanded.extend([token] * num_image_tokens if token == image_id else [token])
+    if isinstance(processor, LlavaV1Processor):     # the difflmm family: the release's prompt ids
+        expanded = encode_release_prompt(tokenizer, prompt, image_id, num_image_tokens)
+    else:
+        expanded = []
+        for token in prompt_ids:
+            expanded.extend([token] * num_image_tokens if token == image_id else [token])
     return expanded + answer, [IGNORE_INDEX] * len(expanded) + answer
 
 
@@ -233,24 +240,38 @@ def learning_rate(cfg: TrainLmmConfig, step: int) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-class Trainer:
-    """Holds model, processor, data and optimiser; :meth:`step` runs one optimisation step."""
+def write_llava(model: Any, processor: Any, folder: Path) -> None:
+    """Write the toy LLaVA (llava-hf layout) into the existing empty ``folder``."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
-    def __init__(self, cfg: TrainLmmConfig, work_dir: str | os.PathLike, device: str = "cpu"):
+
+class Trainer:
+    """Holds model, processor, data and optimiser; :meth:`step` runs one optimisation step.
+
+    ``init(cfg, corpus, work_dir) -> (model, processor)`` builds the untrained model (default: the toy
+    LLaVA, :func:`init_model`); ``write(model, processor, folder)`` writes it in its layout (default:
+    :func:`write_llava`). Only parameters with ``requires_grad`` are optimised."""
+
+    def __init__(self, cfg: TrainLmmConfig, work_dir: str | os.PathLike, device: str = "cpu", *,
+                 init: Callable[..., tuple[Any, Any]] = init_model,
+                 write: Callable[[Any, Any, Path], None] = write_llava):
         import torch
 
         from stages.toy.world import make_example
 
         self.cfg = cfg
         self.device = torch.device(device)
+        self.write = write
         examples = [make_example(cfg.world_seed, "train", i, cfg.image_size) for i in range(cfg.num_train_images)]
         corpus = vocabulary_corpus([ex.caption for ex in examples], cfg.questions)
-        self.model, self.processor = init_model(cfg, corpus, work_dir)
+        self.model, self.processor = init(cfg, corpus, work_dir)
         self.model.to(self.device).train()
         self.data = build_train_data(cfg, self.processor, examples)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.lr, betas=(0.9, 0.98),
                                            weight_decay=cfg.weight_decay)
         self.num_steps = 0
         self._order: list[int] = []
@@ -277,7 +298,7 @@ class Trainer:
         loss = answer_loss(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
         self.optimizer.step()
         self.num_steps += 1
         return float(loss.detach())
@@ -286,8 +307,7 @@ class Trainer:
         out_dir = Path(out_dir)
         self.model.eval()
         with atomic_path(out_dir) as tmp:
-            self.model.to("cpu").save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
+            self.write(self.model.to("cpu"), self.processor, Path(tmp))
         return out_dir
 
 
@@ -298,9 +318,14 @@ def train_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmCo
 
     ``device``: "cpu" (the default run) or "cuda[:N]"; deterministic on either, but a GPU's float
     reductions differ from the CPU's, so the two give (slightly) different models."""
-    import torch
+    return train_model(out_dir, cfg, device=device)
 
-    from stages.progress import ProgressLog
+
+@contextlib.contextmanager
+def deterministic_training(seed: int, device: str = "cpu"):
+    """Seeded (``torch.manual_seed(seed)`` inside a forked RNG), deterministic kernels, one intra-op
+    thread; the caller's settings are restored on exit."""
+    import torch
 
     if torch.device(device).type == "cuda":
         # cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms).
@@ -315,23 +340,34 @@ def train_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmCo
     # several times faster than two oversubscribed threads.
     torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as work:
-            torch.manual_seed(cfg.seed)
-            start = time.perf_counter()
-            trainer = Trainer(cfg, work, device)
-            log.info("training data ready in %.1f s (%d images)", time.perf_counter() - start, cfg.num_train_images)
-            progress = ProgressLog(cfg.steps, "train toy llava", logger=log)
-            running = None
-            for _ in range(cfg.steps):
-                loss = trainer.step()
-                running = loss if running is None else 0.95 * running + 0.05 * loss
-                progress.update(loss=running)
-            log.info("trained %d steps in %.1f s, final loss %.3f", cfg.steps, time.perf_counter() - start,
-                     running)
-            return trainer.save(out_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
+
+
+def train_model(out_dir: str | os.PathLike, cfg: TrainLmmConfig, *, device: str = "cpu",
+                init: Callable[..., tuple[Any, Any]] = init_model,
+                write: Callable[[Any, Any, Path], None] = write_llava, name: str = "toy llava") -> Path:
+    """The training loop of :func:`train_toy_llava` for the model ``init`` builds (see :class:`Trainer`):
+    the same data, loss, optimiser, schedule, batch order and seed for every toy LMM; atomic."""
+    from stages.progress import ProgressLog
+
+    with deterministic_training(cfg.seed, device), tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        trainer = Trainer(cfg, work, device, init=init, write=write)
+        log.info("training data ready in %.1f s (%d images)", time.perf_counter() - start, cfg.num_train_images)
+        progress = ProgressLog(cfg.steps, f"train {name}", logger=log)
+        running = None
+        for _ in range(cfg.steps):
+            loss = trainer.step()
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+            progress.update(loss=running)
+        log.info("trained %d steps in %.1f s, final loss %.3f", cfg.steps, time.perf_counter() - start,
+                 running)
+        return trainer.save(out_dir)
 
 
 def init_toy_llava(out_dir: str | os.PathLike, cfg: TrainLmmConfig = TrainLmmConfig()) -> Path:

@@ -56,6 +56,11 @@ def train_lmm_params(wildcards):
     return {**config["train"]["lmm"], **_world(), "questions": list(dict.fromkeys(questions))}
 
 
+def train_sd_params(wildcards):
+    """The toy SD's pretraining section and the world."""
+    return {**config["train"]["sd"], **_world()}
+
+
 def train_sam_params(wildcards):
     """The SAM training section and the world."""
     return {**config["train"]["sam"], **_world()}

@@ -1,6 +1,9 @@
 # The embedded default's inputs, built deterministically: the toy world's evaluated split and the
 # toy models, trained on the world's train split (the LMM on captions only).
 TOY_LMM_RANDOM = f"{OUT}/models/toy-llava-random"
+# The toy DiffLMM (config/toy-towers.yaml): built only when a run's lmm.path names it.
+TOY_SD = f"{OUT}/models/toy-sd"
+TOY_DIFFLMM = f"{OUT}/models/toy-difflmm"
 
 
 rule synthetic_data:
@@ -53,6 +56,40 @@ rule random_lmm:
         f"{OUT}/benchmarks/random_lmm.tsv"
     script:
         "../scripts/train_lmm.py"
+
+
+rule pretrain_toy_sd:
+    output:
+        directory(TOY_SD),
+    params:
+        code=code_version("pretrain_toy_sd.py"),
+        train=train_sd_params,
+    resources:
+        slurm_partition=CPU_PARTITION,
+    log:
+        f"{OUT}/logs/pretrain_toy_sd.log",
+    benchmark:
+        f"{OUT}/benchmarks/pretrain_toy_sd.tsv"
+    script:
+        "../scripts/pretrain_toy_sd.py"
+
+
+rule train_toy_difflmm:
+    input:
+        sd=TOY_SD,
+    output:
+        directory(TOY_DIFFLMM),
+    params:
+        code=code_version("train_toy_difflmm.py"),
+        train=train_lmm_params,
+    resources:
+        slurm_partition=CPU_PARTITION,
+    log:
+        f"{OUT}/logs/train_toy_difflmm.log",
+    benchmark:
+        f"{OUT}/benchmarks/train_toy_difflmm.tsv"
+    script:
+        "../scripts/train_toy_difflmm.py"
 
 
 rule train_sam:
