@@ -302,7 +302,7 @@ def _tower_parts(cfg: TrainLmmConfig, corpus: Sequence[str], folder: Path):
     language_model.model.load_state_dict(llava.model.language_model.state_dict())
     language_model.lm_head.load_state_dict(llava.lm_head.state_dict())
     language_model.generation_config = llava.generation_config
-    return clip, language_model, AutoProcessor.from_pretrained(path).tokenizer
+    return clip, language_model, AutoProcessor.from_pretrained(path, trust_remote_code=False).tokenizer
 
 
 def _initial_projector(clip_channels: int, sd_channels: int, cross: int, hidden: int, pe: int) -> dict[str, Any]:
