@@ -186,13 +186,9 @@ def family_of(model_dir: str | os.PathLike) -> str:
 def _load(model_dir: str | os.PathLike):
     """(model, processor): the toy LLaVA with the stock classes, a toy DiffLMM through the registry."""
     if family_of(model_dir) == "difflmm":
-        import torch
+        from stages.toy.difflmm import load_toy_difflmm
 
-        from stages.models.registry import load_lmm
-
-        loaded = load_lmm("difflmm", str(model_dir), dtype=torch.float32, attn_implementation="sdpa",
-                          device=torch.device("cpu"))
-        return loaded.model, loaded.processor
+        return load_toy_difflmm(model_dir)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa").eval()

@@ -283,10 +283,22 @@ def write_difflmm(folder: Path, *, sd_folder: Path, clip, language_model, tokeni
                 for key, value in projector_state.items()}, folder / "non_lora_trainables.bin")
 
 
+def _causal_lm(text_config, decoder, lm_head, generation_config):
+    """A LlamaForCausalLM of ``text_config`` holding the given decoder and LM head weights (the
+    language model of a LLaVA-style model, as a model of its own)."""
+    from transformers import LlamaForCausalLM
+
+    language_model = LlamaForCausalLM(text_config)
+    language_model.model.load_state_dict(decoder.state_dict())
+    language_model.lm_head.load_state_dict(lm_head.state_dict())
+    language_model.generation_config = generation_config
+    return language_model
+
+
 def _tower_parts(cfg: TrainLmmConfig, corpus: Sequence[str], folder: Path):
     """(CLIPVisionModel, LlamaForCausalLM, tokenizer) initialised as the toy LLaVA of ``cfg`` (its
     builder, at 112 px in 14 px patches)."""
-    from transformers import AutoProcessor, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
     from stages.toy.model import build_toy_llava
 
@@ -298,10 +310,8 @@ def _tower_parts(cfg: TrainLmmConfig, corpus: Sequence[str], folder: Path):
     llava = LlavaForConditionalGeneration.from_pretrained(path)
     clip = CLIPVisionModel(llava.config.vision_config)
     clip.load_state_dict(llava.model.vision_tower.state_dict())
-    language_model = LlamaForCausalLM(llava.config.text_config)
-    language_model.model.load_state_dict(llava.model.language_model.state_dict())
-    language_model.lm_head.load_state_dict(llava.lm_head.state_dict())
-    language_model.generation_config = llava.generation_config
+    language_model = _causal_lm(llava.config.text_config, llava.model.language_model, llava.lm_head,
+                                llava.generation_config)
     return clip, language_model, AutoProcessor.from_pretrained(path, trust_remote_code=False).tokenizer
 
 
@@ -320,7 +330,7 @@ def _initial_projector(clip_channels: int, sd_channels: int, cross: int, hidden:
     return state
 
 
-def _load(folder: Path):
+def load_toy_difflmm(folder: str | os.PathLike):
     """(model, processor) of a toy DiffLMM folder through the registry, float32 on the CPU; VAE and UNet
     frozen."""
     import torch
@@ -361,13 +371,9 @@ def build_toy_difflmm(out_dir: str | os.PathLike, corpus: Sequence[str], sd_fold
 
 def _trained_parts(model) -> tuple[Any, Any, dict[str, Any]]:
     """(CLIPVisionModel, LlamaForCausalLM, projector state) of a loaded toy DiffLMM."""
-    from transformers import LlamaForCausalLM
-
     tower = model.model.vision_tower
-    language_model = LlamaForCausalLM(model.config.text_config)
-    language_model.model.load_state_dict(model.model.language_model.state_dict())
-    language_model.lm_head.load_state_dict(model.lm_head.state_dict())
-    language_model.generation_config = model.generation_config
+    language_model = _causal_lm(model.config.text_config, model.model.language_model, model.lm_head,
+                                model.generation_config)
     state = {f"clip_projector.{key}": value for key, value in tower.clip_projector.state_dict().items()}
     state["clip_pe"] = tower.clip_pe.detach()
     state.update(model.model.multi_modal_projector.state_dict())
@@ -383,7 +389,7 @@ def train_toy_difflmm(out_dir: str | os.PathLike, sd_folder: str | os.PathLike,
     sd_folder = Path(sd_folder)
 
     def init(cfg: TrainLmmConfig, corpus: Sequence[str], work: str | os.PathLike):
-        return _load(build_toy_difflmm(Path(work) / "init", corpus, sd_folder, cfg))
+        return load_toy_difflmm(build_toy_difflmm(Path(work) / "init", corpus, sd_folder, cfg))
 
     def write(model, processor, folder: Path) -> None:
         clip, language_model, projector = _trained_parts(model)
