@@ -20,6 +20,7 @@ from stages.toy.train_sam import (
     low_res_mask_size,
     main,
     prepare_image,
+    random_pixel,
     train_sam_model,
     train_step,
     train_toy_sam,
@@ -151,7 +152,22 @@ def test_saved_file_loads_and_predicts_through_segments_predictor(tmp_path):
     assert masks.shape == (len(example.masks), 3, *size) and scores.shape == (len(example.masks), 3)
     metrics = evaluate_sam(sam, 1, image_size=(48, 64))
     assert metrics["num_objects"] == len(example.masks)
-    assert all(0 <= metrics[k] <= 1 for k in ("iou_mask0", "iou_mask1", "iou_mask2", "iou_best"))
+    assert all(0 <= metrics[k] <= 1 for k in ("iou_mask0", "iou_mask1", "iou_mask2", "iou_best", "iou50_mask2"))
+    randomly = evaluate_sam(sam, 1, image_size=(48, 64), point="random", point_seed=3)
+    assert randomly == evaluate_sam(sam, 1, image_size=(48, 64), point="random", point_seed=3)
+    assert randomly["num_objects"] == metrics["num_objects"]
+    with pytest.raises(ValueError, match="point must be one of"):
+        evaluate_sam(sam, 1, image_size=(48, 64), point="corner")
+
+
+def test_random_pixel_lies_inside_the_mask_and_follows_the_seed():
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[3:6, 10:25] = True
+    mask[15, 2] = True
+    picks = [random_pixel(mask, np.random.default_rng(seed)) for seed in range(50)]
+    assert all(mask[y, x] for x, y in picks)
+    assert len(set(picks)) > 10
+    assert picks[7] == random_pixel(mask, np.random.default_rng(7))
 
 
 def test_cli_writes_a_loadable_file(tmp_path, capsys):
@@ -169,7 +185,8 @@ def test_central_pixel_lies_inside_a_ring():
 
 
 @pytest.mark.parametrize("key, value", [("steps", 0), ("batch_size", -1), ("lr", 0.0),
-                                        ("image_size", (20, 30)), ("num_threads", 0)])
+                                        ("image_size", (20, 30)), ("num_threads", 0),
+                                        ("focal_alpha", 0.0), ("focal_alpha", 1.0)])
 def test_bad_config_is_a_config_error(key, value):
     with pytest.raises(ConfigError, match=key):
         TrainSamConfig(**{key: value})
