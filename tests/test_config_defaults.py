@@ -55,7 +55,7 @@ NOT_CONFIG_KEYS = {
                      "text_hidden_size", "text_layers", "num_attention_heads", "initializer_range",
                      "questions"},
     TrainSamConfig: {"points_per_mask", "weight_decay", "warmup_steps", "final_lr_fraction", "grad_clip",
-                     "focal_weight", "iou_weight", "last_mask_weight", "world_seed", "image_size",
+                     "focal_weight", "focal_alpha", "iou_weight", "last_mask_weight", "world_seed", "image_size",
                      "num_threads"},
     ToySdConfig: {"world_seed", "image_size", "kl_weight", "warmup_steps"},
 }
