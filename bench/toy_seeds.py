@@ -13,7 +13,9 @@ Usage (about 6 min per seed on 2 CPU cores)::
     .venv/bin/python bench/toy_seeds.py --seeds 0 1 2 [--out results/seeds] [--cores 2] [--overlay config/toy-val.yaml]
 
 ``--overlay``: a config overlay applied before each seed's, e.g. config/toy-val.yaml to measure the
-spread on val (its ``out`` and paths are replaced by the seed's folder).
+spread on val, or config/toy-towers.yaml to train and evaluate the toy DiffLMM with every seed too (its
+``out`` and paths are replaced by the seed's folder; the toy Stable Diffusion is trained with the seed as
+well, ``train.sd.seed``). With config/toy-towers.yaml a seed takes about 25 min on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -35,19 +37,26 @@ HEADLINES = (("instance_seg", "point_accuracy"), ("instance_seg", "point_chance"
              ("gcg", "AP50"), ("gcg", "mIoU"), ("gcg", "recall"), ("gcg", "METEOR"))
 
 
-def seed_overlay(seed: int, folder: str, split: str) -> dict:
-    """Config overlay that trains both toy models with ``seed`` and puts every artifact under ``folder``."""
+def seed_overlay(seed: int, folder: str, split: str, variants: dict[str, dict]) -> dict:
+    """Config overlay that trains every toy model with ``seed`` and puts every artifact under ``folder``.
+
+    ``variants``: the run's variants (``config.yaml``'s and its overlays'); each whose LMM is one the workflow
+    builds (a path under ``results/``) reads the seed's own build of it instead.
+    """
     synthetic = f"{folder}/synthetic"
+    seeded_variants = {name: {"lmm": {"path": folder + variant["lmm"]["path"].removeprefix("results")}}
+                       for name, variant in variants.items()
+                       if str((variant.get("lmm") or {}).get("path", "")).startswith("results/")}
     return {
         "out": folder,
-        "train": {"lmm": {"seed": seed}, "sam": {"seed": seed}},
+        "train": {"lmm": {"seed": seed}, "sam": {"seed": seed}, "sd": {"seed": seed}},
         "datasets": {
             "toy_instances": {"images": f"{synthetic}/images", "instances": f"{synthetic}/instances.json"},
             "toy_gcg": {"images": f"{synthetic}/images",
                         "mask_gt": f"{synthetic}/{split}_gcg_coco_mask_gt.json",
                         "caption_gt": f"{synthetic}/{split}_gcg_coco_caption_gt.json"},
         },
-        "variants": {"random_lmm": {"lmm": {"path": f"{folder}/models/toy-llava-random"}}},
+        "variants": seeded_variants,
         "lmm": {"path": f"{folder}/models/toy-llava"},
         "sam": {"checkpoint": f"{folder}/models/toy-sam.safetensors"},
     }
@@ -56,11 +65,15 @@ def seed_overlay(seed: int, folder: str, split: str) -> dict:
 def run_seed(seed: int, out: Path, cores: int, overlays: list[Path]) -> list[dict]:
     """Run the workflow for ``seed``; return its summary rows."""
     split = "test"
+    variants = dict(yaml.safe_load((ROOT / "config.yaml").read_text())["variants"])
     for overlay in overlays:
-        split = (yaml.safe_load(overlay.read_text()) or {}).get("synthetic", {}).get("split", split)
+        config = yaml.safe_load(overlay.read_text()) or {}
+        split = config.get("synthetic", {}).get("split", split)
+        for name, variant in (config.get("variants") or {}).items():
+            variants[name] = {**variants.get(name, {}), **variant}
     folder = out / f"seed-{seed}"
     overlay_path = out / f"seed-{seed}.yaml"
-    overlay_path.write_text(yaml.safe_dump(seed_overlay(seed, str(folder), split), sort_keys=False))
+    overlay_path.write_text(yaml.safe_dump(seed_overlay(seed, str(folder), split, variants), sort_keys=False))
     command = [str(Path(sys.executable).parent / "snakemake"), "--cores", str(cores), "--profile",
                "workflow/profiles/local", "--configfile", "config.yaml", *map(str, overlays), str(overlay_path)]
     print(f"seed {seed}: {' '.join(command)}", flush=True)

@@ -33,16 +33,16 @@ def test_toy_seed_overlay_moves_every_artifact_into_the_seed_folder_and_is_valid
 
     from stages.config import read_sections
 
-    overlay = _toy_seeds().seed_overlay(3, "results/seeds/seed-3", "test")
     config = read_sections(ROOT / "config.yaml")
+    overlay = _toy_seeds().seed_overlay(3, "results/seeds/seed-3", "test", config["variants"])
     for key, value in overlay.items():          # the deep merge Snakemake does for --configfile overlays
         if isinstance(value, dict):
             for name, item in value.items():
-                config[key][name] = {**config[key][name], **item} if isinstance(item, dict) else item
+                config[key][name] = {**config[key].get(name, {}), **item} if isinstance(item, dict) else item
         else:
             config[key] = value
     validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
-    assert config["train"]["lmm"]["seed"] == config["train"]["sam"]["seed"] == 3
+    assert config["train"]["lmm"]["seed"] == config["train"]["sam"]["seed"] == config["train"]["sd"]["seed"] == 3
     paths = yaml.safe_dump({"datasets": config["datasets"], "variants": config["variants"], "lmm": config["lmm"],
                             "sam": config["sam"]})
     assert "results/synthetic" not in paths and "results/models" not in paths
@@ -58,3 +58,15 @@ def test_toy_seed_spread_rows_give_mean_range_and_sample_std():
     assert row["mean"] == pytest.approx(0.4) and (row["min"], row["max"]) == (0.3, 0.5)
     assert row["std"] == pytest.approx(0.1)
     assert "| main | gcg | recall | 0.300 | 0.500 | 0.400 | 0.400 | 0.300-0.500 | 0.100 |" in toy_seeds.markdown([row])
+
+
+def test_toy_seed_overlay_seeds_the_tower_comparison_variant_and_leaves_other_variants_alone():
+    import yaml
+
+    towers = yaml.safe_load((ROOT / "config" / "toy-towers.yaml").read_text())["variants"]
+    variants = {**yaml.safe_load((ROOT / "config.yaml").read_text())["variants"], **towers,
+                "hub_model": {"lmm": {"path": "llava-hf/llava-1.5-7b-hf"}}}
+    overlay = _toy_seeds().seed_overlay(1, "results/seeds/seed-1", "test", variants)
+    assert overlay["variants"] == {"random_lmm": {"lmm": {"path": "results/seeds/seed-1/models/toy-llava-random"}},
+                                   "unet_tower": {"lmm": {"path": "results/seeds/seed-1/models/toy-difflmm"}}}
+    assert overlay["train"]["sd"] == {"seed": 1}
