@@ -85,7 +85,8 @@ def test_towers_overlay_plans_the_toy_difflmm_beside_the_default_runs(tmp_path):
     jobs = planned_jobs(tmp_path)
     assert config["variants"]["unet_tower"]["lmm"] == {"family": "difflmm", "path": "results/models/toy-difflmm"}
     assert jobs["pretrain_toy_sd"] == jobs["train_toy_difflmm"] == jobs["train_lmm"] == 1
-    assert jobs["generate"] == 2 * 4          # two data sets, main + random_lmm + attention_only + unet_tower
+    # Two data sets, main + random_lmm + unet_tower (attention_only reads main's answers and phrases).
+    assert jobs["generate"] == jobs["phrases"] == 2 * 3 and jobs["segment"] == 2 * 4
 
 
 def test_dry_run_plans_every_stage_per_shard(tmp_path):
@@ -93,25 +94,37 @@ def test_dry_run_plans_every_stage_per_shard(tmp_path):
     jobs = planned_jobs(tmp_path)
     datasets, runs = 2, 1 + len(config["variants"])
     assert runs == 3
-    assert jobs["generate"] == jobs["phrases"] == jobs["segment"] == 3 * datasets * runs
+    assert jobs["segment"] == 3 * datasets * runs
+    # attention_only changes only how masks are made: it reads main's answers, attention and phrases.
+    assert jobs["generate"] == jobs["phrases"] == 3 * datasets * (runs - 1)
     assert jobs["manifest"] == datasets
     assert jobs["evaluate_instance_seg"] == jobs["evaluate_gcg"] == runs
     assert jobs["synthetic_data"] == jobs["train_lmm"] == jobs["random_lmm"] == jobs["train_sam"] == 1
 
 
-def test_each_variant_runs_every_data_set_again(tmp_path):
+def test_each_variant_runs_every_data_set_again_from_its_first_changed_stage(tmp_path):
+    """A variant computes again what its settings change and reads the rest from main: one that changes
+    the segment section only segments again, one that changes the phrases section extracts phrases again
+    from main's answers, one that changes the question generates again."""
     write_config(tmp_path, shards=2, variants={"max_pool": {"segment": {"pool": "max"}}})
     jobs = planned_jobs(tmp_path)
-    assert jobs["generate"] == jobs["segment"] == 2 * 2 * 2
+    assert jobs["segment"] == 2 * 2 * 2 and jobs["generate"] == jobs["phrases"] == 2 * 2
     assert jobs["manifest"] == 2 and jobs["summary"] == 1
     # Without the random_lmm variant the untrained twin is built for the toy diagnostics only.
     assert jobs["random_lmm"] == jobs["toy_diagnostics"] == 1
 
+    write_config(tmp_path, shards=2, variants={"chunk": {"phrases": {"token_match": "chunk"}},
+                                               "ask": {"generate": {"question": "What is there?"}}})
+    jobs = planned_jobs(tmp_path)
+    # generate: main and ask; phrases: those and chunk; segment: every run (two data sets, two shards).
+    assert (jobs["generate"], jobs["phrases"], jobs["segment"]) == (2 * 2 * 2, 2 * 2 * 3, 2 * 2 * 3)
+
 
 def test_generate_jobs_ask_for_their_runs_lmm_gpus(tmp_path):
     """A variant with lmm.gpus 2 (a model larger than one GPU) asks gpu=2 for its generate jobs only;
-    the main run keeps the default 1, segment always 1, CPU rules none."""
-    write_config(tmp_path, variants={"big": {"lmm": {"gpus": 2}}})
+    the main run keeps the default 1, segment always 1, CPU rules none. (A variant that changed lmm.gpus
+    alone would generate nothing: where the model runs does not change its answers, so it reads main's.)"""
+    write_config(tmp_path, variants={"big": {"lmm": {"gpus": 2, "path": "results/models/toy-llava-random"}}})
     requests = planned_gpus(tmp_path)
     assert requests[("generate", "big")] == {2}
     assert requests[("generate", "main")] == {1}

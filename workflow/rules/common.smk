@@ -1,7 +1,9 @@
 # Helpers shared by the rules: runs, paths, shard lists, per-stage params and input functions.
 #
 # A "run" is the main configuration ("main") or one of config["variants"] (controls); every run
-# processes every data set under {out}/{run}/{dataset}. The stage sections of one run on one data set
+# processes every data set under {out}/{run}/{dataset}, except that a run reads the answers, attention
+# and phrases of an earlier run whose settings of those stages are the same (producing_run) instead of
+# computing them again. The stage sections of one run on one data set
 # come from stages.config.stage_sections: top-level sections < the data set's overrides < the variant's.
 # Each rule's params hold only its own run's and data set's sections, so changing one data set's
 # settings reruns that data set's jobs only; they also hold the version of the code the rule runs
@@ -117,12 +119,46 @@ def sam_inputs(wildcards):
     return [section(wildcards, "sam")["checkpoint"]]
 
 
-def generate_params(wildcards):
+def _generate_settings(run, dataset):
     """Everything that decides generate's output: the generate section (with the data set's question)
     and the lmm section (lmm.gpus, which decides only where the model runs, is left out: changing it
     reruns nothing)."""
-    lmm = {key: value for key, value in section(wildcards, "lmm").items() if key != "gpus"}
-    return {"generate": section(wildcards, "generate"), "lmm": lmm}
+    sections = SECTIONS[run, dataset]
+    lmm = {key: value for key, value in sections["lmm"].items() if key != "gpus"}
+    return {"generate": sections["generate"], "lmm": lmm}
+
+
+def generate_params(wildcards):
+    """generate's params: what decides its output (_generate_settings)."""
+    return _generate_settings(wildcards.run, wildcards.dataset)
+
+
+def _upstream_settings(run, dataset, kind):
+    """What decides a run's artifacts of `kind` on a data set: generate's settings for generations and
+    attention, those and the phrases section for phrases."""
+    settings = _generate_settings(run, dataset)
+    if kind == "phrases":
+        settings["phrases"] = SECTIONS[run, dataset]["phrases"]
+    return settings
+
+
+def producing_run(run, dataset, kind):
+    """The run whose artifacts of `kind` (generations, attention or phrases) `run` reads on `dataset`:
+    the first run of RUNS (main first) whose settings of the stages that make them are the same. A variant
+    that changes only later stages (segment, sam) reuses main's answers, attention and phrases instead of
+    computing them again; its folder holds only what it computes itself."""
+    wanted = _upstream_settings(run, dataset, kind)
+    return next(other for other in RUNS if _upstream_settings(other, dataset, kind) == wanted)
+
+
+def upstream_artifact(kind, suffix="parquet"):
+    """Input function: the job's shard of `kind`, made by the run it is read from (producing_run)."""
+
+    def inputs(wildcards):
+        run = producing_run(wildcards.run, wildcards.dataset, kind)
+        return artifact(run, wildcards.dataset, kind, wildcards.shard, suffix)
+
+    return inputs
 
 
 def gpus(count):
@@ -143,10 +179,12 @@ def instances_input(wildcards):
 
 
 def shard_artifacts(kind, suffix="parquet"):
-    """Input function: one run's and data set's artifact of `kind` for every shard."""
+    """Input function: one run's and data set's artifact of `kind` for every shard (generations, attention
+    and phrases made by the run they are read from: producing_run)."""
 
     def inputs(wildcards):
-        return [artifact(wildcards.run, wildcards.dataset, kind, shard, suffix) for shard in SHARDS]
+        run = wildcards.run if kind == "masks" else producing_run(wildcards.run, wildcards.dataset, kind)
+        return [artifact(run, wildcards.dataset, kind, shard, suffix) for shard in SHARDS]
 
     return inputs
 
@@ -166,13 +204,14 @@ def final_targets():
     the main LMM is the embedded toy, its diagnostics; and every model of the `training` section).
 
     Shard artifacts are targets themselves so that a deleted shard file is rebuilt (and what
-    gathers it rerun) even when the metrics downstream of it are present."""
+    gathers it rerun) even when the metrics downstream of it are present; a run's generations,
+    attention and phrases only where it makes them itself (producing_run)."""
     targets = []
+    kinds = {"generations": "parquet", "attention": "zarr", "phrases": "parquet", "masks": "parquet"}
     for run in RUNS:
         for name in DATASETS:
-            for shard in SHARDS:
-                targets += [artifact(run, name, kind, shard) for kind in ("generations", "phrases", "masks")]
-                targets.append(artifact(run, name, "attention", shard, "zarr"))
+            made = [kind for kind in kinds if kind == "masks" or producing_run(run, name, kind) == run]
+            targets += [artifact(run, name, kind, shard, kinds[kind]) for kind in made for shard in SHARDS]
             targets.append(f"{OUT}/{run}/{name}/visualize")
     if all_metrics():
         targets.append(f"{OUT}/summary.md")

@@ -3,7 +3,7 @@
 
 rule phrases:
     input:
-        generations=artifact("{run}", "{dataset}", "generations", "{shard}"),
+        generations=upstream_artifact("generations"),
         instances=instances_input,
     output:
         artifact("{run}", "{dataset}", "phrases", "{shard}"),

@@ -4,9 +4,9 @@
 rule segment:
     input:
         manifest=manifest_path("{dataset}"),
-        generations=artifact("{run}", "{dataset}", "generations", "{shard}"),
-        attention=artifact("{run}", "{dataset}", "attention", "{shard}", "zarr"),
-        phrases=artifact("{run}", "{dataset}", "phrases", "{shard}"),
+        generations=upstream_artifact("generations"),
+        attention=upstream_artifact("attention", "zarr"),
+        phrases=upstream_artifact("phrases"),
         sam=sam_inputs,
     output:
         artifact("{run}", "{dataset}", "masks", "{shard}"),
