@@ -142,13 +142,22 @@ def _upstream_settings(run, dataset, kind):
     return settings
 
 
-def producing_run(run, dataset, kind):
-    """The run whose artifacts of `kind` (generations, attention or phrases) `run` reads on `dataset`:
-    the first run of RUNS (main first) whose settings of the stages that make them are the same. A variant
-    that changes only later stages (segment, sam) reuses main's answers, attention and phrases instead of
-    computing them again; its folder holds only what it computes itself."""
+def _first_run_with_same_settings(run, dataset, kind):
     wanted = _upstream_settings(run, dataset, kind)
     return next(other for other in RUNS if _upstream_settings(other, dataset, kind) == wanted)
+
+
+# (run, data set, kind) -> the run that makes the artifacts of that kind the run reads (producing_run).
+PRODUCING_RUNS = {(run, name, kind): _first_run_with_same_settings(run, name, kind)
+                  for run in RUNS for name in DATASETS for kind in ("generations", "attention", "phrases")}
+
+
+def producing_run(run, dataset, kind):
+    """The run whose artifacts of `kind` `run` reads on `dataset`: for generations, attention and phrases
+    the first run of RUNS (main first) whose settings of the stages that make them are the same, for masks
+    the run itself. A variant that changes only later stages (segment, sam) reuses main's answers, attention
+    and phrases instead of computing them again; its folder holds only what it computes itself."""
+    return run if kind == "masks" else PRODUCING_RUNS[run, dataset, kind]
 
 
 def upstream_artifact(kind, suffix="parquet"):
@@ -183,7 +192,7 @@ def shard_artifacts(kind, suffix="parquet"):
     and phrases made by the run they are read from: producing_run)."""
 
     def inputs(wildcards):
-        run = wildcards.run if kind == "masks" else producing_run(wildcards.run, wildcards.dataset, kind)
+        run = producing_run(wildcards.run, wildcards.dataset, kind)
         return [artifact(run, wildcards.dataset, kind, shard, suffix) for shard in SHARDS]
 
     return inputs
@@ -210,7 +219,7 @@ def final_targets():
     kinds = {"generations": "parquet", "attention": "zarr", "phrases": "parquet", "masks": "parquet"}
     for run in RUNS:
         for name in DATASETS:
-            made = [kind for kind in kinds if kind == "masks" or producing_run(run, name, kind) == run]
+            made = [kind for kind in kinds if producing_run(run, name, kind) == run]
             targets += [artifact(run, name, kind, shard, kinds[kind]) for kind in made for shard in SHARDS]
             targets.append(f"{OUT}/{run}/{name}/visualize")
     if all_metrics():
