@@ -1,5 +1,5 @@
-"""Diagnostics of the toy LMM: object-to-token-cell weights, the linear probe, the feature probe and
-teacher-forced naming on a tiny trained model."""
+"""Diagnostics of the toy LMM: object-to-token-cell weights, the linear probe, the feature probe,
+teacher-forced naming and the true caption's attention on a tiny trained model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from stages.toy.diagnostics import (feature_probe, image_token_features, linear_probe_accuracy,
-                                    object_cell_weights, teacher_forced_naming)
+from stages.toy.diagnostics import (category_word_tokens, feature_probe, image_token_features,
+                                    linear_probe_accuracy, object_cell_weights, teacher_forced_naming,
+                                    true_caption_point_accuracy, true_caption_rows)
 from stages.toy.train_lmm import TrainLmmConfig, train_toy_llava
 from stages.toy.world import COLOURS, SHAPES, make_example
 
@@ -88,3 +89,78 @@ def test_teacher_forced_naming_scores_every_colour_shape_pair(tiny_model):
     assert confusion.shape == (len(SHAPES), len(SHAPES)) and confusion.sum() == expected_pairs
     assert result["shape_given_colour"] == pytest.approx(np.trace(confusion) / expected_pairs)
     assert 0.0 <= result["colour"] <= 1.0
+
+
+def test_true_caption_rows_are_what_generate_records_when_it_writes_the_caption(tiny_model):
+    """The eager rows of one forward equal the rows the pipeline's capture records while generate is
+    made to write the caption token by token."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from stages.capture import AttentionCapture, image_token_positions
+    from stages.toy.train_lmm import IGNORE_INDEX, encode_example, preprocess_image
+    from stages.toy.world import JPEG_QUALITY
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    question = TINY.questions[0]
+    examples = [make_example(0, "train", i, TINY.image_size) for i in range(3)]
+    computed = list(true_caption_rows(model, processor, examples, question, batch_size=2))  # padded batches
+    assert [ex.scene.image_id for ex, _, _ in computed] == [ex.scene.image_id for ex in examples]
+    model.set_attn_implementation({"text_config": "sdpa"})
+    capture = AttentionCapture(model)
+    for ex, answer_ids, rows in computed:
+        ids, labels = encode_example(processor, question, ex.caption)
+        answer_start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert ids[answer_start:] == answer_ids and answer_ids[-1] == processor.tokenizer.eos_token_id
+        prompt = torch.tensor([ids[:answer_start]])
+        pixels = preprocess_image(ex.pixels, processor, jpeg_quality=JPEG_QUALITY)[None]
+        with torch.inference_mode(), capture.recording(image_token_positions(prompt, model.config.image_token_id)):
+            written = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels,
+                                     do_sample=False, max_new_tokens=len(answer_ids),
+                                     prefix_allowed_tokens_fn=lambda _, seq: [answer_ids[len(seq) - answer_start]])
+        assert written[0, answer_start:].tolist() == answer_ids
+        grid = TINY.model_image_size // TINY.patch_size
+        assert rows.shape == (len(answer_ids), grid, grid)
+        torch.testing.assert_close(rows.flatten(1), capture.rows()[0], rtol=1e-4, atol=1e-6)
+
+
+def test_category_word_tokens_spell_each_objects_category(tiny_model):
+    from transformers import AutoProcessor
+
+    from stages.toy.train_lmm import IGNORE_INDEX, encode_example
+
+    tokenizer = AutoProcessor.from_pretrained(tiny_model).tokenizer
+    checked = 0
+    for i in range(6):
+        ex = make_example(0, "train", i, TINY.image_size)
+        ids, labels = encode_example(AutoProcessor.from_pretrained(tiny_model), TINY.questions[0], ex.caption)
+        answer = ids[next(j for j, label in enumerate(labels) if label != IGNORE_INDEX):]
+        for obj, tokens in zip(ex.scene.objects, category_word_tokens(tokenizer, answer, ex)):
+            assert tokens and tokens == list(range(tokens[0], tokens[-1] + 1))
+            assert tokenizer.decode([answer[j] for j in tokens]).strip() == obj.shape
+            checked += 1
+    assert checked == sum(len(make_example(0, "train", i, TINY.image_size).scene.objects) for i in range(6))
+
+
+def test_category_word_tokens_reject_a_phrase_that_is_not_in_the_caption(tiny_model):
+    import dataclasses
+
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(tiny_model).tokenizer
+    ex = make_example(0, "train", 0, TINY.image_size)
+    other = dataclasses.replace(ex, labels=["a purple nothing"] * len(ex.labels))
+    with pytest.raises(ValueError, match="a purple nothing"):
+        category_word_tokens(tokenizer, tokenizer(ex.caption, add_special_tokens=False)["input_ids"], other)
+
+
+def test_true_caption_point_accuracy_scores_every_object_against_its_area(tiny_model):
+    result = true_caption_point_accuracy(tiny_model, split="train", num_images=6, image_size=TINY.image_size)
+    examples = [make_example(0, "train", i, TINY.image_size) for i in range(6)]
+    masks = [(ex, obj, mask) for ex in examples for obj, mask in zip(ex.scene.objects, ex.masks)]
+    assert result["unscored_captions"] == 0 and result["phrases"] == len(masks)
+    assert result["object_chance"] == pytest.approx(np.mean([mask.mean() for _, _, mask in masks]))
+    assert result["chance"] == pytest.approx(np.mean([ex.union_mask(shape=obj.shape).mean() for ex, obj, _ in masks]))
+    # A point on the very object named is on an object of its category.
+    assert 0.0 <= result["object_point_accuracy"] <= result["point_accuracy"] <= 1.0

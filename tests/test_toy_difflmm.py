@@ -97,3 +97,14 @@ def test_frozen_sd_is_written_unchanged(trained, sd_folder):
     for part in ("vae", "unet"):
         for path in (sd_folder / part).iterdir():
             assert (trained / "sd" / part / path.name).read_bytes() == path.read_bytes()
+
+
+def test_true_caption_diagnostic_reads_a_toy_difflmm(trained):
+    """The diagnostics' teacher-forced attention runs on the difflmm family too (its loader, its release
+    prompt ids, its language model switched to eager) and scores every object of the captions."""
+    from stages.toy.diagnostics import true_caption_point_accuracy
+
+    result = true_caption_point_accuracy(trained, split="train", num_images=2)   # words of its vocabulary
+    objects = sum(len(make_example(0, "train", k, (96, 104)).scene.objects) for k in range(2))
+    assert result["unscored_captions"] == 0 and result["phrases"] == objects
+    assert 0.0 <= result["object_point_accuracy"] <= result["point_accuracy"] <= 1.0

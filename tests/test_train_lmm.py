@@ -115,7 +115,7 @@ def test_diagnostics_cli_writes_strict_json_and_a_table(trained, tmp_path, capsy
     assert report["settings"] == {"split": "train", "num_images": 4, "world_seed": 0, "image_size": [48, 64],
                                   "question": TINY.questions[0]}
     (result,) = report["models"].values()
-    assert set(result) == {"probe", "naming", "attention"}
+    assert set(result) == {"probe", "naming", "attention", "attention_true_caption"}
     assert f"| {trained} |" in capsys.readouterr().out
     assert out.with_suffix(".md").read_text().startswith("# Toy LMM diagnostics")
 

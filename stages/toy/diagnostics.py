@@ -1,7 +1,7 @@
 """Diagnostics of a toy LMM: does its tower see what the captions name, does its language model read it,
 and does its attention land on it?
 
-Three measurements on a held-out split of the toy world (val by default: the split choices are made on),
+Four measurements on a held-out split of the toy world (val by default: the split choices are made on),
 each separating one possible failure of the miniature from the others:
 
 - :func:`feature_probe` (does the tower encode it?): for every object, the model's image-token
@@ -17,6 +17,9 @@ each separating one possible failure of the miniature from the others:
 - :func:`point_accuracy` (does its attention land on it?): the pipeline's own generate and phrases
   stages and segment's map functions run on the split, scoring where each shape phrase's attention
   peak lands.
+- :func:`true_caption_point_accuracy` (does its attention land on it, whatever it would say?): the
+  same maps for the category word of every object of the true caption fed as the answer, so that a
+  model that names little (an untrained one) is scored on as many words as a trained one.
 
 Rule ``toy_diagnostics`` runs :func:`diagnose` on the trained toy LMM and its untrained twin and
 writes ``{out}/toy_diagnostics.json`` and ``.md``. The module lives apart from the trainer so that
@@ -32,13 +35,14 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +131,125 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
             "colour_point_accuracy": colour_hits / colour_counted if colour_counted else float("nan"),
             "exact_captions": exact_captions,
             "answers": gens["answer"].head(3).tolist()}
+
+
+def true_caption_rows(model: Any, processor: Any, examples: Sequence[Any], question: str,
+                      batch_size: int = 32) -> Iterator[tuple[Any, list[int], Any]]:
+    """Attention rows of each example's true caption fed as the answer (teacher forcing):
+    ``(example, answer_ids, rows)`` per example whose caption the tokenizer can write (the others are
+    skipped), ``answer_ids`` the caption's tokens then end of sequence and ``rows`` float32
+    (T, grid, grid), row j the attention of the query that predicts answer token j over the image
+    tokens, mean over all layers and heads: the rows the generate stage would record had the model
+    generated the caption. Computed in one forward per batch from the eager attention probabilities
+    of the language model (switched to eager on ``model``; the vision tower keeps its own)."""
+    import torch
+
+    from stages.toy.train_lmm import IGNORE_INDEX, encode_example
+
+    model.set_attn_implementation({"text_config": "eager"})       # output_attentions needs eager
+    tokenizer = processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    readable = []
+    for ex in examples:
+        try:
+            ids, labels = encode_example(processor, question, ex.caption)
+        except ValueError:      # a word the tokenizer's training corpus never had: not scored
+            continue
+        readable.append((ex, ids, next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)))
+    for start in range(0, len(readable), batch_size):
+        chunk = readable[start:start + batch_size]
+        length = max(len(ids) for _, ids, _ in chunk)
+        input_ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (_, ids, _) in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        # The vision tower (sdpa, as in the pipeline) warns that it returns no attention probabilities,
+        # which are not asked of it.
+        with torch.no_grad(), _transformers_warnings_silenced():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True,
+                        pixel_values=_pixel_values([ex for ex, _, _ in chunk], processor))
+        mean_attention = torch.stack([a.float() for a in out.attentions]).mean(dim=(0, 2))    # (B, Q, K)
+        for row, (ex, ids, answer_start) in enumerate(chunk):
+            image_positions = (input_ids[row, :len(ids)] == image_token_id).nonzero()[:, 0]
+            grid = math.isqrt(len(image_positions))
+            queries = torch.arange(answer_start - 1, len(ids) - 1)
+            rows = mean_attention[row][queries][:, image_positions]
+            yield ex, ids[answer_start:], rows.reshape(len(queries), grid, grid)
+
+
+def category_word_tokens(tokenizer: Any, answer_ids: Sequence[int], example: Any) -> list[list[int]]:
+    """For each object of ``example`` (scene order), the indices of the answer tokens that spell its
+    category word in its phrase of the caption (``example.labels``): the tokens whose character span
+    overlaps the word's, as the phrases stage matches a phrase's root word. ValueError when a phrase
+    is not in the decoded answer."""
+    from stages.generate import token_char_spans
+
+    text, starts, ends, _ = token_char_spans(tokenizer, answer_ids)
+    tokens = []
+    for obj, label in zip(example.scene.objects, example.labels):
+        label_start = text.find(label)
+        if label_start < 0:
+            raise ValueError(f"phrase {label!r} is not in the decoded caption {text!r}")
+        word_start = label_start + label.rfind(obj.shape)
+        word_end = word_start + len(obj.shape)
+        tokens.append([j for j in range(len(starts)) if starts[j] < word_end and ends[j] > word_start])
+    return tokens
+
+
+def true_caption_point_accuracy(model_dir: str | os.PathLike, *, split: str = "val", num_images: int = 400,
+                                world_seed: int = 0, image_size: tuple[int, int] = (96, 104),
+                                question: str = DEFAULT_QUESTIONS[0], batch_size: int = 32) -> dict[str, Any]:
+    """Where the attention of each object's category word lands when the model is given the true
+    caption as its answer (:func:`true_caption_rows`), so that grounding is measured apart from
+    naming: an untrained model that never says "triangle" is still scored on every object the
+    caption names. Each word's map is made as segment makes a phrase's: rows mean-centred over the
+    answer, the word's tokens (:func:`category_word_tokens`) pooled by mean, bicubic 'pad'
+    upsampling, argmax.
+
+    Returns ``point_accuracy`` (the peak lies on an object of the named category),
+    ``object_point_accuracy`` (on the very object named), their uniform-point ``chance`` and
+    ``object_chance`` (mean area shares), ``phrases`` (category words scored) and
+    ``unscored_captions`` (captions with a word outside the vocabulary)."""
+    from stages.segment import argmax_pixel, centre_rows, pool_phrase, upsample_map
+
+    model, processor = _load(model_dir)
+    examples = _examples(split, num_images, world_seed, image_size)
+    captions = scored = category_hits = object_hits = 0
+    chance = object_chance = 0.0
+    for ex, answer_ids, rows in true_caption_rows(model, processor, examples, question, batch_size):
+        captions += 1
+        centred, _ = centre_rows(rows)
+        word_tokens = category_word_tokens(processor.tokenizer, answer_ids, ex)
+        for obj, mask, tokens in zip(ex.scene.objects, ex.masks, word_tokens):
+            image_map = upsample_map(pool_phrase(centred, tokens, "mean"), ex.scene.height, ex.scene.width, "pad")
+            x, y = argmax_pixel(image_map)
+            union = ex.union_mask(shape=obj.shape)
+            scored += 1
+            category_hits += bool(union[y, x])
+            object_hits += bool(mask[y, x])
+            chance += float(union.mean())
+            object_chance += float(mask.mean())
+
+    def share(value: float) -> float:
+        return value / scored if scored else float("nan")
+
+    return {"point_accuracy": share(category_hits), "object_point_accuracy": share(object_hits),
+            "chance": share(chance), "object_chance": share(object_chance), "phrases": scored,
+            "unscored_captions": len(examples) - captions}
+
+
+@contextlib.contextmanager
+def _transformers_warnings_silenced() -> Iterator[None]:
+    """Inside the block transformers logs errors only."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def object_cell_weights(mask: np.ndarray, side: int, grid: int) -> np.ndarray:
@@ -327,22 +450,24 @@ def teacher_forced_naming(model_dir: str | os.PathLike, *, split: str = "val", n
 def diagnose(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *, split: str = "val",
              num_images: int = 400, world_seed: int = 0, image_size: tuple[int, int] = (96, 104),
              question: str = DEFAULT_QUESTIONS[0]) -> dict[str, Any]:
-    """All three diagnostics of ``model_dir`` on the same images: ``{"probe": ..., "naming": ...,
-    "attention": ...}`` (:func:`feature_probe`, :func:`teacher_forced_naming`, :func:`point_accuracy`
-    without its sample answers)."""
+    """All four diagnostics of ``model_dir`` on the same images: ``{"probe": ..., "naming": ...,
+    "attention": ..., "attention_true_caption": ...}`` (:func:`feature_probe`, :func:`teacher_forced_naming`,
+    :func:`point_accuracy` without its sample answers, :func:`true_caption_point_accuracy`)."""
     common = {"split": split, "num_images": num_images, "world_seed": world_seed, "image_size": image_size}
     attention = point_accuracy(model_dir, work_dir, question=question, **common)
     attention.pop("answers")
     return {"probe": feature_probe(model_dir, **common),
             "naming": teacher_forced_naming(model_dir, question=question, **common),
-            "attention": attention}
+            "attention": attention,
+            "attention_true_caption": true_caption_point_accuracy(model_dir, question=question, **common)}
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per model of :func:`diagnose` results (name -> result)."""
     header = ("| model | probe shape (tower / projector) | probe colour (tower / projector) | "
-              "shape given colour | colour | point accuracy | colour point accuracy |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+              "shape given colour | colour | point accuracy | colour point accuracy | "
+              "point accuracy, true caption (chance) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
 
     def number(value: float) -> str:
         return "-" if math.isnan(value) else f"{value:.3f}"     # NaN: nothing to score (no shape phrase)
@@ -350,12 +475,14 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     chance = None
     for name, result in results.items():
         probe, naming, attention = result["probe"], result["naming"], result["attention"]
+        true_caption = result["attention_true_caption"]
         chance = probe["chance"]
         lines.append(
             f"| {name} | {probe['tower']['shape']:.3f} / {probe['projector']['shape']:.3f} | "
             f"{probe['tower']['colour']:.3f} / {probe['projector']['colour']:.3f} | "
             f"{number(naming['shape_given_colour'])} | {number(naming['colour'])} | "
-            f"{number(attention['point_accuracy'])} | {number(attention['colour_point_accuracy'])} |")
+            f"{number(attention['point_accuracy'])} | {number(attention['colour_point_accuracy'])} | "
+            f"{number(true_caption['point_accuracy'])} ({number(true_caption['chance'])}) |")
     if chance is not None:
         lines.append(f"\nProbe chance (most frequent class): shape {chance['shape']:.3f}, "
                      f"colour {chance['colour']:.3f}.")
@@ -383,7 +510,8 @@ def write_report(results: dict[str, dict[str, Any]], json_path: str | os.PathLik
         tmp.write_text(json.dumps(_without_nan({"settings": settings, "models": results}), indent=1,
                                   sort_keys=True, allow_nan=False))
     if markdown_path is not None:
-        described = ", ".join(f"{key} {value}" for key, value in settings.items())
+        described = ", ".join(f"{key} {json.dumps(value) if isinstance(value, str) else value}"
+                              for key, value in settings.items())
         with atomic_path(markdown_path) as tmp:
             tmp.write_text(f"# Toy LMM diagnostics\n\nMeasured on {described}.\n\n{markdown_table(results)}")
 
