@@ -133,6 +133,35 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
             "answers": gens["answer"].head(3).tolist()}
 
 
+def teacher_forced_batches(processor: Any, question: str, examples: Sequence[Any],
+                           batch_size: int = 32) -> Iterator[tuple[list[tuple[Any, list[int], int]], Any, Any]]:
+    """The examples' true captions as the answer, in right-padded batches of ``batch_size``:
+    ``(items, input_ids, attention_mask)`` with ``items`` the batch's ``(example, ids, answer_start)``
+    (``ids`` the whole sequence, :func:`stages.toy.train_lmm.encode_example`; the answer, caption then
+    end of sequence, starts at ``answer_start``) and long tensors (B, L). Examples whose caption has a
+    word outside the tokenizer's vocabulary are skipped."""
+    import torch
+
+    from stages.toy.train_lmm import IGNORE_INDEX, encode_example
+
+    readable = []
+    for ex in examples:
+        try:
+            ids, labels = encode_example(processor, question, ex.caption)
+        except ValueError:      # a word the tokenizer's training corpus never had: not scored
+            continue
+        readable.append((ex, ids, next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)))
+    for start in range(0, len(readable), batch_size):
+        items = readable[start:start + batch_size]
+        length = max(len(ids) for _, ids, _ in items)
+        input_ids = torch.full((len(items), length), processor.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (_, ids, _) in enumerate(items):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        yield items, input_ids, attention_mask
+
+
 def true_caption_rows(model: Any, processor: Any, examples: Sequence[Any], question: str,
                       batch_size: int = 32) -> Iterator[tuple[Any, list[int], Any]]:
     """Attention rows of each example's true caption fed as the answer (teacher forcing):
@@ -144,26 +173,9 @@ def true_caption_rows(model: Any, processor: Any, examples: Sequence[Any], quest
     of the language model (switched to eager on ``model``; the vision tower keeps its own)."""
     import torch
 
-    from stages.toy.train_lmm import IGNORE_INDEX, encode_example
-
     model.set_attn_implementation({"text_config": "eager"})       # output_attentions needs eager
-    tokenizer = processor.tokenizer
-    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-    readable = []
-    for ex in examples:
-        try:
-            ids, labels = encode_example(processor, question, ex.caption)
-        except ValueError:      # a word the tokenizer's training corpus never had: not scored
-            continue
-        readable.append((ex, ids, next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)))
-    for start in range(0, len(readable), batch_size):
-        chunk = readable[start:start + batch_size]
-        length = max(len(ids) for _, ids, _ in chunk)
-        input_ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (_, ids, _) in enumerate(chunk):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            attention_mask[row, :len(ids)] = 1
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    for chunk, input_ids, attention_mask in teacher_forced_batches(processor, question, examples, batch_size):
         # The vision tower (sdpa, as in the pipeline) warns that it returns no attention probabilities,
         # which are not asked of it.
         with torch.no_grad(), _transformers_warnings_silenced():
@@ -181,19 +193,19 @@ def true_caption_rows(model: Any, processor: Any, examples: Sequence[Any], quest
 def category_word_tokens(tokenizer: Any, answer_ids: Sequence[int], example: Any) -> list[list[int]]:
     """For each object of ``example`` (scene order), the indices of the answer tokens that spell its
     category word in its phrase of the caption (``example.labels``): the tokens whose character span
-    overlaps the word's, as the phrases stage matches a phrase's root word. ValueError when a phrase
+    overlaps the word's, by the phrases stage's own rule for a phrase's root word. ValueError when a phrase
     is not in the decoded answer."""
     from stages.generate import token_char_spans
+    from stages.phrases import overlapping_tokens
 
-    text, starts, ends, _ = token_char_spans(tokenizer, answer_ids)
+    text, starts, ends, special = token_char_spans(tokenizer, answer_ids)
     tokens = []
     for obj, label in zip(example.scene.objects, example.labels):
         label_start = text.find(label)
         if label_start < 0:
             raise ValueError(f"phrase {label!r} is not in the decoded caption {text!r}")
         word_start = label_start + label.rfind(obj.shape)
-        word_end = word_start + len(obj.shape)
-        tokens.append([j for j in range(len(starts)) if starts[j] < word_end and ends[j] > word_start])
+        tokens.extend(overlapping_tokens([(word_start, word_start + len(obj.shape))], starts, ends, special))
     return tokens
 
 
@@ -399,11 +411,11 @@ def teacher_forced_naming(model_dir: str | os.PathLike, *, split: str = "val", n
     ``colour``, the share of colour words that are the most likely of the colour words where they
     stand (which object the caption describes next is part of what is predicted); counts ``pairs``
     and ``colour_words``; ``unscored_captions``: captions with a word outside the tokenizer's
-    vocabulary (skipped; none when the vocabulary covers the world). The shape confusion matrix (rows: true, columns: predicted, in
+    vocabulary (skipped; none when the vocabulary covers the world). The shape confusion matrix (rows:
+    true, columns: predicted, in
     :data:`stages.toy.world.SHAPES` order) is in ``shape_confusion``."""
     import torch
 
-    from stages.toy.train_lmm import encode_example
     from stages.toy.world import COLOURS, SHAPES
 
     model, processor = _load(model_dir)
@@ -412,26 +424,13 @@ def teacher_forced_naming(model_dir: str | os.PathLike, *, split: str = "val", n
     colour_ids = [tokenizer.convert_tokens_to_ids("\u2581" + colour) for colour in COLOURS]
     examples = _examples(split, num_images, world_seed, image_size)
     confusion = np.zeros((len(SHAPES), len(SHAPES)), dtype=np.int64)
-    colour_hits = colour_words = 0
-    readable = []
-    for ex in examples:
-        try:
-            readable.append((ex, encode_example(processor, question, ex.caption)[0]))
-        except ValueError:      # a word the tokenizer's training corpus never had: not scored
-            continue
-    for start in range(0, len(readable), batch_size):
-        chunk = [ex for ex, _ in readable[start:start + batch_size]]
-        sequences = [ids for _, ids in readable[start:start + batch_size]]
-        length = max(map(len, sequences))
-        ids = torch.full((len(sequences), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
+    colour_hits = colour_words = scored = 0
+    for items, ids, mask in teacher_forced_batches(processor, question, examples, batch_size):
+        scored += len(items)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask,
-                           pixel_values=_pixel_values(chunk, processor)).logits
-        for row, sequence in enumerate(sequences):
+                           pixel_values=_pixel_values([ex for ex, _, _ in items], processor)).logits
+        for row, (_, sequence, _) in enumerate(items):
             for t in range(1, len(sequence)):
                 if sequence[t] in colour_ids:
                     best = colour_ids[int(logits[row, t - 1, colour_ids].argmax())]
@@ -444,7 +443,7 @@ def teacher_forced_naming(model_dir: str | os.PathLike, *, split: str = "val", n
     return {"shape_given_colour": float(np.trace(confusion) / pairs) if pairs else float("nan"),
             "pairs": pairs, "colour": colour_hits / colour_words if colour_words else float("nan"),
             "colour_words": colour_words, "shape_confusion": confusion.tolist(),
-            "unscored_captions": len(examples) - len(readable)}
+            "unscored_captions": len(examples) - scored}
 
 
 def diagnose(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *, split: str = "val",
@@ -503,7 +502,8 @@ def _without_nan(value: Any) -> Any:
 def write_report(results: dict[str, dict[str, Any]], json_path: str | os.PathLike,
                  markdown_path: str | os.PathLike | None = None, *, settings: dict[str, Any]) -> None:
     """Write ``results`` (name -> :func:`diagnose` result) and the ``settings`` they were measured
-    with as JSON (NaN, nothing to score, as null), and optionally :func:`markdown_table` with a line naming the settings; atomic."""
+    with as JSON (NaN, nothing to score, as null), and optionally :func:`markdown_table` with a line
+    naming the settings; atomic."""
     from stages.io.atomic import atomic_path
 
     with atomic_path(json_path) as tmp:
