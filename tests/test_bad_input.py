@@ -1,4 +1,4 @@
-"""Bad input through the whole DAG: one table of cases (README, "Bad input", is this table).
+"""Bad input through the whole DAG: one table of cases (docs/failures.md, "Bad input", is this table).
 
 The table below builds two data sets in a work directory: a plain image folder (``task: images``) and
 a COCO-style instance segmentation set (``task: instance_seg``) holding, among good images, every
@@ -414,15 +414,15 @@ def test_every_image_gets_its_pictures(bad_input_run):
 
 
 def readme_rows() -> list[list[str]]:
-    """The cells of the table rows of the README's "Bad input" section."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The cells of the table rows of docs/failures.md's "Bad input" section."""
+    text = (ROOT / "docs" / "failures.md").read_text(encoding="utf-8")
     section = text.split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| data set")]
 
 
 def test_the_readme_table_is_this_table():
-    """Every case has its row in the README's "Bad input" table (data set, case, what happens, in
+    """Every case has its row in docs/failures.md's "Bad input" table (data set, case, what happens, in
     this order), an error case's row quotes its reason, and the table has no other row."""
     rows = readme_rows()
     assert [(row[0], row[1]) for row in rows] == [(case.dataset, case.name) for case in CASES]

@@ -328,6 +328,8 @@ def test_report_opens_in_chromium_with_its_figures_and_tables(request):
         page = browser.evaluate("document.body.innerText")
         for entry in ("Workflow", "Statistics", "Summary", "Overlays", "Metrics", "Attend-and-segment"):
             assert entry in page, entry
+        # The front page names the run's own folders (workflow/report/workflow.rst renders the config's out).
+        assert "results/logs/" in page and "results/benchmarks/" in page and "{out}" not in page, page
 
         # Every figure of every run and data set is in the report and decodes at its PNG's size.
         decoded = browser.evaluate(DECODE_FIGURES)
