@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= all
+# Test processes (pytest-xdist): the tests' own workflow runs use 2 cores each, so 2 suits a 2-core machine.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: setup run test test-fast bench report clean
@@ -21,10 +23,10 @@ report: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) --profile workflow/profiles/local --report results/report.html
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_capture.py

@@ -1,16 +1,24 @@
-"""Seed spread of the embedded toy run: the default workflow once per training seed, and the mean and
-spread of every headline number.
+"""Seed and processor spread of the embedded toy run: the default workflow once per training seed and
+kernel set, and the mean and spread of every headline number.
 
 For each seed K the toy LMM and the toy SAM are trained with seed K (``train.lmm.seed`` and
 ``train.sam.seed``; the toy world, its splits and everything else as in ``config.yaml``) and the whole
-DAG runs into ``<out>/seed-K`` (its config overlay ``<out>/seed-K.yaml`` sits beside it). The table
-gives, for every run (main and controls) and headline metric, the mean over seeds, the smallest and
-largest value and the sample standard deviation; it is printed and written to ``<out>/seeds.md`` and
-``<out>/seeds.json``. Seed 0 is the default run's seed.
+DAG runs into ``<out>/seed-K`` (its config overlay ``<out>/seed-K.yaml`` sits beside it). With
+``--kernels``, each seed runs once per kernel set (:data:`KERNEL_SETS`): the CPU float kernels torch and
+oneDNN use, which decide how the trainers' sums are rounded and so which trajectory training follows, as
+another processor's kernels do. ``native`` is what this processor picks; ``avx2`` is what a processor with
+AVX2 and no AVX-512 picks (on a processor that has AVX-512: run on one with AVX2 only, ``avx2`` and
+``native`` give the same numbers); ``default`` torch's portable kernels and oneDNN's SSE4.1 ones. A run
+of kernel set S goes into ``<out>/seed-K-S`` (``native``: ``<out>/seed-K``). The table gives, for every
+run (main and controls) and headline metric, the value of each (seed, kernel set), the mean, the smallest
+and largest value and the sample standard deviation over all of them, and whether the miniature's goals
+(:data:`GOALS`) hold in every one; it is printed and written to ``<out>/seeds.md`` and ``<out>/seeds.json``.
+Seed 0 with the native kernels is the default run.
 
-Usage (about 6 min per seed on 2 CPU cores)::
+Usage (about 5-6 min per seed and kernel set on 2 CPU cores)::
 
-    .venv/bin/python bench/toy_seeds.py --seeds 0 1 2 [--out results/seeds] [--cores 2] [--overlay config/toy-val.yaml]
+    .venv/bin/python bench/toy_seeds.py --seeds 0 1 2 [--kernels native avx2 default] [--out results/seeds] \\
+        [--cores 2] [--overlay config/toy-val.yaml]
 
 ``--overlay``: a config overlay applied before each seed's, e.g. config/toy-val.yaml to measure the
 spread on val, or config/toy-towers.yaml to train and evaluate the toy DiffLMM with every seed too (its
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +44,27 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADLINES = (("instance_seg", "point_accuracy"), ("instance_seg", "point_chance"), ("instance_seg", "AP50"),
              ("instance_seg", "AP"),
              ("gcg", "AP50"), ("gcg", "mIoU"), ("gcg", "recall"), ("gcg", "METEOR"))
+# The miniature's goals: (run, task, metric) -> the least value every seed and kernel set must reach.
+GOALS = {("main", "instance_seg", "point_accuracy"): 0.70, ("main", "instance_seg", "AP50"): 0.30,
+         ("main", "gcg", "recall"): 0.30}
+# Kernel set -> the environment that selects it (torch's ATen CPU capability, oneDNN's highest ISA).
+KERNEL_SETS = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "DNNL_MAX_CPU_ISA": "SSE41"},
+}
+
+
+def run_label(seed: int, kernels: str) -> str:
+    """A run's name in the table and its folder's suffix: "seed 2", "seed 2 avx2"."""
+    return f"seed {seed}" if kernels == "native" else f"seed {seed} {kernels}"
+
+
+def kernel_capability(kernels: str) -> str:
+    """The CPU capability torch reports under ``kernels``' environment (e.g. "AVX512", "AVX2", "DEFAULT")."""
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                          env={**os.environ, **KERNEL_SETS[kernels]}).stdout.strip()
 
 
 def seed_overlay(seed: int, folder: str, split: str, variants: dict[str, dict]) -> dict:
@@ -62,8 +92,8 @@ def seed_overlay(seed: int, folder: str, split: str, variants: dict[str, dict]) 
     }
 
 
-def run_seed(seed: int, out: Path, cores: int, overlays: list[Path]) -> list[dict]:
-    """Run the workflow for ``seed``; return its summary rows."""
+def run_seed(seed: int, out: Path, cores: int, overlays: list[Path], kernels: str = "native") -> list[dict]:
+    """Run the workflow for ``seed`` with the kernel set ``kernels``; return its summary rows."""
     split = "test"
     variants = dict(yaml.safe_load((ROOT / "config.yaml").read_text())["variants"])
     for overlay in overlays:
@@ -71,20 +101,24 @@ def run_seed(seed: int, out: Path, cores: int, overlays: list[Path]) -> list[dic
         split = config.get("synthetic", {}).get("split", split)
         for name, variant in (config.get("variants") or {}).items():
             variants[name] = {**variants.get(name, {}), **variant}
-    folder = out / f"seed-{seed}"
-    overlay_path = out / f"seed-{seed}.yaml"
+    name = f"seed-{seed}" if kernels == "native" else f"seed-{seed}-{kernels}"
+    folder = out / name
+    overlay_path = out / f"{name}.yaml"
     overlay_path.write_text(yaml.safe_dump(seed_overlay(seed, str(folder), split, variants), sort_keys=False))
     command = [str(Path(sys.executable).parent / "snakemake"), "--cores", str(cores), "--profile",
                "workflow/profiles/local", "--configfile", "config.yaml", *map(str, overlays), str(overlay_path)]
-    print(f"seed {seed}: {' '.join(command)}", flush=True)
+    label = run_label(seed, kernels)
+    print(f"{label}: {' '.join(f'{k}={v}' for k, v in KERNEL_SETS[kernels].items())} {' '.join(command)}",
+          flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    print(f"seed {seed}: workflow finished in {time.perf_counter() - start:.0f} s", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, **KERNEL_SETS[kernels]})
+    print(f"{label}: workflow finished in {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads((folder / "summary.json").read_text())
 
 
-def spread_rows(summaries: dict[int, list[dict]]) -> list[dict]:
-    """Per run and headline metric: values per seed, mean, min, max and sample standard deviation."""
+def spread_rows(summaries: dict[str, list[dict]]) -> list[dict]:
+    """Per run and headline metric: values per seed (and kernel set: ``summaries`` maps each run label to
+    its summary rows), mean, min, max and sample standard deviation."""
     rows = []
     runs = dict.fromkeys(row["run"] for rows_ in summaries.values() for row in rows_)
     for run in runs:
@@ -100,29 +134,47 @@ def spread_rows(summaries: dict[int, list[dict]]) -> list[dict]:
     return rows
 
 
+def goal_misses(rows: list[dict]) -> list[str]:
+    """Each (seed, kernel set) whose headline number is under its goal (:data:`GOALS`), as text."""
+    misses = []
+    for row in rows:
+        least = GOALS.get((row["run"], row["task"], row["metric"]))
+        misses += [f"{label}: {row['run']} {row['task']} {row['metric']} {value:.3f} < {least}"
+                   for label, value in row["values"].items() if least is not None and value < least]
+    return misses
+
+
 def markdown(rows: list[dict]) -> str:
     seeds = list(rows[0]["values"]) if rows else []
-    lines = ["| run | task | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min-max | std |",
+    lines = ["| run | task | metric | " + " | ".join(str(s) for s in seeds) + " | mean | min-max | std |",
              "|---|---|---|" + "---|" * (len(seeds) + 3)]
     for row in rows:
         values = " | ".join(f"{row['values'][s]:.3f}" for s in seeds)
         lines.append(f"| {row['run']} | {row['task']} | {row['metric']} | {values} | {row['mean']:.3f} | "
                      f"{row['min']:.3f}-{row['max']:.3f} | {row['std']:.3f} |")
+    misses = goal_misses(rows)
+    goals = ", ".join(f"{run} {task} {metric} >= {least}" for (run, task, metric), least in GOALS.items())
+    lines += ["", f"Goals ({goals}): " + ("held in every run." if not misses else "missed: " + "; ".join(misses))]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_SETS), default=["native"],
+                        help="kernel sets to run each seed with (default: native)")
     parser.add_argument("--out", type=Path, default=Path("results/seeds"))
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--overlay", type=Path, action="append", default=[],
                         help="config overlay applied before each seed's (e.g. config/toy-val.yaml)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    summaries = {seed: run_seed(seed, args.out, args.cores, args.overlay) for seed in args.seeds}
+    capabilities = {kernels: kernel_capability(kernels) for kernels in args.kernels}
+    summaries = {run_label(seed, kernels): run_seed(seed, args.out, args.cores, args.overlay, kernels)
+                 for kernels in args.kernels for seed in args.seeds}
     rows = spread_rows(summaries)
-    (args.out / "seeds.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "seeds.json").write_text(json.dumps({"torch_cpu_capability": capabilities, "rows": rows},
+                                                    indent=1))
     (args.out / "seeds.md").write_text(markdown(rows))
     print(markdown(rows))
 

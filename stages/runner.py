@@ -13,7 +13,7 @@ from pathlib import Path
 @contextlib.contextmanager
 def stage_logging(log_path: str | os.PathLike, *, threads: int = 1) -> Iterator[logging.Logger]:
     """Send logging, warnings, stdout and stderr (progress bars) of the job to ``log_path``;
-    limit torch's intra-op threads to the job's ``threads``. A failure is logged with its traceback
+    limit torch's intra-op threads to the job's ``threads`` (:func:`limit_torch_threads`). A failure is logged with its traceback
     before it propagates, so the log file always says why a job failed."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,9 +28,7 @@ def stage_logging(log_path: str | os.PathLike, *, threads: int = 1) -> Iterator[
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
-        import torch
-
-        torch.set_num_threads(max(1, int(threads)))
+        limit_torch_threads(threads)
         logger = logging.getLogger("stage")
         try:
             yield logger
@@ -42,3 +40,14 @@ def stage_logging(log_path: str | os.PathLike, *, threads: int = 1) -> Iterator[
             logging.captureWarnings(False)
     if sys.stderr is not None:
         sys.stderr.flush()
+
+
+def limit_torch_threads(threads: int) -> None:
+    """Give torch ``threads`` intra-op threads without importing it: a job that never uses torch
+    (manifest, evaluation, summary) does not pay its import. ``OMP_NUM_THREADS`` is what torch reads
+    when it is first imported; if it already is, its thread count is set directly."""
+    count = max(1, int(threads))
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)

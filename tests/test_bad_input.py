@@ -6,13 +6,16 @@ awkward kind of file and ground truth we know of. The real workflow runs once ov
 untrained models, ``shards: 2``), then every case is checked: a good case has its rows in the
 generations, phrases and masks tables and masks of the image's size as stored (no EXIF rotation);
 a bad case has an error row with the expected reason in every table; no image is lost, the
-evaluation and the overlays are computed.
+evaluation and the overlays are computed. The two data sets also carry settings of their own (the
+release's two tables': the COCO set keeps SAM's three masks per phrase, the folder one max-pooled mask),
+so the same run shows per-data-set settings at work and rerunning alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +28,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import copy_run
 from PIL import Image
 from pycocotools import mask as mask_utils
+from test_workflow import planned_jobs, snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -273,13 +278,16 @@ def build_models(work: Path) -> tuple[Path, Path]:
 
 
 def write_config(work: Path, lmm: Path, sam: Path) -> None:
+    """Both data sets with settings of their own: every phrase kept whatever category it is closest to
+    (the models are untrained) and SAM's three masks per phrase for the COCO set (the release's instance
+    segmentation), one mask of the max-pooled map for the folder (its GCG)."""
     config = {
         "out": "results",
         "shards": 2,
         "datasets": {
-            "folder": {"task": "images", "images": "data/folder"},
+            "folder": {"task": "images", "images": "data/folder", "segment": {"pool": "max"}},
             "coco": {"task": "instance_seg", "images": "data/coco", "instances": "data/instances.json",
-                     "phrases": {"category_thresh": -1.0}},
+                     "phrases": {"category_thresh": -1.0}, "segment": {"more_masks": True}},
         },
         "variants": {},
         "lmm": {"family": "llava", "path": str(lmm.relative_to(work)), "dtype": "float32"},
@@ -290,7 +298,7 @@ def write_config(work: Path, lmm: Path, sam: Path) -> None:
     (work / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bad_input_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("bad_input")
     build_data(work)
@@ -320,6 +328,7 @@ def cases_of(dataset: str) -> list[tuple[str, Case]]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bad_input")
 @pytest.mark.parametrize("dataset", ["folder", "coco"])
 def test_every_case_has_its_outcome_and_no_row_is_lost(bad_input_run, dataset):
     found = tables(bad_input_run, dataset)
@@ -366,6 +375,7 @@ def test_every_case_has_its_outcome_and_no_row_is_lost(bad_input_run, dataset):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bad_input")
 def test_non_ascii_ids_and_files_round_trip(bad_input_run):
     folder_manifest = tables(bad_input_run, "folder")["manifest"]
     assert "café 日本" in set(folder_manifest["image_id"])
@@ -376,6 +386,7 @@ def test_non_ascii_ids_and_files_round_trip(bad_input_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bad_input")
 def test_exif_rotated_masks_follow_the_stored_pixels_as_the_ground_truth_does(bad_input_run):
     """The pipeline uses the pixel array as stored (no EXIF rotation), as COCO's annotations do: the
     masks of the 40 x 24 JPEG that viewers show 24 x 40 are 24 rows by 40 columns, and the evaluator
@@ -393,6 +404,7 @@ def test_exif_rotated_masks_follow_the_stored_pixels_as_the_ground_truth_does(ba
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bad_input")
 def test_metrics_are_computed_over_every_usable_image(bad_input_run):
     metrics = json.loads((bad_input_run / "results" / "main" / "coco" / "metrics"
                           / "instance_seg.json").read_text())["instance_seg"]
@@ -406,11 +418,38 @@ def test_metrics_are_computed_over_every_usable_image(bad_input_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bad_input")
 def test_every_image_gets_its_pictures(bad_input_run):
     for dataset in ("folder", "coco"):
         pictures = {path.name for path in (bad_input_run / "results" / "main" / dataset / "visualize").iterdir()}
         for image_id, _ in cases_of(dataset):
             assert {f"{image_id}_overlay.png", f"{image_id}_attention.png"} <= pictures, (dataset, image_id)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("bad_input")
+def test_data_sets_run_with_their_own_settings_and_rerun_alone(bad_input_run, tmp_path):
+    """One workflow, two data sets with different segment settings (write_config): the COCO set keeps SAM's
+    three masks per phrase, the folder one. Changing one data set's settings reruns that data set's jobs
+    and nothing of the other's (a dry run on a copy of the run)."""
+    for dataset, expected in [("coco", [0, 1, 2]), ("folder", [2])]:
+        masks = tables(bad_input_run, dataset)["masks"]
+        masks = masks[masks["mask_index"].notna()]      # SAM's masks, an empty one (an error row) included
+        per_phrase = masks.groupby(["image_id", "phrase_index"])["mask_index"].apply(sorted)
+        assert len(per_phrase) and all(indices == expected for indices in per_phrase), (dataset, per_phrase)
+
+    work = copy_run(bad_input_run, tmp_path / "run")
+    assert planned_jobs(work) == {}
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["datasets"]["folder"]["segment"]["pool"] = "mean"
+    (work / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    dry_run = snakemake(work, "--cores", "1", "--dry-run").stdout
+    assert re.search(r"params have changed since last execution:\s+segment\s", dry_run), dry_run
+    assert "output: results/main/folder/masks/shard-0.parquet" in dry_run
+    assert "output: results/main/coco/masks/" not in dry_run
+    jobs = planned_jobs(work)
+    assert jobs.pop("segment") == 2 and jobs.pop("visualize") == 1, jobs
+    assert set(jobs) <= {"summary", "all"}, jobs
 
 
 def readme_rows() -> list[list[str]]:

@@ -51,13 +51,34 @@ def test_toy_seed_overlay_moves_every_artifact_into_the_seed_folder_and_is_valid
 
 def test_toy_seed_spread_rows_give_mean_range_and_sample_std():
     toy_seeds = _toy_seeds()
-    summaries = {seed: [{"run": "main", "task": "gcg", "recall": value, "AP50": None}]
-                 for seed, value in ((0, 0.3), (1, 0.5), (2, 0.4))}
-    (row,) = toy_seeds.spread_rows(summaries)      # AP50 is missing in a seed: left out, not averaged
-    assert row["metric"] == "recall" and row["values"] == {0: 0.3, 1: 0.5, 2: 0.4}
+    labels = [toy_seeds.run_label(0, "native"), toy_seeds.run_label(1, "native"), toy_seeds.run_label(0, "avx2")]
+    assert labels == ["seed 0", "seed 1", "seed 0 avx2"]
+    summaries = {label: [{"run": "main", "task": "gcg", "recall": value, "AP50": None}]
+                 for label, value in zip(labels, (0.3, 0.5, 0.4))}
+    (row,) = toy_seeds.spread_rows(summaries)      # AP50 is missing in a run: left out, not averaged
+    assert row["metric"] == "recall" and row["values"] == {"seed 0": 0.3, "seed 1": 0.5, "seed 0 avx2": 0.4}
     assert row["mean"] == pytest.approx(0.4) and (row["min"], row["max"]) == (0.3, 0.5)
     assert row["std"] == pytest.approx(0.1)
-    assert "| main | gcg | recall | 0.300 | 0.500 | 0.400 | 0.400 | 0.300-0.500 | 0.100 |" in toy_seeds.markdown([row])
+    table = toy_seeds.markdown([row])
+    assert "| run | task | metric | seed 0 | seed 1 | seed 0 avx2 | mean | min-max | std |" in table
+    assert "| main | gcg | recall | 0.300 | 0.500 | 0.400 | 0.400 | 0.300-0.500 | 0.100 |" in table
+    assert "held in every run" in table
+
+
+def test_toy_seed_goals_name_every_run_that_misses_one():
+    toy_seeds = _toy_seeds()
+    summaries = {"seed 0": [{"run": "main", "task": "instance_seg", "point_accuracy": 0.80, "AP50": 0.29}],
+                 "seed 0 avx2": [{"run": "main", "task": "instance_seg", "point_accuracy": 0.69, "AP50": 0.31}]}
+    rows = toy_seeds.spread_rows(summaries)
+    assert toy_seeds.goal_misses(rows) == ["seed 0 avx2: main instance_seg point_accuracy 0.690 < 0.7",
+                                           "seed 0: main instance_seg AP50 0.290 < 0.3"]
+    assert "missed: seed 0 avx2" in toy_seeds.markdown(rows)
+
+
+def test_toy_seed_kernel_sets_select_the_kernels_torch_reports():
+    """Each kernel set's environment makes torch report its CPU capability (default: the portable kernels,
+    which every x86-64 processor has)."""
+    assert _toy_seeds().kernel_capability("default") == "DEFAULT"
 
 
 def test_toy_seed_overlay_seeds_the_tower_comparison_variant_and_leaves_other_variants_alone():

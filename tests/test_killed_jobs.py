@@ -3,8 +3,9 @@ job, then the rerun the README prescribes (`snakemake --unlock`, then the same c
 `--rerun-incomplete`): it completes, nothing half-written is taken as done, and the shard's artifacts
 equal those of the uninterrupted run (greedy decoding, the same models).
 
-One workdir, to bound the time: an uninterrupted run to the shard's masks first (the reference), then
-the shard's generate outputs are deleted and the run is crashed three times, each time further on. Each
+One workdir, to bound the time: a copy of the default DAG's run (the `default_run` fixture, conftest.py:
+the uninterrupted run, the reference), whose shard's generate outputs are deleted; then the run is crashed
+three times, each time further on. Each
 job is held at its kill point by tests/kill_hook (a sitecustomize, active only in that rule's job), so
 the kill lands mid-shard (generate: after its first image) or mid-write (phrases, segment: their table
 half-written under its temporary name) however busy the machine is.
@@ -24,14 +25,14 @@ import numpy as np
 import pandas as pd
 import psutil  # a dependency of Snakemake
 import pytest
-import yaml
-from test_workflow import ROOT, SNAKEMAKE, snakemake, write_config
+from conftest import copy_run
+from test_workflow import ROOT, SNAKEMAKE, snakemake
 
 from stages.io.atomic import TMP_MARK
 from stages.io.attention import attention_attrs, open_attention
 from stages.io.tables import read_table
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_run")]
 
 HOOK = Path(__file__).resolve().parent / "kill_hook"
 SHARD = "results/main/toy_gcg/{}/shard-0.{}"
@@ -100,31 +101,29 @@ def crash(workdir: Path, rule: str, *args: str) -> tuple[Path, str]:
     return workdir / temporary, log_path.read_text()            # (a path relative to the workdir)
 
 
-def test_killed_jobs_rerun_to_the_uninterrupted_runs_artifacts(tmp_path):
-    datasets = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]
-    write_config(tmp_path, shards=1, variants={}, datasets={"toy_gcg": datasets["toy_gcg"]})
-    snakemake(tmp_path, "--cores", "2", *TARGETS)
-    reference = artifacts(tmp_path)
+def test_killed_jobs_rerun_to_the_uninterrupted_runs_artifacts(default_run, tmp_path):
+    workdir = copy_run(default_run, tmp_path / "run")
+    reference = artifacts(workdir)
     for output in OUTPUTS["generate"]:
-        path = tmp_path / output
+        path = workdir / output
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     rerun: list[str] = []
     for rule in ("generate", "phrases", "segment"):
-        temporary, log = crash(tmp_path, rule, *rerun)
+        temporary, log = crash(workdir, rule, *rerun)
         # The killed job's outputs exist only under temporary names: nothing half-written is in place.
         assert temporary.exists() and TMP_MARK in temporary.name, log
         for output in OUTPUTS[rule]:
-            assert not (tmp_path / output).exists(), (rule, output)
+            assert not (workdir / output).exists(), (rule, output)
         if rule == "generate":
             # The crash left Snakemake's lock behind: a plain rerun refuses to start and says what to do.
-            refused = snakemake(tmp_path, "--cores", "2", *TARGETS, check=False)
+            refused = snakemake(workdir, "--cores", "2", *TARGETS, check=False)
             assert refused.returncode != 0 and "--unlock" in refused.stdout + refused.stderr
-        snakemake(tmp_path, "--unlock")
+        snakemake(workdir, "--unlock")
         rerun = ["--rerun-incomplete"]
 
-    done = snakemake(tmp_path, "--cores", "2", *rerun, *TARGETS)
+    done = snakemake(workdir, "--cores", "2", *rerun, *TARGETS)
     assert re.search(r"^\s*(local)?rule segment:", done.stdout + done.stderr, re.MULTILINE)
-    assert_same_artifacts(artifacts(tmp_path), reference)
-    leftovers = [p for p in (tmp_path / "results").rglob("*") if TMP_MARK in p.name]
+    assert_same_artifacts(artifacts(workdir), reference)
+    leftovers = [p for p in (workdir / "results").rglob("*") if TMP_MARK in p.name]
     assert not leftovers, leftovers

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from browser import Browser, chromium_executable
+from conftest import copy_run
 from PIL import Image
 
 from stages.io.attention import attention_attrs, open_attention
@@ -299,16 +300,17 @@ def test_without_chromium_the_report_test_skips_except_in_ci(monkeypatch):
 
 
 @pytest.mark.slow
-def test_report_opens_in_chromium_with_its_figures_and_tables(request):
+@pytest.mark.xdist_group("default_run")
+def test_report_opens_in_chromium_with_its_figures_and_tables(request, tmp_path):
     """The default DAG's report in headless Chromium, clicked through as a reader would: every embedded
     figure decodes at its PNG's size; each image's overlay and attention grid show, with their captions;
     the summary and the toy diagnostics are rendered tables with the metrics' names and every run; the
-    runtime statistics are drawn. Screenshots (kept in the work directory) are not blank."""
+    runtime statistics are drawn. Screenshots (kept in the test's folder) are not blank."""
     executable = chromium_or_skip()
     workdir = request.getfixturevalue("default_run")
     out = workdir / "results"
-    shots = workdir / "report-screenshots"
-    shots.mkdir(exist_ok=True)
+    shots = tmp_path / "report-screenshots"
+    shots.mkdir()
     pngs = {str(path.relative_to(workdir)): path for path in out.glob("*/*/visualize/*.png")}
     assert pngs
 
@@ -402,17 +404,15 @@ def test_report_opens_in_chromium_with_its_figures_and_tables(request):
 
 
 @pytest.mark.slow
-def test_default_dag_run_twice_writes_the_same_artifacts_and_metrics(default_run, tmp_path):
+@pytest.mark.xdist_group("second_run")
+def test_a_second_run_from_scratch_writes_the_same_artifacts_and_metrics(second_run, default_run):
     """Two runs of the default config give equal tables (content and metadata, the provenance record
-    included), attention stores and metrics. The second run, in a fresh work directory, makes the main
-    run's metrics of both data sets: it draws the world, trains both toy models and runs every stage
-    again (19 jobs, about 4 minutes on 2 cores); the first is the default DAG's run. The records
-    being equal also says both runs trained bit-identical models (their content hashes)."""
-    write_config(tmp_path, shards=2)
+    included), attention stores and metrics. The second (conftest.py, `second_run`: on the single-node Slurm
+    where the machine has one, else locally) runs the main run again in a fresh work directory: it draws
+    the world, trains both toy models and runs every stage again. The records being equal also says both
+    runs trained bit-identical models (their content hashes)."""
     tasks = {"toy_instances": "instance_seg", "toy_gcg": "gcg"}
-    snakemake(tmp_path, "--cores", "2", *(f"results/main/{dataset}/metrics/{task}.json"
-                                          for dataset, task in tasks.items()))
-    first, second = default_run / "results", tmp_path / "results"
+    first, second = default_run / "results", second_run.workdir / "results"
     tables = sorted(path.relative_to(second) for path in second.rglob("*.parquet"))
     assert len(tables) == len(tasks) * (1 + 2 * 3), tables    # a manifest, 2 shards of 3 tables each
     for table in tables:
@@ -427,11 +427,16 @@ def test_default_dag_run_twice_writes_the_same_artifacts_and_metrics(default_run
         metrics = [json.loads((out / "main" / dataset / "metrics" / f"{task}.json").read_text())
                    for out in (first, second)]
         assert metrics[0] == metrics[1] and metrics[0]["provenance"]["models"], dataset
+    for name in ("toy_diagnostics.json", "summary.json"):
+        assert (second / name).is_file(), name
+    assert json.loads((second / "toy_diagnostics.json").read_text()) == \
+        json.loads((first / "toy_diagnostics.json").read_text())
 
 
 @pytest.mark.slow
-def test_default_dag_runs_and_reruns_only_the_deleted_shard(default_run):
-    workdir = default_run  # changed below: the report test comes first
+@pytest.mark.xdist_group("default_run")
+def test_default_dag_runs_and_reruns_only_the_deleted_shard(default_run, tmp_path):
+    workdir = copy_run(default_run, tmp_path / "run")
     out = workdir / "results"
     run = out / "main"
     for dataset, task in [("toy_instances", "instance_seg"), ("toy_gcg", "gcg")]:
@@ -471,35 +476,3 @@ def test_default_dag_runs_and_reruns_only_the_deleted_shard(default_run):
     jobs = planned_jobs(workdir)
     runs = 1 + len(config["variants"])
     assert jobs.get("segment") == 2 * 2 * runs and "generate" not in jobs and "phrases" not in jobs, jobs
-
-
-@pytest.mark.slow
-def test_data_sets_run_with_their_own_settings_and_rerun_alone(tmp_path):
-    """One workflow, two data sets with different segment settings (instance segmentation keeps SAM's
-    three masks and mean-pools, GCG keeps one and max-pools: the release's two settings). Changing one
-    data set's settings reruns that data set's jobs and nothing of the other's."""
-    datasets = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]
-    datasets["toy_instances"]["segment"] = {"more_masks": True}
-    # The toy LMM is barely trained here: keep every phrase whatever category it is closest to.
-    datasets["toy_instances"]["phrases"] = {"category_thresh": -1.0}
-    datasets["toy_gcg"]["segment"] = {"pool": "max"}
-    write_config(tmp_path, shards=1, variants={}, datasets=datasets)
-    snakemake(tmp_path, "--cores", "2")
-    run = tmp_path / "results" / "main"
-    for dataset, expected in [("toy_instances", [0, 1, 2]), ("toy_gcg", [2])]:
-        masks = pd.read_parquet(run / dataset / "masks" / "shard-0.parquet")
-        masks = masks[masks["error"].isna()]
-        per_phrase = masks.groupby(["image_id", "phrase_index"])["mask_index"].apply(sorted)
-        assert len(per_phrase) and all(indices == expected for indices in per_phrase), (dataset, per_phrase)
-    assert planned_jobs(tmp_path) == {}
-
-    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    config["datasets"]["toy_gcg"]["segment"]["pool"] = "mean"
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    dry_run = snakemake(tmp_path, "--cores", "1", "--dry-run").stdout
-    assert re.search(r"params have changed since last execution:\s+segment\s", dry_run), dry_run
-    assert "output: results/main/toy_gcg/masks/shard-0.parquet" in dry_run
-    assert "output: results/main/toy_instances/masks/shard-0.parquet" not in dry_run
-    jobs = planned_jobs(tmp_path)
-    assert jobs.pop("segment") == 1 and jobs.pop("evaluate_gcg") == 1 and jobs.pop("visualize") == 1, jobs
-    assert set(jobs) <= {"summary", "all"}, jobs
