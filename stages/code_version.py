@@ -15,6 +15,10 @@ What a module's hash covers: its syntax tree without docstrings, so editing comm
 docstrings changes nothing, and any other edit changes the version, whether or not it changes what the
 rule writes. Not covered: third-party packages and data files (the schema's defaults reach the rules
 through their config params).
+
+Every Snakemake process computes these versions when it reads the workflow (a run, a dry run, and on a
+cluster every job again), so each file's parse is kept on disk (:func:`parse_cache_dir`), under a hash of
+its content: a file seen before costs a read and a hash instead of a parse.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
+import sys
 from pathlib import Path
 
 TRACKED_PACKAGES = ("stages", "schemas")
@@ -86,7 +92,12 @@ class _Parsed:
     which may be a module; relative imports resolved against ``package``) and its string constants that
     look like dotted module names. One walk over the tree does both."""
 
-    def __init__(self, source: str, package: str | None):
+    def __init__(self, digest: str, references: frozenset[str]):
+        self.digest = digest
+        self.references = references
+
+    @classmethod
+    def parse(cls, source: str, package: str | None) -> _Parsed:
         tree = ast.parse(source)
         names: set[str] = set()
         for node in ast.walk(tree):
@@ -105,8 +116,7 @@ class _Parsed:
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
                     and _DOTTED_NAME.fullmatch(node.value):
                 names.add(node.value)
-        self.digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
-        self.references = frozenset(names)
+        return cls(hashlib.sha256(ast.dump(tree).encode()).hexdigest(), frozenset(names))
 
 
 def _parsed(path: Path, package: str | None) -> _Parsed:
@@ -118,7 +128,36 @@ def _parsed(path: Path, package: str | None) -> _Parsed:
 @functools.cache
 def _parse_cached(path: str, package: str | None, file_stamp: tuple[int, int]) -> _Parsed:
     """``file_stamp`` (mtime, size) is part of the cache key only: an edited file is parsed again."""
-    return _Parsed(Path(path).read_text(), package)
+    source = Path(path).read_bytes()
+    # The syntax tree's dump depends on the Python version: a parse is reused by the same version only.
+    key = hashlib.sha256(b"\0".join([f"{sys.version_info[0]}.{sys.version_info[1]}".encode(),
+                                     (package or "").encode(), source])).hexdigest()
+    entry = parse_cache_dir() / key
+    try:
+        cached = json.loads(entry.read_text())
+        return _Parsed(cached["digest"], frozenset(cached["references"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    parsed = _Parsed.parse(source.decode(), package)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"digest": parsed.digest, "references": sorted(parsed.references)}))
+        os.replace(temporary, entry)
+    except OSError:
+        pass
+    return parsed
+
+
+def parse_cache_dir() -> Path:
+    """Where parses are kept: ``$AAS_CODE_VERSION_CACHE`` if set, else
+    ``$XDG_CACHE_HOME/attend-and-segment/code-version`` (``~/.cache/...`` when XDG_CACHE_HOME is unset).
+    Entries are written atomically, so concurrent processes may share it; an unwritable folder only means
+    every file is parsed each time."""
+    if os.environ.get("AAS_CODE_VERSION_CACHE"):
+        return Path(os.environ["AAS_CODE_VERSION_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attend-and-segment" / "code-version"
 
 
 def _is_docstring(statement: ast.stmt) -> bool:

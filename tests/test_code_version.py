@@ -61,6 +61,43 @@ def test_the_version_follows_code_not_comments_docstrings_or_unimported_modules(
     assert code_version(script, packages) != version
 
 
+def test_parses_are_kept_on_disk_by_content(package, tmp_path, monkeypatch):
+    """Every Snakemake process computes the versions again: a file parsed once (by any process) is read from
+    the cache folder after; a changed file, a damaged entry and an unwritable folder are parsed anew."""
+    from stages import code_version as module
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AAS_CODE_VERSION_CACHE", str(cache))
+    script, packages = package / "script.py", ("cvpkg",)
+    module._parse_cached.cache_clear()
+    version = code_version(script, packages)
+    entries = sorted(cache.iterdir())
+    assert len(entries) == 4                        # the script, the package, a and b
+
+    parses = []
+    parse = module._Parsed.parse
+    monkeypatch.setattr(module._Parsed, "parse", classmethod(lambda cls, *args: parses.append(args) or
+                                                               parse(*args)))
+    module._parse_cached.cache_clear()              # a new process: only the disk cache is left
+    assert code_version(script, packages) == version and parses == []
+
+    b = package / "cvpkg" / "b.py"
+    b.write_text(b.read_text().replace("return 2", "return 3"))
+    module._parse_cached.cache_clear()
+    assert code_version(script, packages) != version and len(parses) == 1
+
+    for entry in entries:
+        entry.write_text("{not json")
+    module._parse_cached.cache_clear()
+    changed = code_version(script, packages)
+    assert len(parses) == 1 + 3                     # b's new parse was cached; the damaged three parsed again
+
+    monkeypatch.setenv("AAS_CODE_VERSION_CACHE", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")
+    module._parse_cached.cache_clear()
+    assert code_version(script, packages) == changed
+
+
 # ---- The workflow: a dry run after a code change plans the rules that run that code, and what follows.
 
 def snakemake(code: Path, workdir: Path, *args: str) -> str:
