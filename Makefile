@@ -23,10 +23,10 @@ report: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) --profile workflow/profiles/local --report results/report.html
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_capture.py

@@ -1,14 +1,17 @@
 """Fixtures shared by test files: the workflow runs that several tests read, each made once per session.
 
-`make test` runs the tests in two processes (pytest-xdist, ``-n 2 --dist loadgroup``): each file's tests stay
-in one process, so that a module's fixtures are made once (:func:`pytest_collection_modifyitems`); tests of
-several files that read one run go together by their ``xdist_group`` mark; and a run that tests of two
-processes read (``default_run``) is made once, by whichever process asks first, the other waiting for it
-(:func:`shared`).
+`make test` runs the tests in two processes (pytest-xdist, ``-n 2 --dist loadscope``) with this file's
+scheduling (:func:`pytest_xdist_make_scheduler`): a test's unit of work is its file, so that a module's
+fixtures are made once, except for the tests of several files that read one shared run, which go together
+(:data:`SHARED_RUN_GROUPS`), and the tests of a few files of short tests, each a unit of its own
+(:data:`FILLERS`); the units that take minutes start first (:data:`FIRST`) and the short ones last, so that
+the two processes finish together. A run read from both processes (``default_run``, ``second_run``) is made once,
+by whichever asks first, the other waiting for it (:func:`shared`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -20,14 +23,72 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+# Tests of several files that read one shared run: node id (a whole file, or file::test) -> group. They run
+# in one process, one after the other, so that no process waits for a run another is making.
+SHARED_RUN_GROUPS = {
+    "tests/test_killed_jobs.py": "default_run",
+    "tests/test_workflow.py::test_report_opens_in_chromium_with_its_figures_and_tables": "default_run",
+    "tests/test_workflow.py::test_default_dag_runs_and_reruns_only_the_deleted_shard": "default_run",
+    "tests/test_slurm.py::test_default_dag_on_a_single_node_slurm_matches_the_local_run": "second_run",
+    "tests/test_workflow.py::test_a_second_run_from_scratch_writes_the_same_artifacts_and_metrics": "second_run",
+}
+# Units of work that take minutes, in the order they start: the shared runs' groups, then the files with
+# the longest runs of their own; every other unit after them, slow files first.
+FIRST = ("second_run", "default_run", "tests/test_presets.py", "tests/test_bad_input.py")
+# Files of many short tests (dry runs) and no module fixture: each test is a unit of its own, and they run
+# last, so that small units keep both processes busy to the end.
+FILLERS = ("tests/test_workflow.py", "tests/test_docs.py")
 
-@pytest.hookimpl(tryfirst=True)
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its shared-run group, else itself in a file of :data:`FILLERS`,
+    else its file."""
+    for prefix, group in SHARED_RUN_GROUPS.items():
+        if nodeid == prefix or nodeid.startswith((prefix + "::", prefix + "[")):
+            return group
+    file = nodeid.split("::", 1)[0]
+    return nodeid if file in FILLERS else file
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test without an ``xdist_group`` mark joins the group of its file (pytest-xdist's loadgroup keeps a
-    group in one process; it reads the marks after this hook)."""
+    """Order the tests as their units of work start (:data:`FIRST`, then slow files, then the other files,
+    then :data:`FILLERS`), and
+    check that every test reading a shared run is in the group of that run (:data:`SHARED_RUN_GROUPS`)."""
     for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+        for fixture in ("default_run", "second_run"):
+            if fixture in getattr(item, "fixturenames", ()) and \
+                    work_unit(item.nodeid) not in ("default_run", "second_run"):
+                raise pytest.UsageError(f"{item.nodeid} reads the {fixture} run: add it to SHARED_RUN_GROUPS "
+                                        "in tests/conftest.py")
+
+    def rank(item: pytest.Item) -> int:
+        scope = work_unit(item.nodeid)
+        if scope in FIRST:
+            return FIRST.index(scope)
+        if item.nodeid.split("::", 1)[0] in FILLERS:
+            return len(FIRST) + 2
+        return len(FIRST) + (0 if any(other.get_closest_marker("slow") for other in by_scope[scope]) else 1)
+
+    by_scope: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_scope.setdefault(work_unit(item.nodeid), []).append(item)
+    items.sort(key=rank)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With ``--dist loadscope``: units of work as :func:`work_unit` makes them, started in the order of
+    the collection (:func:`pytest_collection_modifyitems`). (pytest-xdist's own ``loadgroup`` marks have no
+    effect under pytest 9, which no longer reads the node id they rewrite.)"""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return SharedRunScheduling(config, log)
 
 
 def copy_run(workdir: Path, destination: Path) -> Path:
@@ -98,10 +159,16 @@ def second_run(tmp_path_factory) -> SecondRun:
     from test_slurm import run_on_slurm, second_run_config, slurm_available
     from test_workflow import snakemake
 
-    workdir = tmp_path_factory.mktemp("second_run")
-    second_run_config(workdir)
-    if slurm_available():
-        return run_on_slurm(workdir)
-    started = time.monotonic()
-    snakemake(workdir, "--cores", "2")
-    return SecondRun(workdir, "local", None, time.monotonic() - started)
+    def make(folder: Path) -> None:
+        workdir = folder / "work"
+        second_run_config(workdir)
+        if slurm_available():
+            executor, jobs, seconds = "slurm", *run_on_slurm(workdir)
+        else:
+            started = time.monotonic()
+            snakemake(workdir, "--cores", "2")
+            executor, jobs, seconds = "local", None, time.monotonic() - started
+        (folder / "run.json").write_text(json.dumps({"executor": executor, "jobs": jobs, "seconds": seconds}))
+
+    folder = shared(tmp_path_factory, "second_run", make)
+    return SecondRun(folder / "work", **json.loads((folder / "run.json").read_text()))

@@ -328,7 +328,6 @@ def cases_of(dataset: str) -> list[tuple[str, Case]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bad_input")
 @pytest.mark.parametrize("dataset", ["folder", "coco"])
 def test_every_case_has_its_outcome_and_no_row_is_lost(bad_input_run, dataset):
     found = tables(bad_input_run, dataset)
@@ -375,7 +374,6 @@ def test_every_case_has_its_outcome_and_no_row_is_lost(bad_input_run, dataset):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bad_input")
 def test_non_ascii_ids_and_files_round_trip(bad_input_run):
     folder_manifest = tables(bad_input_run, "folder")["manifest"]
     assert "café 日本" in set(folder_manifest["image_id"])
@@ -386,7 +384,6 @@ def test_non_ascii_ids_and_files_round_trip(bad_input_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bad_input")
 def test_exif_rotated_masks_follow_the_stored_pixels_as_the_ground_truth_does(bad_input_run):
     """The pipeline uses the pixel array as stored (no EXIF rotation), as COCO's annotations do: the
     masks of the 40 x 24 JPEG that viewers show 24 x 40 are 24 rows by 40 columns, and the evaluator
@@ -404,7 +401,6 @@ def test_exif_rotated_masks_follow_the_stored_pixels_as_the_ground_truth_does(ba
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bad_input")
 def test_metrics_are_computed_over_every_usable_image(bad_input_run):
     metrics = json.loads((bad_input_run / "results" / "main" / "coco" / "metrics"
                           / "instance_seg.json").read_text())["instance_seg"]
@@ -418,7 +414,6 @@ def test_metrics_are_computed_over_every_usable_image(bad_input_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bad_input")
 def test_every_image_gets_its_pictures(bad_input_run):
     for dataset in ("folder", "coco"):
         pictures = {path.name for path in (bad_input_run / "results" / "main" / dataset / "visualize").iterdir()}
@@ -427,7 +422,6 @@ def test_every_image_gets_its_pictures(bad_input_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bad_input")
 def test_data_sets_run_with_their_own_settings_and_rerun_alone(bad_input_run, tmp_path):
     """One workflow, two data sets with different segment settings (write_config): the COCO set keeps SAM's
     three masks per phrase, the folder one. Changing one data set's settings reruns that data set's jobs

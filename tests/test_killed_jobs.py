@@ -32,7 +32,7 @@ from stages.io.atomic import TMP_MARK
 from stages.io.attention import attention_attrs, open_attention
 from stages.io.tables import read_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_run")]
+pytestmark = pytest.mark.slow
 
 HOOK = Path(__file__).resolve().parent / "kill_hook"
 SHARD = "results/main/toy_gcg/{}/shard-0.{}"

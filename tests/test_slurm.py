@@ -237,12 +237,10 @@ def second_run_config(workdir: Path) -> dict:
     return write_config(workdir, shards=2, variants={}, cluster={**PARTITIONS, "request_gpus": False})
 
 
-def run_on_slurm(workdir: Path):
+def run_on_slurm(workdir: Path) -> tuple[list[dict[str, str]], float]:
     """Start the single-node Slurm, run the workflow of ``workdir`` through workflow/profiles/slurm, sized to
-    the one node (1 CPU and 1-2 GB a job, 30 min), statuses from squeue; record every job the controller ran;
-    stop the cluster. Returns the conftest's ``SecondRun``."""
-    from conftest import SecondRun
-
+    the one node (1 CPU and 1-2 GB a job, 30 min), statuses from squeue; stop the cluster. Returns every job
+    the controller ran (scontrol's fields) and the run's wall time in seconds."""
     # munged wants every folder above its socket open to all: /tmp, not pytest's private tmp_path.
     root = Path(tempfile.mkdtemp(prefix="aas-slurm-", dir="/tmp"))
     root.chmod(0o755)
@@ -266,14 +264,13 @@ def run_on_slurm(workdir: Path):
         elapsed = time.monotonic() - started
         output = result.stdout[-6000:] + result.stderr[-6000:]
         assert result.returncode == 0, f"snakemake on Slurm failed:\n{output}\n{cluster.logs()}"
-        return SecondRun(workdir, "slurm", cluster.jobs(), elapsed)
+        return cluster.jobs(), elapsed
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("second_run")
 def test_default_dag_on_a_single_node_slurm_matches_the_local_run(second_run, default_run):
     """The default DAG's main run through workflow/profiles/slurm (conftest.py, `second_run`): every job ran
     as a Slurm job and completed, the GPU rules on the config's GPU partition asking for no GPU, the rest on

@@ -211,9 +211,11 @@ launch.main(["--recipe", sys.argv[2], "--stage", "2", "--run-dir", sys.argv[1], 
 """
 
 
+@pytest.mark.slow
 def test_killed_stage_2_resumes_to_the_uninterrupted_weights(offline, tmp_path, hub, caplog):
     """SIGKILL in step 3 of 6 (after the step-2 checkpoint, mid-accumulation), rerun: it continues at step
-    2 and ends with exactly the weights of the uninterrupted run (same seed, same machine, one thread)."""
+    2 and ends with exactly the weights of the uninterrupted run (same seed, same machine, one thread).
+    Slow (about 10 s): a training process of its own to kill, besides the two trainings it compares."""
     from safetensors.torch import load_file
 
     data = write_data(tmp_path)

@@ -300,7 +300,6 @@ def test_without_chromium_the_report_test_skips_except_in_ci(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("default_run")
 def test_report_opens_in_chromium_with_its_figures_and_tables(request, tmp_path):
     """The default DAG's report in headless Chromium, clicked through as a reader would: every embedded
     figure decodes at its PNG's size; each image's overlay and attention grid show, with their captions;
@@ -404,7 +403,6 @@ def test_report_opens_in_chromium_with_its_figures_and_tables(request, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("second_run")
 def test_a_second_run_from_scratch_writes_the_same_artifacts_and_metrics(second_run, default_run):
     """Two runs of the default config give equal tables (content and metadata, the provenance record
     included), attention stores and metrics. The second (conftest.py, `second_run`: on the single-node Slurm
@@ -434,7 +432,6 @@ def test_a_second_run_from_scratch_writes_the_same_artifacts_and_metrics(second_
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("default_run")
 def test_default_dag_runs_and_reruns_only_the_deleted_shard(default_run, tmp_path):
     workdir = copy_run(default_run, tmp_path / "run")
     out = workdir / "results"
