@@ -71,7 +71,7 @@ def make_manifest(folder: Path) -> Path:
     for k, (height, width) in enumerate(IMAGE_SIZES):
         file = folder / f"noise{k}.png"
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(file)
-        rows.append({"image_id": f"noise{k}", "file": str(file), "width": width, "height": height, "shard": 0,
+        rows.append({"sample_id": f"noise{k}", "image_id": f"noise{k}", "file": str(file), "width": width, "height": height, "shard": 0,
                      "error": None})
     path = folder / "manifest.parquet"
     write_table(rows, path, "manifest")
@@ -188,7 +188,8 @@ def eager_reference(toy: Path, manifest_rows: list[dict], cfg: GenerateConfig, d
         side = round(rows.shape[-1] ** 0.5)
         for b, m in enumerate(batch):
             n = max_tokens[m["image_id"]]                  # the stage trims after end-of-sequence
-            table.append({"image_id": m["image_id"], "token_ids": generated[b, :n].tolist(), "num_tokens": n})
+            table.append({"sample_id": m["sample_id"], "image_id": m["image_id"],
+                          "token_ids": generated[b, :n].tolist(), "num_tokens": n})
             rows_by_id[m["image_id"]] = rows[b, :n].reshape(n, side, side)
     del model
     return {"table": table, "rows": rows_by_id}
@@ -201,8 +202,8 @@ def fabricate_phrases(run: dict, path: Path) -> Path:
         n = g["num_tokens"]
         groups = [[0], list(range(min(3, n))), [n - 1]] if n else []
         for k, tokens in enumerate(groups):
-            rows.append({"image_id": g["image_id"], "phrase_index": k, "text": f"phrase {k}",
-                         "token_indices": tokens, "category_id": 1 + k})
+            rows.append({"sample_id": g["sample_id"], "image_id": g["image_id"], "phrase_index": k,
+                         "text": f"phrase {k}", "token_indices": tokens, "category_id": 1 + k})
     write_table(rows, path, "phrases")
     return path
 

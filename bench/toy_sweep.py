@@ -75,7 +75,7 @@ def write_val(out: Path, num_val: int, image_size: tuple[int, int]) -> Path:
         ex = cached_make_example(0, "val", i, image_size)
         file = folder / f"{ex.scene.image_id}.jpg"
         Image.fromarray(ex.pixels).save(file, quality=synthetic.JPEG_QUALITY, subsampling=0)
-        rows.append({"image_id": ex.scene.image_id, "file": str(file), "width": ex.scene.width,
+        rows.append({"sample_id": ex.scene.image_id, "image_id": ex.scene.image_id, "file": str(file), "width": ex.scene.width,
                      "height": ex.scene.height, "shard": 0, "error": None})
     write_table(rows, out / "val_manifest.parquet", "manifest")
     return out / "val_manifest.parquet"

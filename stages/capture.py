@@ -23,6 +23,16 @@ Cost: besides three small kernels per layer and step, the capture reads each lay
 for the newest query (the SDPA/flash kernel does not return its probabilities), i.e. about half the
 cost of decoding attention; see bench/bench_capture.py.
 
+Teacher forcing (scoring a forced answer in one forward pass): ``recording(positions, queries=Q)``
+records, per step, the rows of the last Q query positions of each sequence instead of the newest
+only (oldest first), each with its own causal mask: the query at position p sees the keys <= p that
+the padding mask allows (SDPA's 4D mask holds this already; with no mask, or flash's 2D padding
+mask, the capture builds the causal part). The step buffer becomes (batch, heads, Q, keys) float32.
+One forward over the left-padded ``prompt + answer`` batch (:func:`left_pad`) with Q = the longest
+answer's length + 1 then gives every answer token its row: :meth:`AttentionCapture.query_rows` per
+item, :func:`forced_rows` to pick the "emitting" query (the one before the token: what generation
+records) or the token's "own" query.
+
 Models spread over several GPUs (``lmm.gpus``, :mod:`stages.devices`): each layer's rows are
 computed on that layer's device, against the mask as it reaches that layer (the additive bias is
 cached per device), then moved to one accumulator device, the device of the image positions (the
@@ -169,26 +179,37 @@ def _normalise_indices(selection: Literal["all"] | Sequence[int], size: int, wha
 
 
 def _additive_mask_row(attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int, keys: int,
-                       like: torch.Tensor) -> torch.Tensor:
-    """The newest query's mask row as an additive bias (B * H_kv, 1, K) in ``like``'s dtype and device:
-    0 where the key is visible, -inf where masked; a zero (1, 1, 1) when there is no mask.
+                       like: torch.Tensor, queries: int = 1, group: int = 1) -> torch.Tensor:
+    """The captured queries' mask rows as an additive bias in ``like``'s dtype and device: 0 where the
+    key is visible, -inf where masked.
 
-    ``attention_mask``: None, SDPA's 4D mask (B or 1, 1, Q, K) (bool: True = attend; float: additive)
-    or flash's 2D padding mask (B, K) (nonzero = real token), on any device (its row is moved to
-    ``like``'s; a no-op when it is there already).
+    ``queries`` == 1 (the newest query): (B * H_kv, 1, K), broadcast over the query heads of each
+    key/value head; a zero (1, 1, 1) when there is no mask (the newest query sees every key).
+    ``queries`` = Q > 1 (the last Q queries, query i at position K - Q + i): (B * H_kv, group * Q, K),
+    row g * Q + i the mask of query i for the g-th of the ``group`` query heads that read one
+    key/value head (the row order of the queries in :meth:`_Recording.observe`).
+
+    ``attention_mask``: None (causal, no padding), SDPA's 4D mask (B or 1, 1, Q_step, K) (bool: True =
+    attend; float: additive; it already holds the causal part) or flash's 2D padding mask (B, K)
+    (nonzero = real token; the causal part is added here), on any device (moved to ``like``'s; a
+    no-op when it is there already).
     """
-    if attention_mask is None:
+    if attention_mask is None and queries == 1:
         return like.new_zeros(1, 1, 1)
-    if attention_mask.dim() == 2:
-        visible = attention_mask[:, None, :].to(like.device) != 0
+    if attention_mask is not None and attention_mask.dim() == 4:
+        visible = attention_mask[:, :, -queries:, :].to(like.device)                  # (B or 1, 1, Q, K)
     else:
-        visible = attention_mask[:, :, -1, :].to(like.device)
+        visible = torch.ones(queries, keys, dtype=torch.bool, device=like.device).tril(keys - queries)[None, None]
+        if attention_mask is not None:
+            visible = visible & (attention_mask[:, None, None, :].to(like.device) != 0)
     if visible.dtype == torch.bool:
         bias = torch.zeros(visible.shape, dtype=like.dtype, device=like.device)
         bias.masked_fill_(~visible, float("-inf"))
     else:
         bias = visible.to(like.dtype)
-    return bias.expand(batch, num_kv_heads, keys).reshape(batch * num_kv_heads, 1, keys)
+    heads_per_row = group if queries > 1 else 1
+    return (bias[:, :, None].expand(batch, num_kv_heads, heads_per_row, queries, keys)
+            .reshape(batch * num_kv_heads, heads_per_row * queries, keys))
 
 
 @dataclasses.dataclass
@@ -207,14 +228,16 @@ class _Recording:
     heads: torch.Tensor | None             # selected query heads, None = all
     num_layers: int                        # number of selected layers
     num_heads: int                         # number of selected heads
-    # (B, H, K) float32: this step's softmax rows summed over layers (all on image_positions' device)
+    queries: int = 1                       # Q: the last Q query positions of each step are captured
+    # (B, H, Q, K) float32: this step's softmax rows summed over layers (all on image_positions' device)
     step_sum: torch.Tensor | None = None
     layers_seen: int = 0
-    # device -> (the attention mask the bias was built from, (B * H_kv, 1, K) additive mask of the
-    # newest query in the query dtype on that device)
+    # device -> (the attention mask the bias was built from, its :func:`_additive_mask_row` bias of
+    # the captured queries in the query dtype on that device)
     biases: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor]] = dataclasses.field(
         default_factory=dict)
-    rows: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per step (B, N_max) float32
+    # per step (B, N_max) float32 when queries == 1, (B, Q, N_max) float32 (oldest query first) when > 1
+    rows: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     def start_step(self) -> None:
         self.step_sum = None
@@ -222,33 +245,41 @@ class _Recording:
         self.layers_seen = 0
 
     def _newest_query_bias(self, attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int,
-                           keys: int, like: torch.Tensor) -> torch.Tensor:
-        """:func:`_additive_mask_row` on ``like``'s device, built once per step and device (the
-        layers of one device get the same mask object)."""
+                           keys: int, like: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """:func:`_additive_mask_row` of the captured queries on ``like``'s device, built once per
+        step and device (the layers of one device get the same mask object); ``group``: query heads
+        per key/value head."""
         cached = self.biases.get(like.device)
         if cached is None or attention_mask is not cached[0]:
-            cached = (attention_mask, _additive_mask_row(attention_mask, batch, num_kv_heads, keys, like))
+            bias = _additive_mask_row(attention_mask, batch, num_kv_heads, keys, like, self.queries, group)
+            cached = (attention_mask, bias)
             self.biases[like.device] = cached
         return cached[1]
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                 scaling: float | None) -> None:
-        """Add one layer's newest-query softmax rows (all heads) to the step buffer.
+        """Add one layer's softmax rows of the last ``queries`` queries (all heads) to the step buffer.
 
-        ``query``: (B, H, Q, D); ``key``: (B, H_kv, K, D) including the cache (query head h reads
-        key head h // (H / H_kv), as transformers' ``repeat_kv``); ``attention_mask``: None (every key
-        visible to the newest query), SDPA's 4D mask (B, 1, Q, K) (bool: True = attend; float:
-        additive) or flash's 2D padding mask (B, K) (nonzero = real token); all on the layer's device,
-        which may differ from the accumulator's (the rows are moved there).
+        ``query``: (B, H, Q_step, D), Q_step >= ``queries`` (ValueError otherwise, e.g. a decoding
+        step of ``generate`` under ``queries`` > 1); ``key``: (B, H_kv, K, D) including the cache
+        (query head h reads key head h // (H / H_kv), as transformers' ``repeat_kv``; the query
+        positions are the last Q_step key positions); ``attention_mask``: None (causal, no padding),
+        SDPA's 4D mask (B, 1, Q_step, K) (bool: True = attend; float: additive) or flash's 2D
+        padding mask (B, K) (nonzero = real token); all on the layer's device, which may differ
+        from the accumulator's (the rows are moved there).
         """
-        batch, num_heads, _, head_dim = query.shape
+        batch, num_heads, step_queries, head_dim = query.shape
+        if step_queries < self.queries:
+            raise ValueError(f"the recording captures the last {self.queries} queries of each forward call, "
+                             f"but a call brought {step_queries} (a decoding step of generate?)")
         num_kv_heads, keys = key.shape[1], key.shape[2]
-        newest = query[:, :, -1, :].reshape(batch * num_kv_heads, num_heads // num_kv_heads, head_dim)
+        group = num_heads // num_kv_heads
+        captured = query[:, :, -self.queries:, :].reshape(batch * num_kv_heads, group * self.queries, head_dim)
         keys_t = key.reshape(batch * num_kv_heads, keys, head_dim).transpose(1, 2)
-        bias = self._newest_query_bias(attention_mask, batch, num_kv_heads, keys, query)
-        scores = torch.baddbmm(bias, newest, keys_t, beta=0 if attention_mask is None else 1,
+        bias = self._newest_query_bias(attention_mask, batch, num_kv_heads, keys, query, group)
+        scores = torch.baddbmm(bias, captured, keys_t, beta=0 if attention_mask is None and self.queries == 1 else 1,
                                alpha=head_dim ** -0.5 if scaling is None else scaling)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(batch, num_heads, keys)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(batch, num_heads, self.queries, keys)
         probs = probs.to(self.image_positions.device)
         if self.step_sum is None:
             self.step_sum = probs
@@ -262,8 +293,9 @@ class _Recording:
                 f"attention capture saw {self.layers_seen} of {self.num_layers} selected layers in one "
                 "forward call; the model's attention does not go through the capture implementation")
         selected = self.step_sum if self.heads is None else self.step_sum.index_select(1, self.heads)
-        image_columns = selected.sum(dim=1).gather(1, self.image_positions)
-        self.rows.append(image_columns / (self.num_layers * self.num_heads))
+        index = self.image_positions[:, None, :].expand(-1, self.queries, -1)
+        image_columns = selected.sum(dim=1).gather(2, index) / (self.num_layers * self.num_heads)
+        self.rows.append(image_columns[:, 0] if self.queries == 1 else image_columns)
         self.start_step()
 
 
@@ -286,6 +318,15 @@ class AttentionCapture:
     With a different number of image keys per item, pass one 1-D position tensor per item and read
     ``capture.item_rows()``: item b's (steps, N_b) rows.
 
+    Teacher forcing: one forward over prompts + forced answers (:func:`left_pad`), the last
+    ``queries`` = T_max + 1 query positions captured::
+
+        input_ids, attention_mask = left_pad([torch.cat([p, a]) for p, a in zip(prompts, answers)], pad_id)
+        positions = image_token_positions(input_ids, model.config.image_token_id)
+        with capture.recording(positions, queries=max(len(a) for a in answers) + 1):
+            model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        rows = [forced_rows(q, len(a), "emitting") for q, a in zip(capture.query_rows(), answers)]
+
     Outside ``recording`` the model is untouched.
     """
 
@@ -305,6 +346,7 @@ class AttentionCapture:
         self._recording: _Recording | None = None
         self._rows: torch.Tensor | None = None
         self._lengths: list[int] = []
+        self._queries = 1
         self._text_implementation()
         register_capture_attention()
 
@@ -317,23 +359,28 @@ class AttentionCapture:
         return implementation
 
     @contextlib.contextmanager
-    def recording(self,
-                  image_positions: torch.Tensor | Sequence[torch.Tensor]) -> Iterator[AttentionCapture]:
+    def recording(self, image_positions: torch.Tensor | Sequence[torch.Tensor],
+                  queries: int = 1) -> Iterator[AttentionCapture]:
         """Capture every forward call of the model made inside the block.
 
         ``image_positions``: key positions of the image tokens of each sequence, on the device of
         the model's input embedding (where the rows are accumulated): a (B, N_img) int64 tensor
         (see :func:`image_token_positions`), or B 1-D tensors when items have different numbers of
-        image tokens (see :func:`padded_positions`). Rows of a previous recording are discarded.
+        image tokens (see :func:`padded_positions`). ``queries``: how many query positions, the
+        last of each forward call, are captured: 1 (the newest; generation, read :meth:`rows`) or
+        Q > 1 (teacher forcing, read :meth:`query_rows`; every forward call inside the block must
+        bring at least Q positions, else ValueError). Rows of a previous recording are discarded.
         """
+        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+            raise ValueError(f"queries must be an integer >= 1, got {queries!r}")
         if self._recording is not None:
             raise RuntimeError("a recording is already open on this model")
         padded, lengths = padded_positions(image_positions)
         original = self._text_implementation()
         heads = None if self._all_heads else torch.tensor(self.heads, device=padded.device)
-        recording = _Recording(image_positions=padded, heads=heads,
-                               num_layers=len(self.layers), num_heads=len(self.heads))
-        self._recording, self._rows, self._lengths = recording, None, lengths
+        recording = _Recording(image_positions=padded, heads=heads, num_layers=len(self.layers),
+                               num_heads=len(self.heads), queries=queries)
+        self._recording, self._rows, self._lengths, self._queries = recording, None, lengths, queries
         hooks = [self.model.register_forward_pre_hook(lambda module, args: recording.start_step()),
                  self.model.register_forward_hook(lambda module, args, output: recording.end_step())]
         for module in self._attention_modules:
@@ -348,16 +395,42 @@ class AttentionCapture:
             for hook in hooks:
                 hook.remove()
             self._recording = None
-            self._rows = (torch.stack(recording.rows, dim=1) if recording.rows
-                          else torch.zeros(padded.shape[0], 0, padded.shape[1], device=padded.device))
+            query_shape = () if queries == 1 else (queries,)
+            self._rows = (torch.stack(recording.rows, dim=1) if recording.rows else
+                          torch.zeros(padded.shape[0], 0, *query_shape, padded.shape[1], device=padded.device))
             _zero_padding(self._rows, lengths)
 
-    def rows(self) -> torch.Tensor:
-        """Rows of the last recording: (B, steps, N_max) float32 on the image positions' device;
-        item b's rows are ``[:, :, :N_b]``, the columns after them are 0 (see :meth:`item_rows`)."""
+    def _finished_rows(self) -> torch.Tensor:
+        """The last recording's rows: (B, steps, N_max), or (B, steps, Q, N_max) with queries > 1."""
         if self._rows is None:
             raise RuntimeError("no finished recording")
         return self._rows
+
+    def rows(self) -> torch.Tensor:
+        """Rows of the last recording: (B, steps, N_max) float32 on the image positions' device;
+        item b's rows are ``[:, :, :N_b]``, the columns after them are 0 (see :meth:`item_rows`).
+        RuntimeError when the recording captured several queries per step (see :meth:`query_rows`)."""
+        rows = self._finished_rows()
+        if self._queries != 1:
+            raise RuntimeError(f"the last recording captured {self._queries} queries per forward call; "
+                               "read query_rows()")
+        return rows
+
+    def query_rows(self) -> list[torch.Tensor]:
+        """Rows of the last ``queries`` = Q > 1 recording's one forward call, per batch item: B tensors
+        (Q, N_b) float32 (views) on the image positions' device; row i is the query at position
+        L - Q + i of the (left-padded, length L) input, i.e. the oldest query first, column k item
+        b's k-th image position. A row of a query at a padding position is meaningless (it may be
+        NaN). RuntimeError when the recording had queries=1 (read :meth:`rows`) or did not hold
+        exactly one forward call.
+        """
+        rows = self._finished_rows()
+        if self._queries == 1:
+            raise RuntimeError("the last recording captured one query per forward call; read rows()")
+        if rows.shape[1] != 1:
+            raise RuntimeError(f"query_rows() reads a recording of one forward call; the last one held "
+                               f"{rows.shape[1]}")
+        return [rows[b, 0, :, :length] for b, length in enumerate(self._lengths)]
 
     def item_rows(self) -> list[torch.Tensor]:
         """Rows of the last recording per batch item: B tensors (steps, N_b) float32 (views of
@@ -367,9 +440,61 @@ class AttentionCapture:
 
 
 def _zero_padding(rows: torch.Tensor, lengths: Sequence[int]) -> None:
-    """Set the padded columns of ``rows`` (B, steps, N_max) to 0 in place: item b's columns >= N_b."""
+    """Set the padded columns of ``rows`` (B, ..., N_max) to 0 in place: item b's columns >= N_b."""
     for b, length in enumerate(lengths):
-        rows[b, :, length:] = 0
+        rows[b, ..., length:] = 0
+
+
+def left_pad(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One left-padded batch of token sequences, e.g. each item's unpadded prompt ids followed by its
+    forced answer's ids (teacher forcing).
+
+    ``sequences``: B 1-D int tensors (lengths L_b >= 1) on one device. Returns ``(input_ids,
+    attention_mask)``, both (B, max L_b) int64 on that device: item b's ids in the last L_b columns
+    after ``pad_id`` padding, and 1 on them, 0 on the padding. Every item ends at the last column,
+    which :func:`forced_rows` relies on. ValueError for an empty batch or an empty sequence.
+
+    As for any batch of ``model(...)`` without a cache, the positions of a plain forward start at 0
+    in the first column (padding included), while ``generate`` counts them from each item's first
+    real token; rotary embeddings depend on relative positions only, so the attention matches the
+    generated one up to float rounding.
+    """
+    items = [torch.as_tensor(sequence).long().reshape(-1) for sequence in sequences]
+    if not items or min(len(item) for item in items) == 0:
+        raise ValueError(f"left_pad needs non-empty sequences; got lengths {[len(item) for item in items]}")
+    longest = max(len(item) for item in items)
+    input_ids = items[0].new_full((len(items), longest), pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, item in enumerate(items):
+        input_ids[b, longest - len(item):] = item
+        attention_mask[b, longest - len(item):] = 1
+    return input_ids, attention_mask
+
+
+def forced_rows(query_rows: torch.Tensor, answer_length: int,
+                semantics: Literal["emitting", "own"]) -> torch.Tensor:
+    """The rows of a forced answer's tokens, from one item's :meth:`AttentionCapture.query_rows`.
+
+    Convention: the forward input is left-padded ``[pad..., prompt_0 .. prompt_{P-1}, a_0 ..
+    a_{T-1}]`` (:func:`left_pad`: every item ends at the last column) and the recording captured
+    ``queries`` = Q = T_max + 1 (T_max: the batch's longest answer), so that the item's last T + 1
+    captured queries are the positions of prompt_{P-1}, a_0, ..., a_{T-1}.
+
+    ``query_rows``: (Q, N) float32, oldest query first; ``answer_length``: T, 0 <= T <= Q - 1
+    (ValueError otherwise); ``semantics``: "emitting" gives a_j the row of the query at a_{j-1}
+    (prompt_{P-1} for j = 0), the query whose logits predict a_j, exactly what generation records
+    when it emits a_j; "own" gives a_j the row of its own position. Returns (T, N) float32, a view
+    of ``query_rows``: row j belongs to a_j.
+    """
+    queries = query_rows.shape[0]
+    if not 0 <= answer_length < queries:
+        raise ValueError(f"an answer of {answer_length} tokens needs 0 <= length <= queries - 1 = {queries - 1} "
+                         "(record with queries = longest answer + 1)")
+    if semantics == "emitting":
+        return query_rows[queries - answer_length - 1:queries - 1]
+    if semantics == "own":
+        return query_rows[queries - answer_length:]
+    raise ValueError(f"semantics must be 'emitting' or 'own', got {semantics!r}")
 
 
 def eager_reference_rows(attentions: Sequence[Sequence[torch.Tensor]], image_positions: torch.Tensor,

@@ -34,7 +34,7 @@ from pycocotools import mask as mask_utils
 
 from stages import generate, phrases, provenance, segment
 from stages.config import DATASET_HELP, from_mapping, read_sections
-from stages.datasets import DatasetConfig, ImageEntry, list_image_folder
+from stages.datasets import DatasetConfig, SampleEntry, list_image_folder
 from stages.io.images import ImageError, load_rgb_array
 from stages.io.tables import read_provenance, read_table, write_table
 from stages.manifest import manifest_row
@@ -67,12 +67,12 @@ class DemoFilter:
     merge_iou: float = 0.75
 
 
-def demo_entries(image: str | Path) -> list[ImageEntry]:
-    """One entry for an image file, or every image of a folder (sorted by name)."""
+def demo_entries(image: str | Path) -> list[SampleEntry]:
+    """One sample for an image file, or one for every image of a folder (sorted by name)."""
     image = Path(image)
     if image.is_dir():
         return list_image_folder(image)
-    return [ImageEntry(image_id=image.stem, file=image, width=None, height=None)]
+    return [SampleEntry(sample_id=image.stem, image_id=image.stem, file=image, width=None, height=None)]
 
 
 def keep_masks(masks: pd.DataFrame, text_encoder, demo_filter: DemoFilter) -> pd.Series:
@@ -89,7 +89,7 @@ def keep_masks(masks: pd.DataFrame, text_encoder, demo_filter: DemoFilter) -> pd
     texts = [phrases.normalise_category_text(t) for t in candidates["text"]]
     similarity = text_encoder.embed(texts) @ text_encoder.embed(list(demo_filter.categories)).T
     candidates = candidates[similarity.max(axis=1) >= demo_filter.category_thresh]
-    for _, group in candidates.groupby("image_id", sort=False):
+    for _, group in candidates.groupby("sample_id", sort=False):
         group = group.sort_values(["phrase_index", "mask_index"], kind="stable")
         rles = [{"size": [int(r.height), int(r.width)], "counts": r.rle_counts.encode()} for r in group.itertuples()]
         kept: list[int] = []

@@ -1,7 +1,8 @@
-"""Generate stage (GPU, one job per shard): answer each image and capture its attention rows.
+"""Generate stage (GPU, one job per shard): answer each sample and capture its attention rows.
 
-For every image of the shard: the chat prompt (the model's own template, optional system message,
-the configured question), the image padded to a square with the image processor's mean colour
+A sample is one question about one image (the manifest's rows; ``sample_id``). For every sample of
+the shard: the chat prompt (the model's own template, optional system message, the configured
+question, with the sample's referring expression where it says ``{expression}``), the image padded to a square with the image processor's mean colour
 (LLaVA-1.5 ``expand2square``) when the model was trained that way (``generate.pad_to_square: auto``
 follows ``LoadedLMM.pad_to_square``; true / false override it), greedy decoding in left-padded
 batches, and for every generated token g_j the attention row of the query that emitted it over the
@@ -9,15 +10,23 @@ image tokens, reduced over the configured layers and heads (:mod:`stages.capture
 image's own feature grid (``LoadedLMM.image_layouts``: cell (r, c) of the grid is the token at one
 sequence position; images of one batch may have different grids).
 
+A sample with a forced answer (the manifest's ``forced_answer``: a narrative's utterances) is not
+answered: its pieces are tokenised one by one without special tokens and concatenated after the
+prompt, and one forward pass scores them (teacher forcing, ``finish_reason`` "forced"); each forced
+token gets the row of the query ``generate.forced_rows`` names ("emitting": the query before it, as
+generation records; "own": its own position), and ``token_pieces`` says which piece each token
+comes from.
+
 Outputs (schemas in :mod:`schemas.artifacts`): the generations table (one row per manifest row of
 the shard, in manifest order: answer text, token ids, each token's character span in the answer,
 finish reason, the image's grid and the offset of its maps in the store) and the attention store
-(every image's float16 (num_tokens, grid_h, grid_w) maps, one contiguous slice each, in one flat
+(every sample's float16 (num_tokens, grid_h, grid_w) maps, one contiguous slice each, in one flat
 array; its ``grid_covers`` attribute says whether the grids cover the padded square or the whole
-image, which the segment stage follows). An image that cannot be used
+image, which the segment stage follows). A sample that cannot be used
 (manifest error, unreadable file, a failure while generating) becomes an error row with the reason
 (num_tokens 0, finish_reason "error"), never a crash of the shard; model-level problems (unknown
-family, missing model, bad layer/head indices) raise ConfigError.
+family, missing model, bad layer/head indices, a question without ``{expression}`` for samples that
+have one) raise ConfigError.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from schemas.artifacts import FORCED_ROWS
 from stages import provenance
 from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections, schema_default
 from stages.io.attention import AttentionWriter
@@ -42,7 +52,7 @@ if TYPE_CHECKING:
 
     from stages.capture import AttentionCapture
     from stages.devices import InputDevices
-    from stages.models.base import LoadedLMM
+    from stages.models.base import ImageLayout, LoadedLMM
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +86,29 @@ class GenerateConfig:
     batch_size: int = schema_default("generate", "batch_size")
     layers: Literal["all"] | tuple[int, ...] = schema_default("generate", "layers")
     heads: Literal["all"] | tuple[int, ...] = schema_default("generate", "heads")
+    forced_rows: Literal["emitting", "own"] = schema_default("generate", "forced_rows")
 
     def __post_init__(self) -> None:
         if self.pad_to_square != "auto" and not isinstance(self.pad_to_square, bool):
             raise ConfigError("generate.pad_to_square must be auto, true or false, "
                               f"got {self.pad_to_square!r}")
+        if self.forced_rows not in FORCED_ROWS:
+            raise ConfigError(f"generate.forced_rows must be one of {list(FORCED_ROWS)}, got {self.forced_rows!r}")
+
+
+EXPRESSION_FIELD = "{expression}"
 
 
 @dataclasses.dataclass
 class _Item:
-    """One manifest row on its way through the stage: an RGB image to answer, or an error."""
+    """One manifest row (a sample) on its way through the stage: an RGB image with its prompt and, for
+    teacher forcing, the answer's pieces; or an error."""
 
+    sample_id: str
     image_id: str
+    prompt: str
     image: Image.Image | None = None
+    forced_answer: list[str] | None = None
     error: str | None = None
 
 
@@ -101,6 +121,8 @@ class _Answer:
     token_ids: list[int]
     rows: np.ndarray
     finish_reason: str
+    # Forced answers: the index of the piece each token comes from; None for a generated answer.
+    token_pieces: list[int] | None = None
 
 
 def resolve_devices(device: str | Sequence[str] | None, gpus: int) -> list[torch.device]:
@@ -225,15 +247,39 @@ def token_char_spans(tokenizer: Any,
     return "".join(pieces), starts, ends, special
 
 
-def _prepare(row: Any, pad_to_square: bool, background: tuple[int, int, int]) -> _Item:
-    image_id = str(row.image_id)
+def sample_prompt(template: str, expression: str | None, sample_id: str) -> str:
+    """The chat prompt of one sample: ``template`` (:func:`build_prompt` of generate.question) with the
+    sample's referring expression where it says ``{expression}``. ConfigError when one is given without
+    the other (a question that cannot hold the expression, or a placeholder with nothing to put in)."""
+    if expression is None:
+        if EXPRESSION_FIELD in template:
+            raise ConfigError(f"generate.question says {EXPRESSION_FIELD} but sample {sample_id!r} has no "
+                              "expression (only task res data sets have expressions)")
+        return template
+    if EXPRESSION_FIELD not in template:
+        raise ConfigError(f"sample {sample_id!r} has a referring expression, but generate.question has no "
+                          f"{EXPRESSION_FIELD} to put it in (the release asks 'Describe the \"{EXPRESSION_FIELD}\".')")
+    return template.replace(EXPRESSION_FIELD, expression)
+
+
+def _prepare(row: Any, template: str, pad_to_square: bool, background: tuple[int, int, int]) -> _Item:
+    sample_id, image_id = str(row.sample_id), str(row.image_id)
+    expression = row.expression if isinstance(row.expression, str) else None
+    forced = None if row.forced_answer is None else [str(piece) for piece in row.forced_answer]
+    item = _Item(sample_id, image_id, sample_prompt(template, expression, sample_id), forced_answer=forced)
     if isinstance(row.error, str) and row.error:
-        return _Item(image_id, error=f"manifest: {row.error}")
+        item.error = f"manifest: {row.error}"
+        return item
+    if forced is not None and not forced:
+        item.error = "the forced answer has no pieces"
+        return item
     try:
         image = load_rgb_image(row.file)
     except ImageError as exc:
-        return _Item(image_id, error=str(exc))
-    return _Item(image_id, image=expand_to_square(image, background) if pad_to_square else image)
+        item.error = str(exc)
+        return item
+    item.image = expand_to_square(image, background) if pad_to_square else image
+    return item
 
 
 def _eos_ids(model: Any) -> set[int]:
@@ -243,24 +289,37 @@ def _eos_ids(model: Any) -> set[int]:
     return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
 
 
-def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, images: list[Image.Image],
-                    cfg: GenerateConfig, devices: InputDevices) -> list[_Answer]:
-    """Greedy generation for ``images`` (one left-padded batch) with attention capture; each image's
-    rows are laid on its own grid (``lmm.image_layouts``). Token inputs go to ``devices.tokens``
-    (where the rows are accumulated), pixel values to ``devices.pixels``. A batch whose image tokens
-    do not fit the model's layout is a ConfigError (a model/processor problem, not an image's)."""
+def _model_inputs(lmm: LoadedLMM, items: list[_Item], devices: InputDevices) -> Any:
+    """The processor's left-padded batch of ``items``' prompts and images: token inputs on
+    ``devices.tokens``, pixel values on ``devices.pixels`` in the model's dtype."""
+    inputs = lmm.processor(images=[item.image for item in items], text=[item.prompt for item in items],
+                           padding=True, return_tensors="pt")
+    inputs = inputs.to(devices.tokens)
+    inputs["pixel_values"] = inputs["pixel_values"].to(devices.pixels, lmm.model.dtype)
+    return inputs
+
+
+def _layouts(lmm: LoadedLMM, inputs: Any) -> list[ImageLayout]:
+    """``lmm.image_layouts(inputs)``; a batch whose image tokens do not fit the model's layout is a
+    ConfigError (a model/processor problem, not an image's)."""
+    try:
+        return lmm.image_layouts(inputs)
+    except ValueError as exc:
+        raise ConfigError(f"the processor of {lmm.path!r} (lmm.path) does not give the image tokens its "
+                          f"model expects: {exc}") from None
+
+
+def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, items: list[_Item], cfg: GenerateConfig,
+                    devices: InputDevices) -> list[_Answer]:
+    """Greedy generation for ``items`` (one left-padded batch, each with its own prompt) with attention
+    capture; each image's rows are laid on its own grid (``lmm.image_layouts``). Token inputs go to
+    ``devices.tokens`` (where the rows are accumulated), pixel values to ``devices.pixels``."""
     import torch
 
     from stages.capture import CaptureError
 
-    inputs = lmm.processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
-    inputs = inputs.to(devices.tokens)
-    inputs["pixel_values"] = inputs["pixel_values"].to(devices.pixels, lmm.model.dtype)
-    try:
-        layouts = lmm.image_layouts(inputs)
-    except ValueError as exc:
-        raise ConfigError(f"the processor of {lmm.path!r} (lmm.path) does not give the image tokens its "
-                          f"model expects: {exc}") from None
+    inputs = _model_inputs(lmm, items, devices)
+    layouts = _layouts(lmm, inputs)
     with torch.inference_mode(), capture.recording([layout.positions for layout in layouts]):
         sequences = lmm.model.generate(**inputs, do_sample=False, num_beams=1,
                                        max_new_tokens=cfg.max_new_tokens)
@@ -280,32 +339,112 @@ def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, imag
     return answers
 
 
-def _answer_items(lmm: LoadedLMM, capture: AttentionCapture, prompt: str, items: list[_Item],
-                  cfg: GenerateConfig, devices: InputDevices) -> list[_Answer | str]:
-    """Answers for ``items`` (all with an image); if the batch fails, each image is retried alone
-    and a failing one yields its error message instead of an answer. ConfigError and CaptureError
-    (problems of the model, not of an image) propagate."""
+def forced_answer_ids(tokenizer: Any, pieces: Sequence[str]) -> tuple[list[int], list[int]]:
+    """A forced answer's token ids and each token's piece: every piece tokenised on its own without
+    special tokens (``tokenizer(piece, add_special_tokens=False)``, as the release's PNG scoring does),
+    concatenated. Returns ``(token_ids, token_pieces)``, both of length T."""
+    token_ids: list[int] = []
+    token_pieces: list[int] = []
+    for index, piece in enumerate(pieces):
+        ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        token_ids.extend(int(i) for i in ids)
+        token_pieces.extend([index] * len(ids))
+    return token_ids, token_pieces
+
+
+def _append_answers(inputs: Any, answers: list[list[int]], pad_id: int) -> Any:
+    """``inputs`` (the processor's left-padded prompt batch) with each item's answer ids appended after
+    its prompt and the batch left-padded again (:func:`stages.capture.left_pad`), so that every item
+    ends at the last column. Every other per-token input (shape (B, L), e.g. token type ids) is
+    re-laid the same way, 0 on the answer and the padding."""
+    import torch
+
+    from stages.capture import left_pad
+
+    real = inputs["attention_mask"].bool()
+    sequences = [torch.cat([inputs["input_ids"][b][real[b]], torch.tensor(ids, dtype=torch.long,
+                                                                          device=real.device)])
+                 for b, ids in enumerate(answers)]
+    input_ids, attention_mask = left_pad(sequences, pad_id)
+    width = input_ids.shape[1]
+    forced = dict(inputs)
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask") or not (
+                isinstance(value, torch.Tensor) and value.shape[:2] == inputs["input_ids"].shape):
+            continue
+        relaid = value.new_zeros((value.shape[0], width, *value.shape[2:]))
+        for b, answer in enumerate(answers):
+            prompt = value[b][real[b]]
+            start = width - len(answer) - len(prompt)
+            relaid[b, start:start + len(prompt)] = prompt
+        forced[key] = relaid
+    forced["input_ids"], forced["attention_mask"] = input_ids, attention_mask
+    return forced
+
+
+def _forced_batch(lmm: LoadedLMM, capture: AttentionCapture, items: list[_Item], cfg: GenerateConfig,
+                  devices: InputDevices) -> list[_Answer]:
+    """Teacher forcing for ``items`` (one batch, each with its forced answer): one forward pass over
+    each prompt followed by its forced answer's tokens (:func:`forced_answer_ids`), left-padded, that
+    records the last T_max + 1 query rows; token a_j gets the row ``cfg.forced_rows`` names
+    (:func:`stages.capture.forced_rows`: "emitting", the query at a_{j-1}, the prompt's last token for
+    a_0; "own", the query at a_j). ValueError (the item's error) when a forced answer tokenises to no
+    token or holds the model's image token."""
+    import torch
+
+    from stages.capture import forced_rows
+
+    tokenizer = lmm.processor.tokenizer
+    answers = [forced_answer_ids(tokenizer, item.forced_answer) for item in items]
+    image_token = getattr(lmm.model.config, "image_token_id", None)
+    for item, (ids, _) in zip(items, answers):
+        if not ids:
+            raise ValueError(f"the forced answer of sample {item.sample_id} has no tokens")
+        if image_token is not None and image_token in ids:
+            raise ValueError(f"the forced answer of sample {item.sample_id} holds the image token")
+    prompts = _model_inputs(lmm, items, devices)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inputs = _append_answers(prompts, [ids for ids, _ in answers], pad_id)
+    layouts = _layouts(lmm, inputs)
+    longest = max(len(ids) for ids, _ in answers)
+    with torch.inference_mode(), capture.recording([layout.positions for layout in layouts],
+                                                   queries=longest + 1):
+        lmm.model(**inputs, use_cache=False)
+    query_rows = capture.query_rows()
+    return [_Answer(ids, forced_rows(query_rows[b], len(ids), cfg.forced_rows).float().cpu().numpy()
+                    .reshape(len(ids), *layout.grid), "forced", pieces)
+            for b, ((ids, pieces), layout) in enumerate(zip(answers, layouts))]
+
+
+def _answer_items(lmm: LoadedLMM, capture: AttentionCapture, items: list[_Item], cfg: GenerateConfig,
+                  devices: InputDevices) -> list[_Answer | str]:
+    """Answers for ``items`` (all with an image, all with a forced answer or all without); if the batch
+    fails, each sample is retried alone and a failing one yields its error message instead of an
+    answer. ConfigError and CaptureError (problems of the model, not of a sample) propagate."""
     from stages.capture import CaptureError
 
     try:
-        return _generate_batch(lmm, capture, prompt, [item.image for item in items], cfg, devices)
+        if items[0].forced_answer is not None:
+            return _forced_batch(lmm, capture, items, cfg, devices)
+        return _generate_batch(lmm, capture, items, cfg, devices)
     except (ConfigError, CaptureError):
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure of one image must not lose the others
         if len(items) == 1:
-            log.warning("image %s failed: %s: %s", items[0].image_id, type(exc).__name__, exc)
+            log.warning("sample %s failed: %s: %s", items[0].sample_id, type(exc).__name__, exc)
             return [f"generation failed: {type(exc).__name__}: {exc}"]
-        log.warning("batch of %d failed (%s: %s); retrying its images one by one",
+        log.warning("batch of %d failed (%s: %s); retrying its samples one by one",
                     len(items), type(exc).__name__, exc)
     results: list[_Answer | str] = []
     for item in items:
-        results.extend(_answer_items(lmm, capture, prompt, [item], cfg, devices))
+        results.extend(_answer_items(lmm, capture, [item], cfg, devices))
     return results
 
 
 def _batches(items: Iterator[_Item], batch_size: int) -> Iterator[list[_Item]]:
     """Consecutive groups of items, each closed when it holds ``batch_size`` images (error items ride
-    along, so that the output keeps the manifest order)."""
+    along, so that the output keeps the manifest order); a group's forced and generated samples are
+    answered as two batches."""
     group: list[_Item] = []
     images = 0
     for item in items:
@@ -318,9 +457,10 @@ def _batches(items: Iterator[_Item], batch_size: int) -> Iterator[list[_Item]]:
         yield group
 
 
-def _error_row(image_id: str, prompt: str, reason: str, attention_offset: int) -> dict[str, Any]:
-    """A generations row for an image that produced no tokens."""
-    return {"image_id": image_id, "prompt": prompt, "answer": None, "token_ids": [], "token_starts": [],
+def _error_row(item: _Item, reason: str, attention_offset: int) -> dict[str, Any]:
+    """A generations row for a sample that produced no tokens."""
+    return {"sample_id": item.sample_id, "image_id": item.image_id, "prompt": item.prompt, "answer": None,
+            "token_ids": [], "token_starts": [],
             "token_ends": [], "token_special": [], "num_tokens": 0, "attention_offset": attention_offset,
             "grid_h": None, "grid_w": None, "finish_reason": "error", "error": reason}
 
@@ -328,13 +468,13 @@ def _error_row(image_id: str, prompt: str, reason: str, attention_offset: int) -
 def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | os.PathLike, shard: int,
         generations_path: str | os.PathLike, attention_path: str | os.PathLike,
         device: str | Sequence[str] | None = None) -> None:
-    """Answer every image of ``shard`` in the manifest; write its generations table and attention store,
+    """Answer every sample of ``shard`` in the manifest; write its generations table and attention store,
     each with its provenance record (the generate and lmm sections, the LMM and its base).
 
     ``device``: "cuda:N" / "cpu", or several "cuda:N" the model is spread over (the workflow claims
     ``lmm.gpus`` of them); None = the first ``lmm_cfg.gpus`` CUDA devices when CUDA is available,
     else cpu (:func:`resolve_devices`). Raises ConfigError for model-level problems (among them a
-    model that does not fit on its devices); per-image problems become error rows.
+    model that does not fit on its devices); per-sample problems become error rows.
     """
     from stages.capture import CAPTURABLE_IMPLEMENTATIONS, AttentionCapture
     from stages.devices import input_devices
@@ -360,11 +500,11 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     # LLaVA-1.5's expand2square colour: tuple(int(x * 255) for x in image_mean), truncated.
     background = tuple(int(255 * c) for c in lmm.processor.image_processor.image_mean)
     pad = lmm.pad_to_square if generate_cfg.pad_to_square == "auto" else generate_cfg.pad_to_square
-    prompt = build_prompt(lmm.processor, generate_cfg.question, generate_cfg.system_prompt)
+    template = build_prompt(lmm.processor, generate_cfg.question, generate_cfg.system_prompt)
     lmm.processor.tokenizer.padding_side = "left"
     reduction = {"layers": _reduction_value(generate_cfg.layers),
                  "heads": _reduction_value(generate_cfg.heads), "statistic": "mean"}
-    log.info("shard %d: %d images, prompt %r, %s", shard, len(rows), prompt,
+    log.info("shard %d: %d samples, prompt %r, %s", shard, len(rows), template,
              "padded to squares" if pad else "not padded")
     models = [provenance.model("lmm", lmm_cfg.path)]
     if lmm_cfg.base is not None:
@@ -373,26 +513,25 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     inputs = [read_provenance(manifest_path)]
 
     table: list[dict[str, Any]] = []
-    items = (_prepare(row, pad, background) for row in rows.itertuples(index=False))
+    items = (_prepare(row, template, pad, background) for row in rows.itertuples(index=False))
     with AttentionWriter(attention_path, model=lmm_cfg.path, reduction=reduction,
                          grid_covers="padded_square" if pad else lmm.unpadded_grid_covers,
+                         forced_rows=generate_cfg.forced_rows,
                          provenance=provenance.record("generate", "attention", sections, models=models,
                                                       inputs=inputs)) as writer, \
-            progress_bar(len(rows), f"generate shard {shard}", logger=log, unit="image") as progress:
+            progress_bar(len(rows), f"generate shard {shard}", logger=log, unit="sample") as progress:
         for group in _batches(items, generate_cfg.batch_size):
-            with_image = [item for item in group if item.image is not None]
-            answers = iter(_answer_items(lmm, capture, prompt, with_image, generate_cfg, inputs_at)
-                           if with_image else [])
+            answers: dict[int, _Answer | str] = {}
+            for forced in (False, True):
+                batch = [item for item in group if item.image is not None and (item.forced_answer is not None) == forced]
+                if batch:
+                    answers.update(zip(map(id, batch), _answer_items(lmm, capture, batch, generate_cfg, inputs_at)))
             for item in group:
-                if item.image is None:
-                    table.append(_error_row(item.image_id, prompt, item.error, writer.num_values))
-                    continue
-                answer = next(answers)
+                answer = answers.get(id(item), item.error)
                 if isinstance(answer, str):
-                    table.append(_error_row(item.image_id, prompt, answer, writer.num_values))
+                    table.append(_error_row(item, answer, writer.num_values))
                     continue
-                table.append(_generation_row(item.image_id, prompt, answer, lmm.processor.tokenizer,
-                                             writer.append(answer.rows)))
+                table.append(_generation_row(item, answer, lmm.processor.tokenizer, writer.append(answer.rows)))
             progress.update(len(group))
     write_table(table, generations_path, "generations",
                 provenance.record("generate", "generations", sections, models=models, inputs=inputs))
@@ -401,12 +540,12 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
              sum(row["num_tokens"] for row in table))
 
 
-def _generation_row(image_id: str, prompt: str, answer: _Answer, tokenizer: Any,
-                    attention_offset: int) -> dict[str, Any]:
+def _generation_row(item: _Item, answer: _Answer, tokenizer: Any, attention_offset: int) -> dict[str, Any]:
     text, starts, ends, special = token_char_spans(tokenizer, answer.token_ids)
     _, grid_h, grid_w = answer.rows.shape
-    return {"image_id": image_id, "prompt": prompt, "answer": text, "token_ids": answer.token_ids,
-            "token_starts": starts, "token_ends": ends, "token_special": special,
+    return {"sample_id": item.sample_id, "image_id": item.image_id, "prompt": item.prompt, "answer": text,
+            "token_ids": answer.token_ids, "token_starts": starts, "token_ends": ends, "token_special": special,
+            "token_pieces": answer.token_pieces,
             "num_tokens": len(answer.token_ids), "attention_offset": attention_offset, "grid_h": grid_h,
             "grid_w": grid_w, "finish_reason": answer.finish_reason, "error": None}
 

@@ -1,11 +1,14 @@
-"""Stage `manifest`: one row per image of a data set, with its size and its shard.
+"""Stage `manifest`: one row per sample of a data set (an image and what is asked about it), with the
+image's size and the sample's shard.
 
-The image list and its order come from :func:`stages.datasets.list_images`; image ``i`` of that
-order goes to shard ``i % shards``, so the split is deterministic and the shards differ in size by at
-most one image. Sizes are read from the image headers (no pixel decoding). An image that cannot be
+The sample list and its order come from :func:`stages.datasets.list_samples` (one sample per image
+for instance segmentation, GCG and folders; one per referring sentence or narrative for ``res`` and
+``png``, with the expression or the forced answer); sample ``i`` of that order goes to shard ``i %
+shards``, so the split is deterministic and the shards differ in size by at most one sample. Sizes
+are read from the image headers (no pixel decoding), once per image file. An image that cannot be
 used (listed in the ground truth but missing, unreadable, empty, more than ``max_pixels`` pixels,
-or with ground truth that cannot be used: :func:`stages.datasets.unusable_images`) becomes a row
-with an ``error`` and keeps its shard. So does an image whose header size differs from the size
+or with ground truth that cannot be used: :func:`stages.datasets.unusable_images`) makes each of its
+samples a row with an ``error``, which keeps its shard. So does an image whose header size differs from the size
 its ground truth declares: its masks (the header's size) could not be compared with its
 annotations; when the file's EXIF orientation turns it to the declared size, the message says so.
 Sizes are those of the stored pixel grid; EXIF orientation is never applied
@@ -28,7 +31,7 @@ import pyarrow as pa
 
 from stages import provenance
 from stages.config import ConfigError, read_sections, schema_default
-from stages.datasets import DatasetConfig, ImageEntry, dataset_config, list_images
+from stages.datasets import DatasetConfig, SampleEntry, dataset_config, list_samples
 from stages.io.images import ImageError, exif_orientation, image_size
 from stages.io.tables import write_table
 
@@ -36,14 +39,17 @@ log = logging.getLogger(__name__)
 
 
 def _ground_truth_files(cfg: DatasetConfig) -> str:
-    files = [f for f in (cfg.instances, cfg.mask_gt, cfg.caption_gt) if f]
-    return ", ".join(files)
+    return ", ".join(cfg.ground_truth_files())
 
 
-def manifest_row(entry: ImageEntry, shard: int, cfg: DatasetConfig) -> dict[str, Any]:
-    """The manifest row of one image (see :data:`schemas.artifacts.MANIFEST`)."""
-    row: dict[str, Any] = {"image_id": entry.image_id, "file": str(entry.file), "width": None,
-                           "height": None, "shard": shard, "error": None}
+def manifest_row(entry: SampleEntry, shard: int, cfg: DatasetConfig,
+                 sizes: dict[Path, tuple[int, int] | str] | None = None) -> dict[str, Any]:
+    """The manifest row of one sample (see :data:`schemas.artifacts.MANIFEST`). ``sizes`` caches each
+    image file's header size (or the reason it cannot be read) across the samples of one image."""
+    row: dict[str, Any] = {"sample_id": entry.sample_id, "image_id": entry.image_id, "file": str(entry.file),
+                           "width": None, "height": None, "expression": entry.expression,
+                           "forced_answer": None if entry.forced_answer is None else list(entry.forced_answer),
+                           "shard": shard, "error": None}
     if entry.error is not None:   # the data set's listing says why (a repeated id, unusable ground truth)
         files = _ground_truth_files(cfg)
         row["error"] = f"ground truth {files}: {entry.error}" if files else entry.error
@@ -51,11 +57,16 @@ def manifest_row(entry: ImageEntry, shard: int, cfg: DatasetConfig) -> dict[str,
     if cfg.task != "images" and not entry.file.exists():
         row["error"] = f"image listed in {_ground_truth_files(cfg)} not found on disk: {entry.file}"
         return row
-    try:
-        width, height = image_size(entry.file)
-    except ImageError as exc:
-        row["error"] = str(exc)
+    sizes = {} if sizes is None else sizes
+    if entry.file not in sizes:
+        try:
+            sizes[entry.file] = image_size(entry.file)
+        except ImageError as exc:
+            sizes[entry.file] = str(exc)
+    if isinstance(sizes[entry.file], str):
+        row["error"] = sizes[entry.file]
         return row
+    width, height = sizes[entry.file]
     row["width"], row["height"] = width, height
     if width < 1 or height < 1:
         row["error"] = f"image has zero size {width} x {height}"
@@ -76,15 +87,17 @@ def manifest_row(entry: ImageEntry, shard: int, cfg: DatasetConfig) -> dict[str,
 def run(dataset_cfg: DatasetConfig, shards: int, manifest_path: str | os.PathLike) -> pa.Table:
     """Write the manifest of ``dataset_cfg`` to ``manifest_path`` and return the table written.
 
-    ``shards`` (>= 1) is the number of shards; row order is the data set's image order. Its provenance
+    ``shards`` (>= 1) is the number of shards; row order is the data set's sample order. Its provenance
     record holds the data set's entry and ``shards``.
     """
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ConfigError(f"shards must be a positive integer, got {shards!r}")
-    rows = [manifest_row(entry, position % shards, dataset_cfg)
-            for position, entry in enumerate(list_images(dataset_cfg))]
+    sizes: dict[Path, tuple[int, int] | str] = {}
+    rows = [manifest_row(entry, position % shards, dataset_cfg, sizes)
+            for position, entry in enumerate(list_samples(dataset_cfg))]
     failed = sum(row["error"] is not None for row in rows)
-    log.info("%s: %d images in %d shards, %d error rows", dataset_cfg.name, len(rows), shards, failed)
+    log.info("%s: %d samples of %d images in %d shards, %d error rows", dataset_cfg.name, len(rows), len(sizes),
+             shards, failed)
     record = provenance.record("manifest", "manifest", {"dataset": dataset_cfg, "shards": shards})
     return write_table(rows, manifest_path, "manifest", record)
 

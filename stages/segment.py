@@ -1,8 +1,8 @@
 """Segment stage (GPU when present): each phrase's attention map becomes a SAM prompt, then a mask.
 
-Per image (docs/method.md, section 3):
+Per sample (one question about one image; docs/method.md, section 3):
 
-1. rows ``A``: float32 ``(T, h, w)``, the attention maps of the image's T generated tokens on the
+1. rows ``A``: float32 ``(T, h, w)``, the attention maps of the sample's T answer tokens on the
    image's own grid (``grid_h`` x ``grid_w`` of its generations row), read from the shard's
    attention store at ``attention_offset`` (one contiguous slice of ``T * h * w`` values);
 2. ``A - mean_t A[t]``: the mean row over every generated token with finite values is subtracted
@@ -26,7 +26,11 @@ Per image (docs/method.md, section 3):
    pixel when the maximum is not positive), the point is still the argmax pixel, the score is 1.0
    (the map's scale carries no calibrated confidence; GLaMM's evaluation also scores every mask
    1.0), ``mask_index`` is 0 (there is one mask; ``more_masks`` has no effect) and no SAM model is
-   loaded (the ``sam`` section is unused).
+   loaded (the ``sam`` section is unused);
+   or, with ``mask_source: proposals`` (prompt ``point``), no SAM either: the point picks one of the
+   data set's precomputed masks (:mod:`stages.proposals`: the highest-scoring instance proposal
+   containing it, or the panoptic segment under it), whose score is the proposal's; a point on no
+   proposal (void) is an error row that keeps the point.
 
 Point convention (:mod:`schemas.artifacts`): a point is the pixel index ``(x, y) = (c, r)`` (column,
 row) in the original image, integer-valued. That is what SAM receives (through
@@ -35,7 +39,7 @@ release, and what the MASKS table stores in ``point_x`` / ``point_y``.
 
 Output: the shard's MASKS table; COCO compressed RLE of each mask, SAM's predicted IoU as score
 (1.0 with ``prompt: attention``).
-Error rows (``error`` set, ``image_id`` kept) for phrase or generation error rows, an unreadable image,
+Error rows (``error`` set, ``sample_id`` and ``image_id`` kept) for phrase or generation error rows, an unreadable image,
 attention rows with NaN/inf (a phrase using such a row; or every row of the image), a phrase with no
 tokens, and any other failure of one image: the shard always completes. A mask SAM predicts empty
 keeps all its fields (RLE, score, point) but is marked as an error row, so that evaluators skip it
@@ -60,12 +64,14 @@ from stages.config import DATASET_HELP, ConfigError, from_mapping, read_sections
 from stages.io.attention import attention_attrs, open_attention, read_rows
 from stages.io.images import ImageError, load_rgb_array
 from stages.io.tables import ArtifactError, CorruptArtifactError, read_arrow, read_provenance, write_table
+from stages.proposals import InstanceProposals, PanopticProposals, ProposalError, load_proposals
 
 if TYPE_CHECKING:
     import zarr
     from segment_anything import SamPredictor
 
 log = logging.getLogger(__name__)
+Proposals = InstanceProposals | PanopticProposals
 
 POOLS = ("mean", "max")
 UPSAMPLES = ("auto", "pad", "crop", "original")
@@ -82,6 +88,9 @@ EMPTY_MASK_ERROR = "SAM predicted an empty mask"
 EMPTY_ATTENTION_MASK_ERROR = "attention map has no positive value: empty mask"
 # prompt: attention: the score of every mask (the map gives no calibrated confidence).
 ATTENTION_SCORE = 1.0
+MASK_SOURCES = ("sam", "proposals")
+# mask_source: proposals: the point lies on none of the image's proposals.
+NO_PROPOSAL_ERROR = "no proposal contains the point (void)"
 
 
 @dataclass(frozen=True)
@@ -93,18 +102,28 @@ class SegmentConfig:
     remove_corner: bool = schema_default("segment", "remove_corner")
     prompt: str = schema_default("segment", "prompt")
     more_masks: bool = schema_default("segment", "more_masks")
+    mask_source: str = schema_default("segment", "mask_source")
     mask_temperature: float = schema_default("segment", "mask_temperature")
     box_thresh: float = schema_default("segment", "box_thresh")
     attention_thresh: float = schema_default("segment", "attention_thresh")
 
     def __post_init__(self) -> None:
-        for key, allowed in (("pool", POOLS), ("upsample", UPSAMPLES), ("prompt", PROMPTS)):
+        for key, allowed in (("pool", POOLS), ("upsample", UPSAMPLES), ("prompt", PROMPTS),
+                             ("mask_source", MASK_SOURCES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"segment.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not self.mask_temperature > 0:
             raise ConfigError(f"segment.mask_temperature must be > 0, got {self.mask_temperature}")
         if not 0 <= self.attention_thresh <= 1:
             raise ConfigError(f"segment.attention_thresh must be in [0, 1], got {self.attention_thresh}")
+        if self.mask_source == "proposals" and self.prompt != "point":
+            raise ConfigError(f"segment.mask_source proposals picks a mask with a point: it needs prompt point, "
+                              f"got {self.prompt!r}")
+
+    @property
+    def uses_sam(self) -> bool:
+        """Whether the masks come from SAM (not with prompt attention nor from proposals)."""
+        return self.prompt != "attention" and self.mask_source == "sam"
 
 
 @dataclass(frozen=True)
@@ -284,8 +303,9 @@ class ImageFailure(Exception):
     """The whole image cannot be segmented; the message is the error row's reason."""
 
 
-def _error_row(image_id: str, reason: str, phrase: dict[str, Any] | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {"image_id": image_id, "error": reason}
+def _error_row(sample: dict[str, Any], reason: str, phrase: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An error row of the sample ``sample`` (a generations or phrases row: its sample and image ids)."""
+    row: dict[str, Any] = {"sample_id": sample["sample_id"], "image_id": sample["image_id"], "error": reason}
     if phrase is not None:
         row.update(text=phrase["text"], category_id=phrase["category_id"])
     return row
@@ -305,8 +325,8 @@ def _phrase_problem(token_indices: Sequence[int] | None, finite: torch.Tensor) -
 
 def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation: dict[str, Any],
                   phrases: list[dict[str, Any]], image_file: str, attention: zarr.Array,
-                  device: torch.device) -> list[dict[str, Any]]:
-    """MASKS rows of one image, in the order of its ``phrases`` (PHRASES rows as dicts).
+                  device: torch.device, proposals: Proposals | None = None) -> list[dict[str, Any]]:
+    """MASKS rows of one sample, in the order of its ``phrases`` (PHRASES rows as dicts).
 
     ``cfg.upsample`` must be resolved ("pad", "crop" or "original"; :func:`run` resolves "auto").
 
@@ -316,9 +336,10 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
 
     Memory: one upsampled map (float32, at most ``max(H, W)**2``) at a time, then SAM's masks of
     all phrases at once (bool ``(P, 3, H, W)``, as ``predict_torch`` returns them). With
-    ``prompt: attention`` ``predictor`` is unused (may be None) and each mask is encoded at once.
+    ``prompt: attention`` ``predictor`` is unused (may be None) and each mask is encoded at once; so
+    with ``mask_source: proposals``, where ``proposals`` gives each point's mask.
     """
-    image_id = generation["image_id"]
+    sample = {"sample_id": generation["sample_id"], "image_id": generation["image_id"]}
     num_tokens = generation["num_tokens"]
     grid = (generation["grid_h"], generation["grid_w"])
     if None in grid:
@@ -341,7 +362,7 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
         if problem is None:
             usable.append(position)
         else:
-            rows_of_phrase[position].append(_error_row(image_id, problem, phrase))
+            rows_of_phrase[position].append(_error_row(sample, problem, phrase))
     if not usable:
         return [row for rows in rows_of_phrase for row in rows]
 
@@ -363,10 +384,14 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
             point_x, point_y = argmax_pixel(image_map)
             counts, area = encode_rle(attention_mask(image_map, cfg.attention_thresh))
             rows_of_phrase[position].append({
-                "image_id": image_id, "phrase_index": phrase["phrase_index"], "mask_index": 0,
+                **sample, "phrase_index": phrase["phrase_index"], "mask_index": 0,
                 "text": phrase["text"], "category_id": phrase["category_id"], "score": ATTENTION_SCORE,
                 "point_x": point_x, "point_y": point_y, "rle_counts": counts, "height": height,
                 "width": width, "area": area, "error": EMPTY_ATTENTION_MASK_ERROR if area == 0 else None})
+        elif cfg.mask_source == "proposals":
+            point_x, point_y = argmax_pixel(image_map)
+            rows_of_phrase[position].append(
+                _proposal_row(sample, phrase, proposals, image_file, point_x, point_y, height, width))
         elif cfg.prompt == "point":
             points.append(argmax_pixel(image_map))
         else:
@@ -375,7 +400,7 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
             mask_logits.append(logits)
             boxes.append(box)
         del image_map  # free it before the next phrase's map is computed
-    if cfg.prompt == "attention":
+    if not cfg.uses_sam:
         return [row for rows in rows_of_phrase for row in rows]
 
     assert predictor is not None, "SAM prompts need a predictor"
@@ -402,11 +427,28 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
         for k, mask_index in enumerate(mask_indices):
             counts, area = encode_rle(masks[p, k])
             rows_of_phrase[position].append({
-                "image_id": image_id, "phrase_index": phrase["phrase_index"], "mask_index": mask_index,
+                **sample, "phrase_index": phrase["phrase_index"], "mask_index": mask_index,
                 "text": phrase["text"], "category_id": phrase["category_id"], "score": float(scores[p, k]),
                 "point_x": point_x, "point_y": point_y, "rle_counts": counts, "height": height,
                 "width": width, "area": area, "error": EMPTY_MASK_ERROR if area == 0 else None})
     return [row for rows in rows_of_phrase for row in rows]
+
+
+def _proposal_row(sample: dict[str, Any], phrase: dict[str, Any], proposals: Proposals, image_file: str,
+                  point_x: int, point_y: int, height: int, width: int) -> dict[str, Any]:
+    """``mask_source: proposals``: the MASKS row of the proposal at the phrase's point; an error row that
+    keeps the point when there is none (void) or the proposal does not fit the image."""
+    row = {**sample, "phrase_index": phrase["phrase_index"], "text": phrase["text"],
+           "category_id": phrase["category_id"], "point_x": point_x, "point_y": point_y}
+    try:
+        proposal = proposals.mask_at(sample["image_id"], image_file, point_x, point_y, height, width)
+    except ProposalError as exc:
+        return {**row, "error": str(exc)}
+    if proposal is None:
+        return {**row, "error": NO_PROPOSAL_ERROR}
+    counts, area = encode_rle(proposal.mask)
+    return {**row, "mask_index": 0, "score": proposal.score, "rle_counts": counts, "height": height,
+            "width": width, "area": area, "error": EMPTY_MASK_ERROR if area == 0 else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,64 +469,76 @@ def default_device() -> torch.device:
 def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike,
         generations_path: str | os.PathLike, attention_path: str | os.PathLike,
         phrases_path: str | os.PathLike, masks_path: str | os.PathLike,
-        device: str | torch.device | None = None) -> None:
+        device: str | torch.device | None = None, proposals: str | os.PathLike | None = None,
+        proposals_folder: str | os.PathLike | None = None) -> None:
     """Write the MASKS table of one shard.
 
-    Images are taken in the generations table's order; each good phrase row gives one mask row
-    (three with ``more_masks``), each phrase error row one error row. An image with no phrase row
-    gets one error row (its generation error when it has one); a phrase row whose image is not in
+    Samples are taken in the generations table's order; each good phrase row gives one mask row
+    (three with ``more_masks``), each phrase error row one error row. A sample with no phrase row
+    gets one error row (its generation error when it has one); a phrase row whose sample is not in
     the generations table gets an error row. SAM runs in float32 on ``device`` (default:
-    :func:`default_device`); with ``prompt: attention`` no SAM is loaded (``sam_cfg`` is unused).
+    :func:`default_device`); with ``prompt: attention`` or ``mask_source: proposals`` no SAM is loaded
+    (``sam_cfg`` is unused); the latter reads ``proposals`` (and, for a panoptic prediction, its PNG
+    folder ``proposals_folder``; :func:`stages.proposals.load_proposals`).
     ``upsample: auto`` follows the store's ``grid_covers`` attribute. A damaged input (a truncated
-    table, a corrupt attention chunk) is no image's failure: its CorruptArtifactError stops the shard.
+    table, a corrupt attention chunk) is no sample's failure: its CorruptArtifactError stops the shard.
     The table's provenance record holds the segment and sam sections and names the SAM checkpoint
-    (none with ``prompt: attention``) and the models of its inputs.
+    (none without SAM) and the models of its inputs.
     """
     from stages.models.sam import load_sam
 
     device = torch.device(device) if device is not None else default_device()
-    manifest = {m["image_id"]: m for m in read_arrow(manifest_path, "manifest").to_pylist()}
+    if cfg.mask_source == "proposals" and proposals is None and proposals_folder is None:
+        raise ConfigError("segment.mask_source proposals: the data set names no proposals (its keys proposals "
+                          "and proposals_folder)")
+    manifest = {m["sample_id"]: m for m in read_arrow(manifest_path, "manifest").to_pylist()}
     generations = read_arrow(generations_path, "generations").to_pylist()
-    phrases_by_image: dict[str, list[dict[str, Any]]] = {}
+    phrases_by_sample: dict[str, list[dict[str, Any]]] = {}
     for phrase in read_arrow(phrases_path, "phrases").to_pylist():
-        phrases_by_image.setdefault(phrase["image_id"], []).append(phrase)
+        phrases_by_sample.setdefault(phrase["sample_id"], []).append(phrase)
     attention = open_attention(attention_path)
     sections = {"segment": cfg, "sam": sam_cfg}           # as given: upsample auto, not what it resolves to
     cfg = replace(cfg, upsample=resolve_upsample(cfg.upsample, attention_path))
     log.info("segment: maps upsampled with %r", cfg.upsample)
-    predictor = None if cfg.prompt == "attention" else sam_predictor(
-        load_sam(sam_cfg.type, sam_cfg.checkpoint, device))
+    predictor = sam_predictor(load_sam(sam_cfg.type, sam_cfg.checkpoint, device)) if cfg.uses_sam else None
+    mask_source = load_proposals(proposals, proposals_folder) if cfg.mask_source == "proposals" else None
 
     out: list[dict[str, Any]] = []
     for generation in generations:
-        image_id = generation["image_id"]
-        phrases = phrases_by_image.pop(image_id, [])
+        sample_id = generation["sample_id"]
+        phrases = phrases_by_sample.pop(sample_id, [])
         if not phrases:
-            reason = _generation_error(generation) or "image has no row in the phrases table"
-            out.append(_error_row(image_id, reason))
+            reason = _generation_error(generation) or "sample has no row in the phrases table"
+            out.append(_error_row(generation, reason))
             continue
-        propagated = [_error_row(image_id, p["error"], p) for p in phrases if p["error"] is not None]
+        propagated = [_error_row(generation, p["error"], p) for p in phrases if p["error"] is not None]
         if len(propagated) == len(phrases):
             out.extend(propagated)
             continue
         try:
-            if image_id not in manifest:
-                raise ImageFailure("image not in the manifest")
-            image_file = manifest[image_id]["file"]
-            out.extend(segment_image(cfg, predictor, generation, phrases, image_file, attention, device))
+            if sample_id not in manifest:
+                raise ImageFailure("sample not in the manifest")
+            image_file = manifest[sample_id]["file"]
+            out.extend(segment_image(cfg, predictor, generation, phrases, image_file, attention, device,
+                                     mask_source))
         except ImageFailure as exc:
-            out.extend([*propagated, _error_row(image_id, str(exc))])
+            out.extend([*propagated, _error_row(generation, str(exc))])
         except CorruptArtifactError:
             raise
-        except Exception as exc:  # one image's failure (e.g. out of memory) must not lose the shard
-            log.exception("segmenting image %s failed", image_id)
+        except Exception as exc:  # one sample's failure (e.g. out of memory) must not lose the shard
+            log.exception("segmenting sample %s failed", sample_id)
             reason = f"segmentation failed: {type(exc).__name__}: {exc}"
-            out.extend([*propagated, _error_row(image_id, reason)])
+            out.extend([*propagated, _error_row(generation, reason)])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    for image_id, phrases in phrases_by_image.items():
-        out.append(_error_row(image_id, "image not in the generations table"))
+    for phrases in phrases_by_sample.values():
+        out.append(_error_row(phrases[0], "sample not in the generations table"))
     models = [] if predictor is None else [provenance.model("sam", str(sam_cfg.checkpoint))]
+    if mask_source is not None and proposals is not None:
+        models.append(provenance.model("proposals", str(proposals)))
+    if mask_source is not None and proposals_folder is not None:   # thousands of PNGs: named, not hashed
+        models.append({"role": "proposals_folder", "path": str(proposals_folder), "revision": None,
+                       "sha256": None})
     inputs = [read_provenance(manifest_path), read_provenance(generations_path),
               attention_attrs(attention_path).get("provenance"), read_provenance(phrases_path)]
     record = provenance.record("segment", "masks", sections, models=models, inputs=inputs)
@@ -502,11 +556,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--phrases", required=True, help="phrases table of the shard (Parquet)")
     parser.add_argument("--out", required=True, help="masks table to write (Parquet)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--proposals", default=None, help="mask_source proposals: COCO results JSON of instance "
+                        "masks, or the JSON of a panoptic prediction (with --proposals-folder)")
+    parser.add_argument("--proposals-folder", default=None, help="the panoptic prediction's PNG folder")
     args = parser.parse_args(argv)
     config = read_sections(args.config, args.dataset)
     cfg = from_mapping(SegmentConfig, config.get("segment"), where="segment")
     sam_cfg = from_mapping(SamConfig, config.get("sam"), where="sam")
-    run(cfg, sam_cfg, args.manifest, args.generations, args.attention, args.phrases, args.out, args.device)
+    run(cfg, sam_cfg, args.manifest, args.generations, args.attention, args.phrases, args.out, args.device,
+        args.proposals, args.proposals_folder)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from stages.io.atomic import atomic_path
 HEADLINE_METRICS = {
     "instance_seg": ("point_accuracy", "point_chance", "point_accuracy_per_prediction", "AP", "AP50", "AR100", "num_images", "num_images_with_predictions"),
     "gcg": ("METEOR", "CIDEr", "AP50", "mIoU", "recall", "num_images", "num_images_with_predictions"),
+    "res": ("gIoU", "cIoU", "P@0.5", "P@0.9", "num_samples", "num_predicted"),
+    "png": ("AA", "AA_things", "AA_stuff", "AA_singulars", "AA_plurals", "num_phrases", "num_predicted"),
 }
 
 

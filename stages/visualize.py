@@ -1,11 +1,12 @@
-"""Stage `visualize`: pictures of what the pipeline did for the first images of a data set.
+"""Stage `visualize`: pictures of what the pipeline did for the first samples of a data set.
 
-For each of the first ``num_images`` rows of the manifest (manifest order, all shards) it writes:
+For each of the first ``num_images`` rows of the manifest (samples, in manifest order, all shards;
+one sample per image for instance segmentation and GCG) it writes:
 
-- ``<image_id>_overlay.png``: the image with every mask blended in its own colour and outlined, the
+- ``<sample_id>_overlay.png``: the image with every mask blended in its own colour and outlined, the
   SAM point prompt as a marker and the phrase (with SAM's score) as a label; error reasons of the
   image's generation, phrase and mask rows are listed under the picture;
-- ``<image_id>_attention.png``: a thumbnail of the image, then one tile per generated token (the
+- ``<sample_id>_attention.png``: a thumbnail of the image, then one tile per generated token (the
   first ``MAX_TOKENS_SHOWN``), each the size of the thumbnail: the token's attention map, coloured
   from its own minimum (dark) to its own maximum (bright), laid on the image's pixels the way the
   segment stage lays it (:func:`stages.segment.grid_frame` of the upsample mode: the config's
@@ -17,8 +18,8 @@ For each of the first ``num_images`` rows of the manifest (manifest order, all s
   (its cells still count in the map's min..max). Each tile is captioned with the token's text;
   tiles of tokens that ground a phrase are framed in that phrase's colour.
 
-An image whose manifest row has an error, whose file cannot be read, or whose artifacts are
-inconsistent gets PNGs showing the reason instead; one image never stops the stage.
+A sample whose manifest row has an error, whose image cannot be read, or whose artifacts are
+inconsistent gets PNGs showing the reason instead; one sample never stops the stage.
 
 CLI::
 
@@ -137,9 +138,9 @@ def _stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
     return canvas
 
 
-def render_error(image_id: str, message: str) -> Image.Image:
-    """A white picture naming ``image_id`` and stating ``message`` (why nothing else is shown)."""
-    title = _text_block([f"image {image_id}"], ERROR_WIDTH, size=15)
+def render_error(sample_id: str, message: str) -> Image.Image:
+    """A white picture naming ``sample_id`` and stating ``message`` (why nothing else is shown)."""
+    title = _text_block([f"sample {sample_id}"], ERROR_WIDTH, size=15)
     return _stack(title, _text_block([message], ERROR_WIDTH, colour=ERROR_COLOUR))
 
 
@@ -415,16 +416,16 @@ def _overlay_picture(image_rgb: np.ndarray, generation: Mapping[str, Any] | None
     return overlay
 
 
-def _attention_picture(image_id: str, image_rgb: np.ndarray, generation: Mapping[str, Any] | None,
+def _attention_picture(sample_id: str, image_rgb: np.ndarray, generation: Mapping[str, Any] | None,
                        attention_path: str | None, phrases: pd.DataFrame,
                        stores: _AttentionStores) -> Image.Image:
     """:func:`render_attention_grid` of the image's generation, or the reason there is none."""
     if generation is None:
-        return render_error(image_id, "no generation row for this image")
+        return render_error(sample_id, "no generation row for this sample")
     if _present(generation.get("error")):
-        return render_error(image_id, f"generate: {generation['error']}")
+        return render_error(sample_id, f"generate: {generation['error']}")
     if int(generation["num_tokens"]) == 0:
-        return render_error(image_id, "the answer has no generated tokens")
+        return render_error(sample_id, "the answer has no tokens")
     count = min(int(generation["num_tokens"]), MAX_TOKENS_SHOWN)
     grid = (int(generation["grid_h"]), int(generation["grid_w"]))
     rows = stores.rows(attention_path, int(generation["attention_offset"]), count, grid)
@@ -432,33 +433,33 @@ def _attention_picture(image_id: str, image_rgb: np.ndarray, generation: Mapping
                                  token_colours=_phrase_token_colours(phrases))
 
 
-def _picture_or_error(image_id: str, draw: Callable[[], Image.Image]) -> Image.Image:
-    """``draw()``, or a picture of the reason when the image's artifacts cannot be drawn."""
+def _picture_or_error(sample_id: str, draw: Callable[[], Image.Image]) -> Image.Image:
+    """``draw()``, or a picture of the reason when the sample's artifacts cannot be drawn."""
     try:
         return draw()
     except CorruptArtifactError:
         raise                       # a damaged artifact fails the job, naming the rule to rerun
     except (ImageError, ValueError) as exc:
-        return render_error(image_id, str(exc))
+        return render_error(sample_id, str(exc))
 
 
 def _pictures(manifest_row: Mapping[str, Any], generation: Mapping[str, Any] | None,
               attention_path: str | None, phrases: pd.DataFrame, masks: pd.DataFrame,
               stores: _AttentionStores) -> tuple[Image.Image, Image.Image]:
-    """(overlay, attention grid) of one image; each shows the reason instead when it cannot be drawn."""
-    image_id = manifest_row["image_id"]
+    """(overlay, attention grid) of one sample; each shows the reason instead when it cannot be drawn."""
+    sample_id = manifest_row["sample_id"]
     if _present(manifest_row.get("error")):
-        failed = render_error(image_id, f"manifest: {manifest_row['error']}")
+        failed = render_error(sample_id, f"manifest: {manifest_row['error']}")
         return failed, failed
     try:
         image_rgb = load_rgb_array(manifest_row["file"])
     except ImageError as exc:
-        failed = render_error(image_id, str(exc))
+        failed = render_error(sample_id, str(exc))
         return failed, failed
-    overlay = _picture_or_error(image_id, functools.partial(
+    overlay = _picture_or_error(sample_id, functools.partial(
         _overlay_picture, image_rgb, generation, phrases, masks))
-    grid = _picture_or_error(image_id, functools.partial(
-        _attention_picture, image_id, image_rgb, generation, attention_path, phrases, stores))
+    grid = _picture_or_error(sample_id, functools.partial(
+        _attention_picture, sample_id, image_rgb, generation, attention_path, phrases, stores))
     return overlay, grid
 
 
@@ -466,7 +467,7 @@ def run(cfg: VisualizeConfig, manifest_path: str | os.PathLike,
         generations_paths: Sequence[str | os.PathLike], attention_paths: Sequence[str | os.PathLike],
         phrases_paths: Sequence[str | os.PathLike], masks_paths: Sequence[str | os.PathLike],
         out_dir: str | os.PathLike, upsample: str = schema_default("segment", "upsample")) -> list[Path]:
-    """Write ``<image_id>_overlay.png`` and ``<image_id>_attention.png`` under ``out_dir`` for the
+    """Write ``<sample_id>_overlay.png`` and ``<sample_id>_attention.png`` under ``out_dir`` for the
     first ``cfg.num_images`` manifest rows and return the paths written.
 
     ``generations_paths[k]`` and ``attention_paths[k]`` are the same shard's generations table and
@@ -482,28 +483,28 @@ def run(cfg: VisualizeConfig, manifest_path: str | os.PathLike,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = read_table(manifest_path, "manifest").head(cfg.num_images)
-    wanted = set(selected["image_id"])
+    wanted = set(selected["sample_id"])
 
     generations: dict[str, tuple[dict[str, Any], str]] = {}
     for generations_path, attention_path in zip(generations_paths, attention_paths):
         table = read_table(generations_path, "generations")
-        for row in table[table["image_id"].isin(wanted)].to_dict("records"):
-            generations[row["image_id"]] = (row, str(attention_path))
+        for row in table[table["sample_id"].isin(wanted)].to_dict("records"):
+            generations[row["sample_id"]] = (row, str(attention_path))
     phrases = read_tables(phrases_paths, "phrases")
-    phrases = phrases[phrases["image_id"].isin(wanted)]
+    phrases = phrases[phrases["sample_id"].isin(wanted)]
     masks = read_tables(masks_paths, "masks")
-    masks = masks[masks["image_id"].isin(wanted)]
+    masks = masks[masks["sample_id"].isin(wanted)]
 
     stores = _AttentionStores(upsample)
     written: list[Path] = []
     for manifest_row in selected.to_dict("records"):
-        image_id = manifest_row["image_id"]
-        generation, attention_path = generations.get(image_id, (None, None))
+        sample_id = manifest_row["sample_id"]
+        generation, attention_path = generations.get(sample_id, (None, None))
         overlay, grid = _pictures(manifest_row, generation, attention_path,
-                                  phrases[phrases["image_id"] == image_id],
-                                  masks[masks["image_id"] == image_id], stores)
-        written.append(_save_png(overlay, out_dir / f"{image_id}_overlay.png"))
-        written.append(_save_png(grid, out_dir / f"{image_id}_attention.png"))
+                                  phrases[phrases["sample_id"] == sample_id],
+                                  masks[masks["sample_id"] == sample_id], stores)
+        written.append(_save_png(overlay, out_dir / f"{sample_id}_overlay.png"))
+        written.append(_save_png(grid, out_dir / f"{sample_id}_attention.png"))
     return written
 
 

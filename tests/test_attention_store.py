@@ -39,7 +39,7 @@ def test_images_with_different_grids_round_trip(tmp_path):
     assert read_rows(values, offsets[1], 0, (1, 1)).shape == (0, 1, 1)
     attrs = attention_attrs(path)
     assert attrs == {"schema_version": SCHEMA_VERSION, "artifact": "attention", "model": "m",
-                     "grid_covers": "image", "reduction": REDUCTION}
+                     "grid_covers": "image", "reduction": REDUCTION, "forced_rows": "emitting"}
 
 
 def test_appends_are_written_a_whole_shard_file_at_a_time(tmp_path):

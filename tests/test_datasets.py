@@ -17,7 +17,7 @@ from stages.datasets import (
     dataset_configs,
     gt_categories,
     list_image_folder,
-    list_images,
+    list_samples,
     load_coco_instances,
     load_gcg,
     unusable_images,
@@ -199,7 +199,7 @@ def test_valid_files_load_unchanged(tmp_path):
 def test_instance_listing_sorted_by_integer_id_with_declared_sizes(tmp_path):
     cfg = DatasetConfig("coco", "instance_seg", images=str(tmp_path / "imgs"),
                         instances=str(write_json(tmp_path / "i.json", coco_instances())))
-    entries = list_images(cfg)
+    entries = list_samples(cfg)
     assert [e.image_id for e in entries] == ["1", "2", "10"]
     assert [e.file for e in entries] == [tmp_path / "imgs" / n for n in ("one.png", "two.jpg", "ten.jpg")]
     assert [(e.width, e.height) for e in entries] == [(7, 2), (6, 3), (5, 4)]
@@ -213,7 +213,7 @@ def test_repeated_image_id_is_one_entry_with_an_error_naming_it(tmp_path):
     data["images"].append({"id": 2, "file_name": "two_again.jpg", "width": 6, "height": 3})
     cfg = DatasetConfig("coco", "instance_seg", images="imgs",
                         instances=str(write_json(tmp_path / "i.json", data)))
-    entries = {e.image_id: e for e in list_images(cfg)}
+    entries = {e.image_id: e for e in list_samples(cfg)}
     assert list(entries) == ["1", "2", "10"]
     assert entries["2"].file == Path("imgs/two.jpg")
     assert entries["2"].error == ("image id 2 is listed 2 times in the ground truth (images[1] 'two.jpg', "
@@ -230,7 +230,7 @@ def test_annotation_without_segmentation_makes_its_image_an_error(tmp_path, segm
         data["annotations"][3]["segmentation"] = None
     cfg = DatasetConfig("coco", "instance_seg", images="imgs",
                         instances=str(write_json(tmp_path / "i.json", data)))
-    errors = {e.image_id: e.error for e in list_images(cfg)}
+    errors = {e.image_id: e.error for e in list_samples(cfg)}
     assert errors == {"1": None, "2": "annotations[3] (id 4) of this image has no segmentation: no "
                                        "ground-truth mask to evaluate against", "10": None}
 
@@ -245,7 +245,7 @@ def test_gcg_listing_uses_id_dot_jpg(tmp_path):
     cfg = DatasetConfig("g", "gcg", images="data/imgs",
                         mask_gt=str(write_json(tmp_path / "m.json", gcg_mask_gt())),
                         caption_gt=str(write_json(tmp_path / "c.json", gcg_caption_gt())))
-    entries = list_images(cfg)
+    entries = list_samples(cfg)
     assert [e.image_id for e in entries] == ["a_img", "b_img"]
     assert [str(e.file) for e in entries] == ["data/imgs/a_img.jpg", "data/imgs/b_img.jpg"]
     assert [(e.width, e.height) for e in entries] == [(8, 6), (5, 4)]
@@ -255,7 +255,7 @@ def test_image_folder_listing(tmp_path):
     for name in ["b.JPG", "a.png", "c.tiff", "d.webp", "e.jpeg", "f.bmp", "g.tif", "notes.txt", "h.gif"]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.jpg").mkdir()
-    entries = list_images(DatasetConfig("f", "images", images=str(tmp_path)))
+    entries = list_samples(DatasetConfig("f", "images", images=str(tmp_path)))
     assert [e.image_id for e in entries] == ["a", "b", "c", "d", "e", "f", "g"]
     assert entries[1].file == tmp_path / "b.JPG"
     assert all(e.width is None and e.height is None for e in entries)

@@ -21,7 +21,7 @@ def rle_row(image_id, text, score, box, size=(40, 60), error=None, phrase_index=
     x0, y0, x1, y1 = box
     mask[y0:y1, x0:x1] = 1
     rle = mask_utils.encode(np.asfortranarray(mask))
-    return {"image_id": image_id, "phrase_index": phrase_index, "mask_index": 2, "text": text, "category_id": None,
+    return {"sample_id": image_id, "image_id": image_id, "phrase_index": phrase_index, "mask_index": 2, "text": text, "category_id": None,
             "score": score, "point_x": float(x0), "point_y": float(y0), "rle_counts": rle["counts"].decode(),
             "height": size[0], "width": size[1], "area": int(mask.sum()), "error": error}
 

@@ -1,7 +1,7 @@
 """The difflmm family: tiny SD-1.5, CLIP, Vicuna (tiny weights, the real tokenizer) and a DiffLMM LoRA
 checkpoint in the published layouts, fabricated into a fake Hugging Face cache, loaded through the
 registry by the LoRA's hub id, checked against an independent reimplementation of DiffLMM
-(docs/method.md, section 5) and the release's SDCLIPBlock (full diffusers UNet forward hooked at
+(docs/method.md, section 6) and the release's SDCLIPBlock (full diffusers UNet forward hooked at
 up-block 1, DDIMScheduler.add_noise, LoRA merged by hand W + alpha/r * B @ A) and the release's prompt
 ids, then run through the generate stage with attention capture."""
 
@@ -70,7 +70,7 @@ def loaded(offline_hub):
 
 
 class ReferenceDiffLMM:
-    """DiffLMM (docs/method.md, section 5) with the release's SDCLIPBlock, from the published layouts."""
+    """DiffLMM (docs/method.md, section 6) with the release's SDCLIPBlock, from the published layouts."""
 
     def __init__(self, folders):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

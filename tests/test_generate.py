@@ -270,10 +270,10 @@ def test_a_failing_batch_is_retried_image_by_image(tmp_path, toy_path, edge_case
     only that image; its batch partner is answered normally."""
     real_generate_batch = generate._generate_batch
 
-    def failing_for_rgba(lmm, capture, prompt, images, cfg, device):
-        if any(image.size == (70, 70) for image in images):   # the only 70 px square after padding
+    def failing_for_rgba(lmm, capture, items, cfg, device):
+        if any(item.image.size == (70, 70) for item in items):   # the only 70 px square after padding
             raise RuntimeError("injected failure")
-        return real_generate_batch(lmm, capture, prompt, images, cfg, device)
+        return real_generate_batch(lmm, capture, items, cfg, device)
 
     monkeypatch.setattr(generate, "_generate_batch", failing_for_rgba)
     table, rows, _ = run_shard(tmp_path, toy_path, edge_case_manifest, pad_to_square=True)
@@ -296,9 +296,9 @@ def test_pad_to_square_auto_follows_the_model_and_true_false_override_it(tmp_pat
     sizes = []
     real_generate_batch = generate._generate_batch
 
-    def recording_sizes(lmm, capture, prompt, images, cfg, device):
-        sizes.extend(image.size for image in images)
-        return real_generate_batch(lmm, capture, prompt, images, cfg, device)
+    def recording_sizes(lmm, capture, items, cfg, device):
+        sizes.extend(item.image.size for item in items)
+        return real_generate_batch(lmm, capture, items, cfg, device)
 
     monkeypatch.setattr(generate, "_generate_batch", recording_sizes)
     for setting, size, covers in (("auto", (40, 40), "padded_square"), (False, (40, 30), "centre_square"),
@@ -325,8 +325,8 @@ def test_progress_is_logged_as_lines_when_stderr_is_not_a_terminal(tmp_path, toy
     assert not sys.stderr.isatty()  # pytest captures it
     generate.run(GenerateConfig(max_new_tokens=2), LMMConfig(path=str(toy_path)), manifest, 0,
                  tmp_path / "g.parquet", tmp_path / "a.zarr", device="cpu")
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate shard 0: image")]
-    assert len(lines) == 1 and re.fullmatch(r"generate shard 0: image 1/1, \d+ s elapsed, ETA 0 s", lines[0])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate shard 0: sample")]
+    assert len(lines) == 1 and re.fullmatch(r"generate shard 0: sample 1/1, \d+ s elapsed, ETA 0 s", lines[0])
     assert "generate shard" not in capsys.readouterr().err  # no bar (libraries may draw theirs)
 
 

@@ -211,3 +211,35 @@ def test_a_10000_px_square_image_gets_an_error_row_by_default(tmp_path):
     rows = {r["image_id"]: r for r in manifest.run(folder_dataset(tmp_path), 1, tmp_path / "m.parquet").to_pylist()}
     assert rows["huge"]["error"] == "image has 10000 x 10000 = 100000000 pixels, above max_pixels=50000000"
     assert rows["small"]["error"] is None
+
+
+def test_referring_and_narrative_samples_share_their_image(tmp_path, monkeypatch):
+    """One row per sample: a RefCOCO sentence carries its expression, a narrative its forced answer; the
+    samples of one image share its size, read from the header once."""
+    import dataclasses
+
+    from test_refer_png_datasets import png_config, res_config
+
+    reads = []
+    real_image_size = manifest.image_size
+    monkeypatch.setattr(manifest, "image_size", lambda file: reads.append(file) or real_image_size(file))
+    res = res_config(tmp_path)
+    res = dataclasses.replace(res, images=str(tmp_path / "train2014"))
+    (tmp_path / "train2014").mkdir()
+    save_image(tmp_path / "train2014" / "COCO_train2014_000000581857.jpg", (8, 6))
+    save_image(tmp_path / "train2014" / "COCO_train2014_000000000002.jpg", (5, 4))
+    table = manifest.run(res, 2, tmp_path / "res.parquet").to_pylist()
+    good = [row for row in table if row["error"] is None]
+    assert [(row["sample_id"], row["image_id"], row["expression"], row["width"]) for row in good[:3]] == [
+        ("100-7", "581857", "left man", 8), ("100-3", "581857", "man on left", 8), ("5-9", "2", "big cat", 5)]
+    assert [row["shard"] for row in table[:3]] == [0, 1, 0] and all(row["forced_answer"] is None for row in table)
+    assert len(reads) == 2                        # two images, eight samples
+
+    png = dataclasses.replace(png_config(tmp_path), images=str(tmp_path / "val2017"))
+    (tmp_path / "val2017").mkdir()
+    save_image(tmp_path / "val2017" / "000000000139.jpg", (6, 4))
+    save_image(tmp_path / "val2017" / "000000000285.jpg", (5, 3))
+    rows = {row["sample_id"]: row for row in manifest.run(png, 1, tmp_path / "png.parquet").to_pylist()}
+    assert rows["139-0"]["forced_answer"] == ["A man", " stands under", "the sky", "."]
+    assert rows["139-1"]["forced_answer"] == ["Two people"] and rows["139-1"]["height"] == 4
+    assert rows["139-0"]["expression"] is None and "no annotation in the panoptic file" in rows["632-0"]["error"]

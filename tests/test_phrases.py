@@ -129,7 +129,7 @@ def test_chunk_mode_maps_each_chunk_to_all_its_tokens(tmp_path):
 ])
 def test_image_level_error_rows(tmp_path, gen, reason):
     rows = run_phrases(tmp_path, [gen])
-    assert rows == [{**{k: None for k in rows[0]}, "image_id": "1", "error": reason}]
+    assert rows == [{**{k: None for k in rows[0]}, "sample_id": "1", "image_id": "1", "error": reason}]
 
 
 def test_phrase_whose_tokens_are_all_special_is_an_error_row(tmp_path):
@@ -181,7 +181,7 @@ def test_category_matching_with_the_minilm_encoder(tmp_path):
     # every phrase under the threshold: one error row
     [dropped] = by_image["3"]
     assert dropped["phrase_index"] is None and dropped["error"].startswith("every phrase was dropped")
-    assert by_image["4"] == [{**{k: None for k in dog}, "image_id": "4",
+    assert by_image["4"] == [{**{k: None for k in dog}, "sample_id": "4", "image_id": "4",
                               "error": "image has no ground-truth category"}]
     assert [r["error"] for r in by_image["99"]] == ["image not in the ground truth"]
 

@@ -427,10 +427,10 @@ def test_failures_become_error_rows_and_the_shard_completes(tmp_path, sam_checkp
     assert summary[5] == ("no_tokens", 1, None)
     assert summary[6] == ("out_of_range", None, "token indices [7] outside the generation's 3 tokens")
     assert summary[7] == ("phrase_error", None, "answer has no noun phrase")
-    assert summary[8] == ("no_phrase_rows", None, "image has no row in the phrases table")
+    assert summary[8] == ("no_phrase_rows", None, "sample has no row in the phrases table")
     assert summary[9] == ("generation_error", None, "generation failed: out of memory")
     assert summary[10] == ("ok", 0, None)
-    assert summary[11] == ("stray", None, "image not in the generations table")
+    assert summary[11] == ("stray", None, "sample not in the generations table")
     assert len(summary) == 12
     assert out[1]["text"] == "phrase 1" and out[1]["category_id"] == 11  # phrase errors keep the phrase
 

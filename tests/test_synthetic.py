@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from stages.config import ConfigError, from_mapping
-from stages.datasets import DatasetConfig, gt_categories, list_images, load_coco_instances, load_gcg
+from stages.datasets import DatasetConfig, gt_categories, list_samples, load_coco_instances, load_gcg
 from stages.toy.world import (
     BACKGROUND_KINDS,
     COLOURS,
@@ -132,7 +132,7 @@ def test_files_load_with_pycocotools_and_project_loaders(dataset):
     gcg = DatasetConfig("toy", "gcg", images=str(dataset / "images"),
                         mask_gt=str(dataset / "val_gcg_coco_mask_gt.json"),
                         caption_gt=str(dataset / "val_gcg_coco_caption_gt.json"))
-    assert all(entry.file.exists() for entry in list_images(gcg))
+    assert all(entry.file.exists() for entry in list_samples(gcg))
     coco = DatasetConfig("toy", "instance_seg", images=str(dataset / "images"),
                          instances=str(dataset / "instances.json"))
     categories = gt_categories(coco)

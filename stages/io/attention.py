@@ -1,12 +1,13 @@
 """The sharded attention store: one Zarr v3 group per shard holding every captured map.
 
 Layout (declared in :mod:`schemas.artifacts`): one 1-D float16 array ``values`` holding every map of
-the shard, image after image and token after token, each map row-major over its own image's grid
+the shard, sample after sample and token after token, each map row-major over its own image's grid
 (images of one shard may have different grids); chunked and sharded along its only axis. The
-generations table locates an image's maps: ``attention_offset`` (first element), ``num_tokens``,
+generations table locates a sample's maps: ``attention_offset`` (first element), ``num_tokens``,
 ``grid_h`` and ``grid_w``; they are one contiguous slice of ``num_tokens * grid_h * grid_w`` values.
 Group attributes: ``schema_version``, ``artifact``, ``model``, ``grid_covers`` (what the grids cover:
-"padded_square", "centre_square" or "image"), ``reduction`` and ``provenance`` (the record the stage
+"padded_square", "centre_square" or "image"), ``reduction``, ``forced_rows`` (which query a forced
+answer's token takes its row from: "emitting" or "own") and ``provenance`` (the record the stage
 gives, :func:`stages.provenance.record`).
 
 Chunks are Zstd-compressed with Zstd's content checksum, and every chunk is written, even one of zeros,
@@ -31,6 +32,7 @@ from schemas.artifacts import (
     ATTENTION_ARRAY,
     ATTENTION_DIMENSIONS,
     ATTENTION_DTYPE,
+    FORCED_ROWS,
     GRID_COVERS,
     SCHEMA_VERSION,
 )
@@ -45,20 +47,23 @@ CHUNKS_PER_SHARD = 16
 class AttentionWriter:
     """Append attention maps to a new store; the store appears at ``path`` only on :meth:`close`.
 
-    Use as a context manager. ``append(rows)`` takes one image's maps, a float array of shape
+    Use as a context manager. ``append(rows)`` takes one sample's maps, a float array of shape
     (n, grid_h, grid_w) with that image's own grid, stores them as float16 and returns the element
     offset of their first value. ``grid_covers``: "padded_square", "centre_square" or "image" (see
-    :data:`schemas.artifacts.GRID_COVERS`); ``provenance``: the store's provenance record (attribute
+    :data:`schemas.artifacts.GRID_COVERS`); ``forced_rows``: "emitting" or "own"
+    (:data:`schemas.artifacts.FORCED_ROWS`); ``provenance``: the store's provenance record (attribute
     ``provenance``; none when None). Values are written a whole Zarr shard file at a time
     (``chunk_values * chunks_per_shard`` values), the remainder on close, so no shard file is
     rewritten.
     """
 
     def __init__(self, path: str | os.PathLike, *, model: str, reduction: dict[str, Any], grid_covers: str,
-                 provenance: dict[str, Any] | None = None, chunk_values: int = CHUNK_VALUES,
+                 forced_rows: str = "emitting", provenance: dict[str, Any] | None = None, chunk_values: int = CHUNK_VALUES,
                  chunks_per_shard: int = CHUNKS_PER_SHARD):
         if grid_covers not in GRID_COVERS:
             raise ValueError(f"grid_covers must be one of {GRID_COVERS}, got {grid_covers!r}")
+        if forced_rows not in FORCED_ROWS:
+            raise ValueError(f"forced_rows must be one of {FORCED_ROWS}, got {forced_rows!r}")
         self.path = Path(path)
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
@@ -67,7 +72,7 @@ class AttentionWriter:
             group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
             group.attrs.update({
                 "schema_version": SCHEMA_VERSION, "artifact": "attention", "model": model,
-                "grid_covers": grid_covers, "reduction": reduction,
+                "grid_covers": grid_covers, "reduction": reduction, "forced_rows": forced_rows,
                 **({} if provenance is None else {"provenance": provenance}),
             })
             # Zstd with its content checksum: a damaged chunk fails to decode instead of reading as other

@@ -53,9 +53,18 @@ def schema_of(artifact: str) -> pa.Schema:
 
 
 def to_arrow(rows: Iterable[Mapping[str, Any]], artifact: str) -> pa.Table:
-    """Build a table of ``artifact``'s schema from dict rows (missing keys become null)."""
+    """Build a table of ``artifact``'s schema from dict rows (missing keys become null, except that a row
+    without a ``sample_id`` key takes its ``image_id``: the sample of a data set with one sample per
+    image, :data:`schemas.artifacts.SCHEMA_VERSION` 3)."""
     schema = schema_of(artifact)
-    return pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
+    return pa.Table.from_pylist([_with_sample_id(r) for r in rows], schema=schema)
+
+
+def _with_sample_id(row: Mapping[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    if "sample_id" not in row and "image_id" in row:
+        row["sample_id"] = row["image_id"]
+    return row
 
 
 def write_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, path: str | os.PathLike,
@@ -66,6 +75,8 @@ def write_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, pat
     if isinstance(rows, pa.Table):
         table = rows.select(schema.names).cast(schema)
     elif isinstance(rows, pd.DataFrame):
+        if "sample_id" not in rows.columns and "image_id" in rows.columns:
+            rows = rows.assign(sample_id=rows["image_id"])    # one sample per image (see to_arrow)
         table = pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
     else:
         table = to_arrow(rows, artifact)

@@ -86,7 +86,7 @@ def point_accuracy(model_dir: str | os.PathLike, work_dir: str | os.PathLike, *,
         file = work / "images" / f"{ex.scene.image_id}.jpg"
         Image.fromarray(ex.pixels).save(file, quality=JPEG_QUALITY, subsampling=0)
         examples[ex.scene.image_id] = ex
-        manifest.append({"image_id": ex.scene.image_id, "file": str(file), "width": ex.scene.width,
+        manifest.append({"sample_id": ex.scene.image_id, "image_id": ex.scene.image_id, "file": str(file), "width": ex.scene.width,
                          "height": ex.scene.height, "shard": 0, "error": None})
     write_table(manifest, work / "manifest.parquet", "manifest")
     generate.run(generate.GenerateConfig(question=question, max_new_tokens=max_new_tokens, batch_size=8),

@@ -22,7 +22,12 @@ TOY_LMM = f"{OUT}/models/toy-llava"
 TOY_SAM = f"{OUT}/models/toy-sam.safetensors"
 SYNTHETIC = f"{OUT}/synthetic"
 SYNTHETIC_SPLIT = config["synthetic"]["split"]
-EVALUATED_TASKS = ("instance_seg", "gcg")
+EVALUATED_TASKS = ("instance_seg", "gcg", "res", "png")
+# A data set's files (config keys) that the manifest and the evaluators read; the proposals a segment job
+# reads with segment.mask_source proposals are separate (changing them reruns segment, not the manifest).
+DATA_FILE_KEYS = ("images", "instances", "mask_gt", "caption_gt", "refs", "narratives", "panoptic",
+                  "panoptic_masks")
+PROPOSAL_KEYS = ("proposals", "proposals_folder")
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 RUNS = [MAIN_RUN, *config["variants"]]
 # Slurm partitions (config `cluster`): each rule names its own in its resources (slurm_partition), so a
@@ -93,17 +98,25 @@ def section_params(*names):
 
 
 def dataset_config(wildcards):
-    """What describes the data set itself (task, files, max_pixels), with its name: not its question nor
-    its stage-section overrides, which decide later stages only."""
+    """What describes the data set itself (task, files, split, max_pixels), with its name: not its question,
+    its proposals nor its stage-section overrides, which decide later stages only."""
     entry = DATASETS[wildcards.dataset]
-    data = {key: value for key, value in entry.items() if key not in (*DATASET_SECTIONS, "question")}
+    data = {key: value for key, value in entry.items() if key not in (*DATASET_SECTIONS, "question", *PROPOSAL_KEYS)}
     return {"name": wildcards.dataset, **data}
 
 
 def dataset_inputs(wildcards):
     """Annotation files and image folder of a data set (built by rule synthetic_data when toy)."""
     ds = DATASETS[wildcards.dataset]
-    return {key: ds[key] for key in ("images", "instances", "mask_gt", "caption_gt") if key in ds}
+    return {key: ds[key] for key in DATA_FILE_KEYS if key in ds}
+
+
+def proposals_inputs(wildcards):
+    """The data set's precomputed masks when the job's segment.mask_source is proposals."""
+    if section(wildcards, "segment")["mask_source"] != "proposals":
+        return {}
+    ds = DATASETS[wildcards.dataset]
+    return {key: ds[key] for key in PROPOSAL_KEYS if key in ds}
 
 
 def lmm_inputs(wildcards):
@@ -113,8 +126,9 @@ def lmm_inputs(wildcards):
 
 
 def sam_inputs(wildcards):
-    """The run's SAM checkpoint, except in attention-only runs, which use no SAM."""
-    if section(wildcards, "segment")["prompt"] == "attention":
+    """The run's SAM checkpoint, except in runs that use no SAM (prompt attention, mask_source proposals)."""
+    segment = section(wildcards, "segment")
+    if segment["prompt"] == "attention" or segment["mask_source"] == "proposals":
         return []
     return [section(wildcards, "sam")["checkpoint"]]
 

@@ -55,6 +55,58 @@ rule evaluate_gcg:
         "../scripts/evaluate_gcg.py"
 
 
+rule evaluate_res:
+    input:
+        unpack(dataset_inputs),
+        manifest=manifest_path("{dataset}"),
+        masks=shard_artifacts("masks"),
+    output:
+        predictions=f"{OUT}/{{run}}/{{dataset}}/predictions/res.json",
+        metrics=report(
+            f"{OUT}/{{run}}/{{dataset}}/metrics/res.json",
+            caption="../report/metrics.rst",
+            category="Metrics",
+            subcategory="{run}: {dataset}",
+        ),
+    params:
+        code=code_version("evaluate_res.py"),
+        dataset=dataset_config,
+    resources:
+        slurm_partition=CPU_PARTITION,
+    log:
+        f"{OUT}/logs/evaluate_res/{{run}}/{{dataset}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluate_res/{{run}}/{{dataset}}.tsv"
+    script:
+        "../scripts/evaluate_res.py"
+
+
+rule evaluate_png:
+    input:
+        unpack(dataset_inputs),
+        manifest=manifest_path("{dataset}"),
+        masks=shard_artifacts("masks"),
+    output:
+        predictions=f"{OUT}/{{run}}/{{dataset}}/predictions/png.json",
+        metrics=report(
+            f"{OUT}/{{run}}/{{dataset}}/metrics/png.json",
+            caption="../report/metrics.rst",
+            category="Metrics",
+            subcategory="{run}: {dataset}",
+        ),
+    params:
+        code=code_version("evaluate_png.py"),
+        dataset=dataset_config,
+    resources:
+        slurm_partition=CPU_PARTITION,
+    log:
+        f"{OUT}/logs/evaluate_png/{{run}}/{{dataset}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluate_png/{{run}}/{{dataset}}.tsv"
+    script:
+        "../scripts/evaluate_png.py"
+
+
 rule summary:
     input:
         all_metrics(),

@@ -4,6 +4,7 @@
 rule phrases:
     input:
         generations=upstream_artifact("generations"),
+        manifest=manifest_path("{dataset}"),
         instances=instances_input,
     output:
         artifact("{run}", "{dataset}", "phrases", "{shard}"),

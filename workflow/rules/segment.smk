@@ -1,8 +1,9 @@
-# Attention peaks as SAM prompts: one GPU job per run, data set and shard.
+# Attention peaks as SAM prompts (or picking precomputed proposals): one GPU job per run, data set and shard.
 
 
 rule segment:
     input:
+        unpack(proposals_inputs),
         manifest=manifest_path("{dataset}"),
         generations=upstream_artifact("generations"),
         attention=upstream_artifact("attention", "zarr"),

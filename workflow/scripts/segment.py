@@ -11,4 +11,5 @@ with stage_logging(snakemake.log[0], threads=snakemake.threads):  # noqa: F821 (
     inputs = snakemake.input  # noqa: F821
     with claimed_devices(int(snakemake.resources.gpu)) as (device,):  # noqa: F821
         segment.run(cfg, sam_cfg, inputs.manifest, inputs.generations, inputs.attention, inputs.phrases,
-                    snakemake.output[0], device=device)  # noqa: F821
+                    snakemake.output[0], device=device, proposals=inputs.get("proposals"),  # noqa: F821
+                    proposals_folder=inputs.get("proposals_folder"))
