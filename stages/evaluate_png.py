@@ -215,7 +215,8 @@ def run(dataset: DatasetConfig, manifest_path: str | os.PathLike, masks_paths: S
 
     Every phrase of every narrative with ground truth counts, predicted or not (IoU 0). A narrative
     whose ground truth cannot be built (an error sample of the listing) is left out and counted in
-    ``num_samples_without_ground_truth``. A masks row naming a sample outside the manifest is an error.
+    ``num_samples_without_ground_truth``; the masks rows of a narrative without segment ids (no phrase)
+    are ignored. A masks row naming a sample outside the manifest is an error.
     """
     from stages import provenance
     from stages.datasets import list_samples, load_png_ground_truth
@@ -228,7 +229,10 @@ def run(dataset: DatasetConfig, manifest_path: str | os.PathLike, masks_paths: S
             rle = mask_utils.encode(np.asfortranarray(masks_of[phrase.phrase_index].astype(np.uint8)))
             phrases.append(PngPhrase(sample_id, phrase.phrase_index, {"size": rle["size"], "counts": rle["counts"]},
                                      phrase.is_thing, phrase.plural))
-    masks = evaluated_masks(read_tables(masks_paths, "masks"), manifest_path, set(targets))
+    # A narrative without segment ids has no phrase (the release skips it): the rows the pipeline wrote
+    # for its pieces are not evaluated, as those of the error samples.
+    with_phrases = {sample_id for sample_id, target in targets.items() if target.phrases}
+    masks = evaluated_masks(read_tables(masks_paths, "masks"), manifest_path, with_phrases)
     metrics, per_phrase = png_metrics(phrases, masks)
     metrics["png"]["num_samples_without_ground_truth"] = len(list_samples(dataset)) - len(targets)
     write_json(per_phrase.to_dict("records"), predictions_path)

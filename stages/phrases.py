@@ -216,7 +216,8 @@ def _first_verb_rows(generation: dict[str, Any]) -> list[dict[str, Any]]:
         return [_error_row(generation, f"the answer has none of the verbs {list(RES_VERBS)}")]
     if verb + 1 >= generation["num_tokens"]:
         return [_error_row(generation, "the answer ends at its first verb: no step takes it as input")]
-    chunk = NounChunk(index=0, text=answer[starts[verb]:ends[verb]], root=answer[starts[verb]:ends[verb]],
+    verb_text = answer[starts[verb]:ends[verb]].strip()
+    chunk = NounChunk(index=0, text=verb_text, root=verb_text,
                       root_start=starts[verb], root_end=ends[verb], chunk_start=starts[verb], chunk_end=ends[verb])
     return [_phrase_row(generation, chunk, [verb + 1])]
 

@@ -25,6 +25,7 @@ as bool ``(height, width)`` arrays at the image's size; a proposal of another si
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,12 @@ class Proposal:
     score: float
 
 
+def _is_size(size: Any) -> bool:
+    """Whether ``size`` is an RLE's ``[height, width]``: two non-negative integers."""
+    return (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in size))
+
+
 def _check_size(found: tuple[int, int], height: int, width: int, what: str) -> None:
     if tuple(found) != (height, width):
         raise ProposalError(f"{what} is {found[0]} x {found[1]} pixels (height x width), the image "
@@ -65,10 +72,14 @@ class InstanceProposals:
         by_image: dict[str, list[tuple[float, int, dict[str, Any]]]] = {}
         for i, result in enumerate(results):
             segmentation = result.get("segmentation") if isinstance(result, dict) else None
+            score = result.get("score") if isinstance(result, dict) else None
             if not (isinstance(segmentation, dict) and {"size", "counts"} <= segmentation.keys()
-                    and "image_id" in result and isinstance(result.get("score"), (int, float))):
-                raise DatasetError(f"proposals file {self.path}: entry [{i}] needs image_id, a numeric score "
-                                   "and an RLE segmentation {size, counts}")
+                    and _is_size(segmentation["size"])
+                    and isinstance(segmentation["counts"], (str, bytes)) and "image_id" in result
+                    and isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)):
+                raise DatasetError(f"proposals file {self.path}: entry [{i}] needs image_id, a finite numeric score "
+                                   "and a compressed RLE segmentation {size: [height, width], counts: "
+                                   "string} (uncompressed RLE, a list of counts, and polygons are not read)")
             by_image.setdefault(str(result["image_id"]), []).append((-float(result["score"]), i, segmentation))
         self._by_image = {image_id: sorted(entries, key=lambda e: e[:2]) for image_id, entries in by_image.items()}
 
@@ -132,7 +143,11 @@ class PanopticProposals:
                     and all(isinstance(s, dict) and "id" in s for s in annotation["segments_info"])):
                 raise DatasetError(f"panoptic proposals file {path}: annotations[{i}] needs image_id, file_name "
                                    "and segments_info (each with an id)")
-            scores = {int(s["id"]): float(s.get("score", 1.0)) for s in annotation["segments_info"]}
+            try:
+                scores = {int(s["id"]): float(s.get("score", 1.0)) for s in annotation["segments_info"]}
+            except (TypeError, ValueError):
+                raise DatasetError(f"panoptic proposals file {path}: annotations[{i}].segments_info holds a "
+                                   "segment whose id is not an integer or whose score is not a number") from None
             by_image[str(annotation["image_id"])] = (annotation["file_name"], scores)
         return by_image
 

