@@ -40,10 +40,14 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from stages.toy.world import toy_dataset_files  # noqa: E402 (after the repository is on the path)
+
 # Headline numbers of each task, as the summary names them: (task, metric key in summary.json).
 HEADLINES = (("instance_seg", "point_accuracy"), ("instance_seg", "point_chance"), ("instance_seg", "AP50"),
              ("instance_seg", "AP"),
-             ("gcg", "AP50"), ("gcg", "mIoU"), ("gcg", "recall"), ("gcg", "METEOR"))
+             ("gcg", "AP50"), ("gcg", "mIoU"), ("gcg", "recall"), ("gcg", "METEOR"), ("res", "gIoU"),
+             ("png", "AA"))
 # The miniature's goals: (run, task, metric) -> the least value every seed and kernel set must reach.
 GOALS = {("main", "instance_seg", "point_accuracy"): 0.70, ("main", "instance_seg", "AP50"): 0.30,
          ("main", "gcg", "recall"): 0.30}
@@ -80,12 +84,7 @@ def seed_overlay(seed: int, folder: str, split: str, variants: dict[str, dict]) 
     return {
         "out": folder,
         "train": {"lmm": {"seed": seed}, "sam": {"seed": seed}, "sd": {"seed": seed}},
-        "datasets": {
-            "toy_instances": {"images": f"{synthetic}/images", "instances": f"{synthetic}/instances.json"},
-            "toy_gcg": {"images": f"{synthetic}/images",
-                        "mask_gt": f"{synthetic}/{split}_gcg_coco_mask_gt.json",
-                        "caption_gt": f"{synthetic}/{split}_gcg_coco_caption_gt.json"},
-        },
+        "datasets": toy_dataset_files(synthetic, split),
         "variants": seeded_variants,
         "lmm": {"path": f"{folder}/models/toy-llava"},
         "sam": {"checkpoint": f"{folder}/models/toy-sam.safetensors"},

@@ -29,6 +29,7 @@ SHARED_RUN_GROUPS = {
     "tests/test_killed_jobs.py": "default_run",
     "tests/test_workflow.py::test_report_opens_in_chromium_with_its_figures_and_tables": "default_run",
     "tests/test_workflow.py::test_default_dag_runs_and_reruns_only_the_deleted_shard": "default_run",
+    "tests/test_workflow.py::test_referring_and_narrative_data_sets_run_on_the_default_models": "default_run",
     "tests/test_slurm.py::test_default_dag_on_a_single_node_slurm_matches_the_local_run": "second_run",
     "tests/test_workflow.py::test_a_second_run_from_scratch_writes_the_same_artifacts_and_metrics": "second_run",
 }

@@ -304,15 +304,16 @@ def merged_config(plan: Plan, workdir: Path) -> dict:
 
 def stand_in_data(config: dict, workdir: Path) -> None:
     """Empty stand-ins at the data paths the config names outside its `out` folder (what the rules build
-    there needs none): each data set's image folder and annotation files, the SAM checkpoints, the training
-    JSONs. A dry run only asks that they exist."""
+    there needs none): each data set's image and mask folders, annotation files and proposals, the SAM
+    checkpoints, the training JSONs. A dry run only asks that they exist."""
     from stages.config import schema_default
 
     out = str(config.get("out", "results")).rstrip("/") + "/"
     folders, files = [], []
     for entry in (config.get("datasets") or {}).values():
-        folders += [entry["images"]] if "images" in entry else []
-        files += [entry[key] for key in ("instances", "mask_gt", "caption_gt") if key in entry]
+        folders += [entry[key] for key in ("images", "panoptic_masks", "proposals_folder") if entry.get(key)]
+        files += [entry[key] for key in ("instances", "mask_gt", "caption_gt", "refs", "narratives", "panoptic",
+                                         "proposals") if entry.get(key)]
     for section in [config, *(config.get("variants") or {}).values()]:
         checkpoint = (section.get("sam") or {}).get("checkpoint")
         files += [checkpoint] if checkpoint else []

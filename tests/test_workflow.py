@@ -40,8 +40,21 @@ FAST = {"synthetic": {"num_images": 6, "seed": 0, "image_size": [96, 160], "spli
                   "sam": {"num_train_images": 8, "steps": 2, "batch_size": 4, "lr": 0.005, "seed": 0}}}
 
 
-def write_config(workdir: Path, **overrides) -> dict:
+# The shipped config's referring-expression and narrative data sets. The default DAG of the tests leaves them
+# out: they add about 40 jobs to each run of it (two minutes of the suite in each of the two shared runs) and
+# no case of the workflow the other data sets do not exercise; their own test runs them on a copy of the
+# default run (test_referring_and_narrative_data_sets_run_on_the_default_models), and the presets' end-to-end
+# test runs RES and PNG through the workflow on fabricated checkpoints.
+REFERRING_DATASETS = ("toy_res", "toy_png")
+
+
+def write_config(workdir: Path, referring: bool = False, **overrides) -> dict:
+    """The shipped config with FAST toy training and ``overrides``, without :data:`REFERRING_DATASETS` unless
+    ``referring``, written to ``workdir/config.yaml``."""
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    if not referring:
+        config["datasets"] = {name: entry for name, entry in config["datasets"].items()
+                              if name not in REFERRING_DATASETS}
     config.update(FAST)
     config.update(overrides)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -429,6 +442,44 @@ def test_a_second_run_from_scratch_writes_the_same_artifacts_and_metrics(second_
         assert (second / name).is_file(), name
     assert json.loads((second / "toy_diagnostics.json").read_text()) == \
         json.loads((first / "toy_diagnostics.json").read_text())
+
+
+@pytest.mark.slow
+def test_referring_and_narrative_data_sets_run_on_the_default_models(default_run, tmp_path):
+    """The shipped toy_res and toy_png data sets, added to a copy of the default run (its models and synthetic
+    data, one shard), main and attention_only: RES asks about every object by its expression and grounds its
+    head noun; PNG forces each true caption with own-position rows, and each point picks one of the world's own
+    segments (prompt attention: the thresholded map instead)."""
+    from stages.io.attention import attention_attrs
+
+    workdir = copy_run(default_run, tmp_path / "run")
+    write_config(workdir, referring=True, shards=1)
+    out = workdir / "results"
+    targets = [f"results/{run}/{name}/metrics/{task}.json" for run in ("main", "attention_only")
+               for name, task in (("toy_res", "res"), ("toy_png", "png"))]
+    snakemake(workdir, *targets, "--cores", "2")
+    synthetic = out / "synthetic"
+    instances = json.loads((synthetic / "instances.json").read_text())
+    narratives = json.loads((synthetic / "png_coco_test.json").read_text())
+    phrases = sum(bool(segment["segment_ids"]) for narrative in narratives for segment in narrative["segments"])
+    for run in ("main", "attention_only"):
+        res = json.loads((out / run / "toy_res" / "metrics" / "res.json").read_text())["res"]
+        png = json.loads((out / run / "toy_png" / "metrics" / "png.json").read_text())["png"]
+        assert res["num_samples"] == len(instances["annotations"]) and png["num_phrases"] == phrases
+    generations = pd.read_parquet(out / "main" / "toy_res" / "generations" / "shard-0.parquet")
+    expressions = pd.read_parquet(out / "manifests" / "toy_res.parquet").set_index("sample_id")["expression"]
+    assert all(f'Describe the "{expressions[g.sample_id]}".' in g.prompt for g in generations.itertuples())
+    forced = pd.read_parquet(out / "main" / "toy_png" / "generations" / "shard-0.parquet")
+    assert (forced["finish_reason"] == "forced").all()
+    assert attention_attrs(out / "main" / "toy_png" / "attention" / "shard-0.zarr")["forced_rows"] == "own"
+    segment_areas = {(str(a["image_id"]), s["area"]) for a in json.loads((synthetic / "panoptic_test.json")
+                     .read_text())["annotations"] for s in a["segments_info"]}
+    picked = pd.read_parquet(out / "main" / "toy_png" / "masks" / "shard-0.parquet")
+    picked = picked[picked["error"].isna()]
+    assert len(picked) and all((row.image_id, row.area) in segment_areas for row in picked.itertuples())
+    thresholded = pd.read_parquet(out / "attention_only" / "toy_png" / "masks" / "shard-0.parquet")
+    assert (thresholded.dropna(subset=["rle_counts"])["score"] == 1.0).all()
+    assert not (out / "random_lmm" / "toy_res").exists()
 
 
 @pytest.mark.slow

@@ -197,6 +197,19 @@ def output_paths(out_dir: str | os.PathLike, split: str = "val") -> SyntheticPat
                           panoptic_masks=out_dir / f"panoptic_{split}")
 
 
+def toy_dataset_files(out_dir: str, split: str) -> dict[str, dict[str, str]]:
+    """The data-set keys of the default config's toy data sets (``toy_instances``, ``toy_gcg``, ``toy_res``,
+    ``toy_png``: files, folders and split) for split ``split`` of the world written under ``out_dir`` (a path
+    as the config writes it, e.g. ``results/val/synthetic``); what an overlay moving the world elsewhere sets."""
+    paths = output_paths(out_dir, split)
+    images = str(paths.images)
+    return {"toy_instances": {"images": images, "instances": str(paths.instances)},
+            "toy_gcg": {"images": images, "mask_gt": str(paths.mask_gt), "caption_gt": str(paths.caption_gt)},
+            "toy_res": {"images": images, "refs": str(paths.refs), "instances": str(paths.instances), "split": split},
+            "toy_png": {"images": images, "narratives": str(paths.narratives), "panoptic": str(paths.panoptic),
+                        "panoptic_masks": str(paths.panoptic_masks), "proposals_folder": str(paths.panoptic_masks)}}
+
+
 def image_id_of(index: int, split: str = "val") -> str:
     """String id of image ``index`` of ``split``: "toy_val_000000", "toy_val_000001", ..."""
     return f"{ID_PREFIX}{split}_{index:06d}"
