@@ -33,7 +33,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from schemas.artifacts import METRICS_PROVENANCE_FIELD
-from stages.evaluation import rle_of, write_json
+from stages.evaluation import check_unique, rle_of, write_json
 from stages.io.tables import read_provenance, read_table, read_tables
 
 if TYPE_CHECKING:
@@ -87,11 +87,7 @@ def chosen_masks(masks: pd.DataFrame, sizes: Mapping[str, tuple[int, int]]) -> d
         if null.any():
             raise ValueError(f"masks table: {int(null.sum())} row(s) without error have a null {column!r} "
                              f"(e.g. sample {good.loc[null, 'sample_id'].iloc[0]!r})")
-    duplicated = good.duplicated(list(MASK_KEY))
-    if duplicated.any():
-        first = good.loc[duplicated, list(MASK_KEY)].iloc[0].to_dict()
-        raise ValueError(f"masks table: {int(duplicated.sum())} row(s) repeat the same {list(MASK_KEY)} "
-                         f"(e.g. {first}); was a shard given twice?")
+    check_unique(good, MASK_KEY, "masks")
     rows = pd.DataFrame({
         "sample_id": good["sample_id"].astype(str),
         "phrase_index": good["phrase_index"].astype(np.int64),

@@ -136,6 +136,11 @@ def check_rows_belong(table: pd.DataFrame, image_ids: Iterable[str], key: Sequen
     if outside.any():
         raise ValueError(f"{artifact} table: {int(outside.sum())} row(s) name images that are not in the "
                          f"manifest (e.g. {table.loc[outside, 'image_id'].iloc[0]!r})")
+    check_unique(table, key, artifact)
+
+
+def check_unique(table: pd.DataFrame, key: Sequence[str], artifact: str) -> None:
+    """Raise ``ValueError`` when two rows of ``table`` share the same ``key`` (a shard given twice)."""
     duplicated = table.duplicated(list(key))
     if duplicated.any():
         first = table.loc[duplicated, list(key)].iloc[0].to_dict()

@@ -255,20 +255,26 @@ def test_the_mask_bias_is_cached_per_device():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
-def test_capture_on_gpu_matches_eager(tmp_path, implementation):
+def gpu_models(folder, implementation):
+    """(model with ``implementation``, eager model, processor) of a GQA toy LLaVA in bfloat16 on the GPU;
+    skips without CUDA (or flash-attn for "flash_attention_2")."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     if implementation == "flash_attention_2":
         pytest.importorskip("flash_attn")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = build_toy_llava(tmp_path / "llava", CAPTIONS, seed=1, num_key_value_heads=2)
-    processor = AutoProcessor.from_pretrained(path)
+    path = build_toy_llava(folder / "llava", CAPTIONS, seed=1, num_key_value_heads=2)
     model = LlavaForConditionalGeneration.from_pretrained(
         path, attn_implementation=implementation, dtype=torch.bfloat16).to("cuda").eval()
     eager = LlavaForConditionalGeneration.from_pretrained(
         path, attn_implementation="eager", dtype=torch.bfloat16).to("cuda").eval()
+    return model, eager, AutoProcessor.from_pretrained(path)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
+def test_capture_on_gpu_matches_eager(tmp_path, implementation):
+    model, eager, processor = gpu_models(tmp_path, implementation)
     inputs = model_inputs(processor, [LONG_PROMPT, SHORT_PROMPT]).to("cuda")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     eager_sequences, expected = eager_rows(eager, inputs)

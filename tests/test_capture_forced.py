@@ -3,11 +3,19 @@
 that token ("emitting") and the row of the token's own position ("own"), which equals the eager
 ``output_attentions`` row there."""
 
+# ruff: noqa: F811 (the tests take test_capture's fixture `toy`, imported below, as their argument)
 from __future__ import annotations
 
 import pytest
 import torch
-from test_capture import CAPTIONS, LONG_PROMPT, MAX_NEW_TOKENS, SHORT_PROMPT, model_inputs
+from test_capture import (
+    LONG_PROMPT,
+    MAX_NEW_TOKENS,
+    SHORT_PROMPT,
+    gpu_models,
+    model_inputs,
+    toy,  # noqa: F401 (the toy LLaVA fixture: (sdpa, eager, processor), mha and gqa)
+)
 
 from stages.capture import (
     AttentionCapture,
@@ -17,22 +25,8 @@ from stages.capture import (
     image_token_positions,
     left_pad,
 )
-from stages.toy.model import build_toy_llava
 
 BATCHES = {"batch1": [LONG_PROMPT], "left-padded-batch2": [LONG_PROMPT, SHORT_PROMPT]}
-
-
-@pytest.fixture(scope="module", params=["mha", "gqa"])
-def toy(request, tmp_path_factory):
-    """(sdpa model, eager model, processor) of a toy LLaVA; "gqa": 4 query heads share 2 key/value heads."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    kv_heads = {"mha": None, "gqa": 2}[request.param]
-    path = build_toy_llava(tmp_path_factory.mktemp("toy") / "llava", CAPTIONS, seed=1, text_layers=3,
-                           num_key_value_heads=kv_heads)
-    sdpa = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
-    eager = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    return sdpa, eager, AutoProcessor.from_pretrained(path)
 
 
 def generated(model, inputs, layers="all", heads="all") -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -250,18 +244,7 @@ def test_recorded_rows_of_several_queries_are_their_softmax_rows(mask_kind):
 def test_forced_capture_on_gpu_matches_eager(tmp_path, implementation):
     """In bfloat16 on a GPU, with flash attention's 2D padding mask too, the rows of the last Q queries
     of a left-padded forced batch match the eager attention probabilities."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if implementation == "flash_attention_2":
-        pytest.importorskip("flash_attn")
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    path = build_toy_llava(tmp_path / "llava", CAPTIONS, seed=1, num_key_value_heads=2)
-    processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, attn_implementation=implementation, dtype=torch.bfloat16).to("cuda").eval()
-    eager = LlavaForConditionalGeneration.from_pretrained(
-        path, attn_implementation="eager", dtype=torch.bfloat16).to("cuda").eval()
+    model, eager, processor = gpu_models(tmp_path, implementation)
     inputs = model_inputs(processor, [LONG_PROMPT, SHORT_PROMPT])
     answers = [torch.tensor([17, 9, 25, 2]), torch.tensor([30, 12])]
     batch = {name: value.to("cuda") for name, value in
