@@ -49,9 +49,9 @@ def run(tmp_path, toy_path, rows, name="run", **options):
 
 def test_each_sample_asks_about_its_own_expression(tmp_path, toy):
     path, _, image = toy
-    table, _, _ = run(tmp_path, path, [sample("1-10", image, "the red square"), sample("1-11", image, "a cat"),
-                                       sample("2-12", image, "it", error="image listed but missing")],
-                      question='Describe the "{expression}".')
+    samples = [sample("1-10", image, "the red square"), sample("1-11", image, "a cat"),
+               sample("2-12", image, "it", error="image listed but missing")]
+    table, _, _ = run(tmp_path, path, samples, question='Describe the "{expression}".')
     assert table["sample_id"].tolist() == ["1-10", "1-11", "2-12"]
     assert (table["image_id"] == "scene").all()
     assert table["prompt"][0].endswith('Describe the "the red square". ASSISTANT:')
@@ -109,3 +109,48 @@ def test_forced_and_generated_samples_share_a_shard(tmp_path, toy):
     assert by_id.loc["empty", "error"] == "the forced answer has no pieces"
     assert "holds the image token" in by_id.loc["image_token", "error"]
     assert "nowhere.png" in by_id.loc["missing", "error"]
+
+
+def eager_forced_rows(eager, image, question, answer_ids) -> np.ndarray:
+    """The reference for a forced answer's "own" rows, from the published definition: one plain eager forward
+    (``output_attentions``) of batch 1, no padding, over the prompt and the answer ids; token j's row is the
+    mean over layers and heads of its own position's attention over the image's layout positions, float32
+    (T, grid_h, grid_w). ``eager``: a LoadedLMM with eager attention."""
+    import torch
+
+    from stages.generate import build_prompt
+
+    inputs = eager.processor(images=[image], text=[build_prompt(eager.processor, question, None)],
+                             return_tensors="pt")
+    answer = torch.tensor([answer_ids])
+    length = inputs["input_ids"].shape[1]
+    for key, value in list(inputs.items()):
+        if isinstance(value, torch.Tensor) and value.shape[:2] == (1, length):
+            tail = answer if key == "input_ids" else (torch.ones_like(answer) if key == "attention_mask"
+                                                       else answer.new_zeros((1, len(answer_ids), *value.shape[2:])))
+            inputs[key] = torch.cat([value, tail.to(value.dtype)], dim=1)
+    (layout,) = eager.image_layouts(inputs)
+    with torch.no_grad():
+        attentions = eager.model(**inputs, output_attentions=True).attentions
+    own = torch.stack([a[0, :, -len(answer_ids):] for a in attentions]).float().mean(dim=(0, 1))
+    return own[:, layout.positions].reshape(len(answer_ids), *layout.grid).numpy()
+
+
+def forced_stage_rows(tmp_path, family, path, images, pieces, question):
+    """stages.generate.run on ``images`` (name -> PIL image) in one batch, each forcing ``pieces`` with
+    own-position rows; returns {name: (token ids, stored rows (T, h, w))}."""
+    rows = []
+    for name, image in images.items():
+        image.save(tmp_path / f"{name}.png")
+        rows.append({"sample_id": f"{name}-0", "image_id": name, "file": str(tmp_path / f"{name}.png"),
+                     "width": image.width, "height": image.height, "forced_answer": pieces, "shard": 0})
+    write_table(rows, tmp_path / "forced-manifest.parquet", "manifest")
+    generate.run(GenerateConfig(question=question, batch_size=len(images), forced_rows="own"),
+                 LMMConfig(family=family, path=path), tmp_path / "forced-manifest.parquet", 0,
+                 tmp_path / "forced.parquet", tmp_path / "forced.zarr", device="cpu")
+    table = read_table(tmp_path / "forced.parquet", "generations")
+    store = open_attention(tmp_path / "forced.zarr")
+    assert table["error"].isna().all() and (table["finish_reason"] == "forced").all()
+    return {row.image_id: (row.token_ids.tolist(), read_rows(store, row.attention_offset, row.num_tokens,
+                                                              (row.grid_h, row.grid_w)))
+            for row in table.itertuples()}

@@ -427,3 +427,21 @@ def test_config_errors_name_the_key_or_file(offline_hub, tmp_path):
         loaded = load(repo_id)
         ids = torch.tensor([[loaded.image_token_id] * 10])
         loaded.image_layouts({"input_ids": ids, "image_sizes": torch.tensor([[50, 90]])})
+
+
+def test_forced_answers_get_the_eager_own_position_rows(offline_hub, tmp_path):
+    """Teacher forcing in the generate stage for LLaVA-NeXT (anyres: per-image high-resolution grids): two
+    non-square images in one left-padded batch, each forcing the same narrative, get the rows a plain eager
+    forward of each alone gives at the answer's own positions."""
+    from test_generate_samples import eager_forced_rows, forced_stage_rows
+
+    repo_id = HUB_IDS[0]
+    images = {name: bright_image(name, seed) for seed, name in enumerate(IMAGES)}
+    found = forced_stage_rows(tmp_path, "llava_next", repo_id, images, ["A red circle", " on the grass."],
+                              QUESTION)
+    eager = load(repo_id, attn_implementation="eager")
+    for name, image in images.items():
+        ids, stored = found[name]
+        reference = eager_forced_rows(eager, image.convert("RGB"), QUESTION, ids)
+        assert stored.shape == reference.shape and stored.shape[1:] == IMAGES[name][1]
+        np.testing.assert_allclose(stored, reference, rtol=1e-2, atol=1e-4)      # float16 store

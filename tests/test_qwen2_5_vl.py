@@ -662,3 +662,19 @@ def test_generate_and_segment_stages_on_each_images_own_grid(offline_hub, eager,
         padded = ((c + 0.5) * side / grid[1] - (side - width) // 2,
                   (r + 0.5) * side / grid[0] - (side - height) // 2)
         assert max(abs(mask["point_x"] + 0.5 - padded[0]), abs(mask["point_y"] + 0.5 - padded[1])) > 3
+
+
+def test_forced_answers_get_the_eager_own_position_rows(offline_hub, eager, tmp_path):
+    """Teacher forcing in the generate stage for Qwen2.5-VL (per-image grids, its own rope positions): two
+    images of different sizes in one left-padded batch, each forcing the same narrative, get the rows a
+    plain eager forward of each alone gives at the answer's own positions."""
+    from test_generate_samples import eager_forced_rows, forced_stage_rows
+
+    images = {name: noise_image(*STAGE_IMAGES[name][0], seed=seed) for seed, name in enumerate(STAGE_IMAGES)}
+    found = forced_stage_rows(tmp_path, "qwen2_5_vl", REPO_ID, images, ["A red circle", " on the grass."],
+                              QUESTION)
+    for name, image in images.items():
+        ids, stored = found[name]
+        reference = eager_forced_rows(eager, image.convert("RGB"), QUESTION, ids)
+        assert stored.shape == reference.shape and stored.shape[1:] == STAGE_IMAGES[name][1]
+        np.testing.assert_allclose(stored, reference, rtol=1e-2, atol=1e-4)      # float16 store
