@@ -56,7 +56,8 @@ def test_each_sample_asks_about_its_own_expression(tmp_path, toy):
     assert (table["image_id"] == "scene").all()
     assert table["prompt"][0].endswith('Describe the "the red square". ASSISTANT:')
     assert 'Describe the "a cat".' in table["prompt"][1] and table["error"][:2].isna().all()
-    assert table["error"][2] == "manifest: image listed but missing" and 'Describe the "it".' in table["prompt"][2]
+    assert table["error"][2] == "manifest: image listed but missing"
+    assert 'Describe the "it".' in table["prompt"][2]
 
 
 @pytest.mark.parametrize("question, expression, message", [
@@ -90,7 +91,8 @@ def test_forcing_the_generated_answer_gives_the_generated_rows(tmp_path, toy):
     np.testing.assert_allclose(emitting_rows["s"], generated_rows["s"], rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(own_rows["s"][:-1], emitting_rows["s"][1:], rtol=1e-3, atol=1e-6)
     assert not np.allclose(own_rows["s"], emitting_rows["s"])
-    assert attention_attrs(store)["forced_rows"] == "emitting" and attention_attrs(own_store)["forced_rows"] == "own"
+    assert attention_attrs(store)["forced_rows"] == "emitting"
+    assert attention_attrs(own_store)["forced_rows"] == "own"
 
 
 def test_forced_and_generated_samples_share_a_shard(tmp_path, toy):
@@ -126,8 +128,8 @@ def eager_forced_rows(eager, image, question, answer_ids) -> np.ndarray:
     length = inputs["input_ids"].shape[1]
     for key, value in list(inputs.items()):
         if isinstance(value, torch.Tensor) and value.shape[:2] == (1, length):
-            tail = answer if key == "input_ids" else (torch.ones_like(answer) if key == "attention_mask"
-                                                       else answer.new_zeros((1, len(answer_ids), *value.shape[2:])))
+            tail = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}.get(
+                key, answer.new_zeros((1, len(answer_ids), *value.shape[2:])))
             inputs[key] = torch.cat([value, tail.to(value.dtype)], dim=1)
     (layout,) = eager.image_layouts(inputs)
     with torch.no_grad():
