@@ -60,12 +60,16 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class LMMConfig:
     """Config section ``lmm``: which model, in which precision, with which attention kernel, over how
-    many GPUs (``gpus``: the model is spread over that many when no device is given)."""
+    many GPUs (``gpus``: the model is spread over that many when no device is given), with which
+    feature grid (``grid``) and per-image pixel budget (``min_pixels``, ``max_pixels``) where the family
+    has a choice."""
 
     family: str = schema_default("lmm", "family")
     path: str = schema_default("lmm", "path")
     base: str | None = schema_default("lmm", "base")
     grid: str | None = schema_default("lmm", "grid")
+    min_pixels: int | None = schema_default("lmm", "min_pixels")
+    max_pixels: int | None = schema_default("lmm", "max_pixels")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = schema_default("lmm", "dtype")
     attn_implementation: Literal["sdpa", "flash_attention_2"] = schema_default("lmm", "attn_implementation")
     gpus: int = schema_default("lmm", "gpus")
@@ -490,7 +494,7 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     lmm = load_lmm(lmm_cfg.family, lmm_cfg.path, dtype=resolve_dtype(lmm_cfg.dtype, devices[0]),
                    attn_implementation=lmm_cfg.attn_implementation,
                    device=devices[0] if len(devices) == 1 else devices, base=lmm_cfg.base,
-                   grid=lmm_cfg.grid)
+                   grid=lmm_cfg.grid, min_pixels=lmm_cfg.min_pixels, max_pixels=lmm_cfg.max_pixels)
     inputs_at = input_devices(lmm.model)
     try:
         capture = AttentionCapture(lmm.model, layers=generate_cfg.layers, heads=generate_cfg.heads)

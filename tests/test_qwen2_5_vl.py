@@ -678,3 +678,26 @@ def test_forced_answers_get_the_eager_own_position_rows(offline_hub, eager, tmp_
         reference = eager_forced_rows(eager, image.convert("RGB"), QUESTION, ids)
         assert stored.shape == reference.shape and stored.shape[1:] == STAGE_IMAGES[name][1]
         np.testing.assert_allclose(stored, reference, rtol=1e-2, atol=1e-4)      # float16 store
+
+
+def test_pixel_budget_comes_from_the_config(offline_hub):
+    """lmm.min_pixels / lmm.max_pixels override the checkpoint's preprocessor_config.json (as the release's
+    scripts pass max_pixels to the processor): a 600 x 900 image under max_pixels 28 * 28 * 12 keeps at most
+    12 cells; a 20 x 30 image under min_pixels 28 * 28 * 20 at least 20. Other families and an empty range
+    are config errors naming the key."""
+    budget = 28 * 28
+    capped = load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
+                      device=torch.device("cpu"), max_pixels=12 * budget, min_pixels=2 * budget)
+    assert capped.processor.image_processor.size["longest_edge"] == 12 * budget
+    (layout,) = capped.image_layouts(model_inputs(capped, [noise_image(600, 900)]))
+    assert layout.grid[0] * layout.grid[1] <= 12 and layout.grid == (2, 4)      # 56 x 112: 4 of 6 x 9 cells
+    grown = load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
+                     device=torch.device("cpu"), min_pixels=20 * budget)
+    (layout,) = grown.image_layouts(model_inputs(grown, [noise_image(20, 30)]))
+    assert layout.grid[0] * layout.grid[1] >= 20
+    with pytest.raises(ConfigError, match="lmm.max_pixels .* family 'llava'"):
+        load_lmm("llava", REPO_ID, dtype=torch.float32, attn_implementation="sdpa", device=torch.device("cpu"),
+                 max_pixels=budget)
+    with pytest.raises(ConfigError, match=r"lmm.min_pixels \(10\) is above lmm.max_pixels \(5\)"):
+        load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
+                 device=torch.device("cpu"), min_pixels=10, max_pixels=5)

@@ -138,7 +138,9 @@ class FamilySpec:
     ``takes_base``: whether the loader takes ``base`` (LoRA checkpoints); for the other families a
     non-null ``lmm.base`` is a ConfigError. ``grid_choices``: the values ``lmm.grid`` may take, the
     first being the default; empty when the family has one grid (then ``lmm.grid`` must be null and
-    the loader takes no ``grid``).
+    the loader takes no ``grid``). ``takes_pixels``: whether the loader takes ``min_pixels`` and
+    ``max_pixels`` (the processor's per-image pixel budget); for the other families a non-null
+    ``lmm.min_pixels`` / ``lmm.max_pixels`` is a ConfigError.
     """
 
     name: str
@@ -146,3 +148,4 @@ class FamilySpec:
     loader: str
     takes_base: bool = False
     grid_choices: tuple[str, ...] = ()
+    takes_pixels: bool = False

@@ -35,9 +35,8 @@ So the k-th image token of a sequence is cell (k // C, k % C): :func:`qwen_image
 ``max_pixels`` bounds the tokens per image (and the vision tower's cost, which attends over 4x as many
 patches). The loader keeps the checkpoint's ``preprocessor_config.json`` (published: ``min_pixels``
 3136, ``max_pixels`` 12845056, i.e. 4 to 16384 tokens; a 640 x 480 COCO image becomes 476 x 644
-pixels, a grid of 17 rows x 23 columns = 391 tokens). To cap it, point ``lmm.path`` at a copy of the
-checkpoint folder whose ``preprocessor_config.json`` has a smaller ``max_pixels`` (e.g. 1280 * 28 * 28,
-Qwen's suggestion).
+pixels, a grid of 17 rows x 23 columns = 391 tokens) unless ``lmm.min_pixels`` / ``lmm.max_pixels`` set
+them (the release's scripts: ``max_pixels`` 1008 * 1008; Qwen suggests 1280 * 28 * 28 to cap the cost).
 
 Decoding: the checkpoint's ``generation_config.json`` is kept. The published one samples with
 ``top_k`` 1 and ``repetition_penalty`` 1.05; with the pipeline's ``do_sample=False`` decoding is
@@ -99,9 +98,12 @@ def qwen_image_layouts(inputs: Mapping[str, Any], image_token_id: int, merge_siz
     return layouts
 
 
-def load_qwen2_5_vl(path: str, *, dtype: torch.dtype, attn_implementation: str, device: Devices) -> LoadedLMM:
+def load_qwen2_5_vl(path: str, *, dtype: torch.dtype, attn_implementation: str, device: Devices,
+                    min_pixels: int | None = None, max_pixels: int | None = None) -> LoadedLMM:
     """Load model (eval mode, ``dtype``, on ``device``: one device, or several CUDA devices it is
-    loaded straight onto with ``device_map="auto"``, see :mod:`stages.devices`) and processor from ``path``.
+    loaded straight onto with ``device_map="auto"``, see :mod:`stages.devices`) and processor from ``path``;
+    ``min_pixels`` / ``max_pixels`` (``lmm.min_pixels`` / ``lmm.max_pixels``) override the image
+    processor's pixel budget (None: the checkpoint's ``preprocessor_config.json``).
 
     ``attn_implementation`` ("sdpa" | "flash_attention_2" | "eager") applies to the vision tower and
     the language model; attention capture later swaps only the language model's (``text_config``).
@@ -121,7 +123,9 @@ def load_qwen2_5_vl(path: str, *, dtype: torch.dtype, attn_implementation: str, 
         raise ConfigError(f"{path!r} (lmm.path) holds a model of type {config.model_type!r}, "
                           "not 'qwen2_5_vl'")
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        budget = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+                  if value is not None}
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False, **budget)
     except (OSError, ValueError) as exc:
         # ValueError: e.g. an unknown image_processor_type ("Qwen2_5_VLImageProcessor" in snapshots taken
         # before the hub's preprocessor_config.json was changed to "Qwen2VLImageProcessor").

@@ -23,19 +23,23 @@ LMM_FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("llava_original", "stages.models.llava_original", "load_llava_original"),
     FamilySpec("difflmm", "stages.models.difflmm", "load_difflmm", takes_base=True),
     FamilySpec("llava_next", "stages.models.llava_next", "load_llava_next", grid_choices=("highres", "base")),
-    FamilySpec("qwen2_5_vl", "stages.models.qwen2_5_vl", "load_qwen2_5_vl"),
+    FamilySpec("qwen2_5_vl", "stages.models.qwen2_5_vl", "load_qwen2_5_vl", takes_pixels=True),
 )}
 
 
 def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation: str,
-             device: Devices, base: str | None = None, grid: str | None = None) -> LoadedLMM:
+             device: Devices, base: str | None = None, grid: str | None = None,
+             min_pixels: int | None = None, max_pixels: int | None = None) -> LoadedLMM:
     """Load the LMM of ``family`` from ``path`` (``base``: a LoRA checkpoint's base model, None = the
     checkpoint's own; ``grid``: which feature grid the rows map onto, for families with
-    ``grid_choices``, None = the family's default).
+    ``grid_choices``, None = the family's default; ``min_pixels`` / ``max_pixels``: the per-image pixel
+    budget of families that take one, None = the checkpoint's).
 
     ConfigError for an unknown family (listing the known ones), a ``base`` given to a family that loads
     full checkpoints (naming lmm.base), a ``grid`` given to a family with one grid or not among the
-    family's choices (naming lmm.grid); the loader's own ConfigErrors name ``path``.
+    family's choices (naming lmm.grid), a pixel budget given to a family without one or with
+    ``min_pixels > max_pixels`` (naming lmm.min_pixels / lmm.max_pixels); the loader's own ConfigErrors
+    name ``path``.
     """
     try:
         spec = LMM_FAMILIES[family]
@@ -55,5 +59,14 @@ def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation:
             raise ConfigError(f"lmm.grid {grid!r} unknown for family {family!r}; "
                               f"known: {list(spec.grid_choices)}")
         options["grid"] = spec.grid_choices[0] if grid is None else grid
+    pixels = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+              if value is not None}
+    if pixels and not spec.takes_pixels:
+        with_pixels = sorted(name for name, other in LMM_FAMILIES.items() if other.takes_pixels)
+        raise ConfigError(f"lmm.{next(iter(pixels))} sets the per-image pixel budget of families {with_pixels}; "
+                          f"family {family!r} resizes every image to its fixed input: leave it null")
+    if len(pixels) == 2 and min_pixels > max_pixels:
+        raise ConfigError(f"lmm.min_pixels ({min_pixels}) is above lmm.max_pixels ({max_pixels})")
+    options.update(pixels)
     loader = getattr(importlib.import_module(spec.module), spec.loader)
     return loader(path, dtype=dtype, attn_implementation=attn_implementation, device=device, **options)
