@@ -2,8 +2,8 @@
 
 A sample is one question about one image (the manifest's rows; ``sample_id``). For every sample of
 the shard: the chat prompt (the model's own template, optional system message, the configured
-question, with the sample's referring expression where it says ``{expression}``), the image padded to a square with the image processor's mean colour
-(LLaVA-1.5 ``expand2square``) when the model was trained that way (``generate.pad_to_square: auto``
+question, with the sample's referring expression where it says ``{expression}``), the image padded
+to a square with the image processor's mean colour (LLaVA-1.5 ``expand2square``) when the model was trained that way (``generate.pad_to_square: auto``
 follows ``LoadedLMM.pad_to_square``; true / false override it), greedy decoding in left-padded
 batches, and for every generated token g_j the attention row of the query that emitted it over the
 image tokens, reduced over the configured layers and heads (:mod:`stages.capture`), laid on that
@@ -97,7 +97,8 @@ class GenerateConfig:
             raise ConfigError("generate.pad_to_square must be auto, true or false, "
                               f"got {self.pad_to_square!r}")
         if self.forced_rows not in FORCED_ROWS:
-            raise ConfigError(f"generate.forced_rows must be one of {list(FORCED_ROWS)}, got {self.forced_rows!r}")
+            raise ConfigError(f"generate.forced_rows must be one of {list(FORCED_ROWS)}, "
+                              f"got {self.forced_rows!r}")
 
 
 EXPRESSION_FIELD = "{expression}"
@@ -262,7 +263,8 @@ def sample_prompt(template: str, expression: str | None, sample_id: str) -> str:
         return template
     if EXPRESSION_FIELD not in template:
         raise ConfigError(f"sample {sample_id!r} has a referring expression, but generate.question has no "
-                          f"{EXPRESSION_FIELD} to put it in (the release asks 'Describe the \"{EXPRESSION_FIELD}\".')")
+                          f"{EXPRESSION_FIELD} to put it in (the release asks "
+                          f"'Describe the \"{EXPRESSION_FIELD}\".')")
     return template.replace(EXPRESSION_FIELD, expression)
 
 
@@ -527,15 +529,18 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
         for group in _batches(items, generate_cfg.batch_size):
             answers: dict[int, _Answer | str] = {}
             for forced in (False, True):
-                batch = [item for item in group if item.image is not None and (item.forced_answer is not None) == forced]
+                batch = [item for item in group
+                         if item.image is not None and (item.forced_answer is not None) == forced]
                 if batch:
-                    answers.update(zip(map(id, batch), _answer_items(lmm, capture, batch, generate_cfg, inputs_at)))
+                    answered = _answer_items(lmm, capture, batch, generate_cfg, inputs_at)
+                    answers.update(zip(map(id, batch), answered))
             for item in group:
                 answer = answers.get(id(item), item.error)
                 if isinstance(answer, str):
                     table.append(_error_row(item, answer, writer.num_values))
                     continue
-                table.append(_generation_row(item, answer, lmm.processor.tokenizer, writer.append(answer.rows)))
+                offset = writer.append(answer.rows)
+                table.append(_generation_row(item, answer, lmm.processor.tokenizer, offset))
             progress.update(len(group))
     write_table(table, generations_path, "generations",
                 provenance.record("generate", "generations", sections, models=models, inputs=inputs))
@@ -548,8 +553,8 @@ def _generation_row(item: _Item, answer: _Answer, tokenizer: Any, attention_offs
     text, starts, ends, special = token_char_spans(tokenizer, answer.token_ids)
     _, grid_h, grid_w = answer.rows.shape
     return {"sample_id": item.sample_id, "image_id": item.image_id, "prompt": item.prompt, "answer": text,
-            "token_ids": answer.token_ids, "token_starts": starts, "token_ends": ends, "token_special": special,
-            "token_pieces": answer.token_pieces,
+            "token_ids": answer.token_ids, "token_starts": starts, "token_ends": ends,
+            "token_special": special, "token_pieces": answer.token_pieces,
             "num_tokens": len(answer.token_ids), "attention_offset": attention_offset, "grid_h": grid_h,
             "grid_w": grid_w, "finish_reason": answer.finish_reason, "error": None}
 

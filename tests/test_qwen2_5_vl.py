@@ -696,8 +696,8 @@ def test_pixel_budget_comes_from_the_config(offline_hub):
     (layout,) = grown.image_layouts(model_inputs(grown, [noise_image(20, 30)]))
     assert layout.grid[0] * layout.grid[1] >= 20
     with pytest.raises(ConfigError, match="lmm.max_pixels .* family 'llava'"):
-        load_lmm("llava", REPO_ID, dtype=torch.float32, attn_implementation="sdpa", device=torch.device("cpu"),
-                 max_pixels=budget)
+        load_lmm("llava", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
+                 device=torch.device("cpu"), max_pixels=budget)
     with pytest.raises(ConfigError, match=r"lmm.min_pixels \(10\) is above lmm.max_pixels \(5\)"):
         load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
                  device=torch.device("cpu"), min_pixels=10, max_pixels=5)

@@ -63,8 +63,8 @@ def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation:
               if value is not None}
     if pixels and not spec.takes_pixels:
         with_pixels = sorted(name for name, other in LMM_FAMILIES.items() if other.takes_pixels)
-        raise ConfigError(f"lmm.{next(iter(pixels))} sets the per-image pixel budget of families {with_pixels}; "
-                          f"family {family!r} resizes every image to its fixed input: leave it null")
+        raise ConfigError(f"lmm.{next(iter(pixels))} sets the per-image pixel budget of families "
+                          f"{with_pixels}; family {family!r} resizes every image to its fixed input: leave it null")
     if len(pixels) == 2 and min_pixels > max_pixels:
         raise ConfigError(f"lmm.min_pixels ({min_pixels}) is above lmm.max_pixels ({max_pixels})")
     options.update(pixels)
