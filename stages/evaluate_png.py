@@ -27,10 +27,7 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from schemas.artifacts import METRICS_PROVENANCE_FIELD
-from stages.evaluate_res import ChosenMask, chosen_masks, evaluated_masks, overlap, usable
-from stages.evaluation import write_json
-from stages.io.tables import read_provenance, read_tables
+from stages.evaluate_res import ChosenMask, chosen_masks, manifest_masks, overlap, usable, write_results
 
 if TYPE_CHECKING:
     from stages.datasets import DatasetConfig
@@ -218,8 +215,7 @@ def run(dataset: DatasetConfig, manifest_path: str | os.PathLike, masks_paths: S
     ``num_samples_without_ground_truth``; the masks rows of a narrative without segment ids (no phrase)
     are ignored. A masks row naming a sample outside the manifest is an error.
     """
-    from stages import provenance
-    from stages.datasets import list_samples, load_png_ground_truth
+    from stages.datasets import load_png_ground_truth
 
     targets = load_png_ground_truth(dataset)
     phrases = []
@@ -232,12 +228,8 @@ def run(dataset: DatasetConfig, manifest_path: str | os.PathLike, masks_paths: S
     # A narrative without segment ids has no phrase (the release skips it): the rows the pipeline wrote
     # for its pieces are not evaluated, as those of the error samples.
     with_phrases = {sample_id for sample_id, target in targets.items() if target.phrases}
-    masks = evaluated_masks(read_tables(masks_paths, "masks"), manifest_path, with_phrases)
+    masks, num_samples = manifest_masks(manifest_path, masks_paths, with_phrases)
     metrics, per_phrase = png_metrics(phrases, masks)
-    metrics["png"]["num_samples_without_ground_truth"] = len(list_samples(dataset)) - len(targets)
-    write_json(per_phrase.to_dict("records"), predictions_path)
-    record = provenance.record("evaluate_png", "metrics", {},
-                               inputs=[read_provenance(path) for path in (manifest_path, *masks_paths)])
-    write_json({**metrics, METRICS_PROVENANCE_FIELD: record}, metrics_path)
-    log.info("PNG metrics: %s", metrics)
+    metrics["png"]["num_samples_without_ground_truth"] = num_samples - len(targets)
+    write_results("evaluate_png", metrics, per_phrase, manifest_path, masks_paths, predictions_path, metrics_path)
     return metrics

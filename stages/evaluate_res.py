@@ -244,28 +244,39 @@ def run(dataset: DatasetConfig, manifest_path: str | os.PathLike, masks_paths: S
     annotation or image missing: an error sample of the listing) is left out and counted in
     ``num_samples_without_ground_truth``. A masks row naming a sample outside the manifest is an error.
     """
-    from stages import provenance
-    from stages.datasets import list_samples, load_refer_ground_truth
+    from stages.datasets import load_refer_ground_truth
 
     targets = load_refer_ground_truth(dataset)
-    masks = evaluated_masks(read_tables(masks_paths, "masks"), manifest_path, set(targets))
+    masks, num_samples = manifest_masks(manifest_path, masks_paths, set(targets))
     metrics, per_sample = res_metrics({sample_id: target.rle() for sample_id, target in targets.items()}, masks)
-    metrics["res"]["num_samples_without_ground_truth"] = len(list_samples(dataset)) - len(targets)
-    write_json(per_sample.to_dict("records"), predictions_path)
-    record = provenance.record("evaluate_res", "metrics", {},
-                               inputs=[read_provenance(path) for path in (manifest_path, *masks_paths)])
-    write_json({**metrics, METRICS_PROVENANCE_FIELD: record}, metrics_path)
-    log.info("RES metrics: %s", metrics)
+    metrics["res"]["num_samples_without_ground_truth"] = num_samples - len(targets)
+    write_results("evaluate_res", metrics, per_sample, manifest_path, masks_paths, predictions_path, metrics_path)
     return metrics
 
 
-def evaluated_masks(masks: pd.DataFrame, manifest_path: str | os.PathLike, evaluated: set[str]) -> pd.DataFrame:
-    """The masks rows of the ``evaluated`` samples, after checking that every row's sample is in the
-    manifest (ValueError naming one that is not)."""
+def manifest_masks(manifest_path: str | os.PathLike, masks_paths: Sequence[str | os.PathLike],
+                   evaluated: set[str]) -> tuple[pd.DataFrame, int]:
+    """The masks rows (all shards) of the ``evaluated`` samples, after checking that every row's sample is
+    in the manifest (ValueError naming one that is not), and the number of the manifest's samples."""
     manifest_ids = set(read_table(manifest_path, "manifest")["sample_id"])
+    masks = read_tables(masks_paths, "masks")
     outside = ~masks["sample_id"].isin(manifest_ids)
     if outside.any():
         raise ValueError(f"masks table: {int(outside.sum())} row(s) name samples that are not in the manifest "
                          f"(e.g. {masks.loc[outside, 'sample_id'].iloc[0]!r}); were shards of another data set "
                          "given?")
-    return masks[masks["sample_id"].isin(evaluated)]
+    return masks[masks["sample_id"].isin(evaluated)], len(manifest_ids)
+
+
+def write_results(stage: str, metrics: dict[str, dict[str, Any]], per_item: pd.DataFrame,
+                  manifest_path: str | os.PathLike, masks_paths: Sequence[str | os.PathLike],
+                  predictions_path: str | os.PathLike, metrics_path: str | os.PathLike) -> None:
+    """Write an evaluator's per-sample (per-phrase) table as a JSON list of records and its metrics with
+    the provenance record of ``stage`` (inputs: the manifest and the masks shards)."""
+    from stages import provenance
+
+    write_json(per_item.to_dict("records"), predictions_path)
+    record = provenance.record(stage, "metrics", {},
+                               inputs=[read_provenance(path) for path in (manifest_path, *masks_paths)])
+    write_json({**metrics, METRICS_PROVENANCE_FIELD: record}, metrics_path)
+    log.info("%s metrics: %s", stage, metrics)
