@@ -682,22 +682,20 @@ def test_forced_answers_get_the_eager_own_position_rows(offline_hub, eager, tmp_
 
 def test_pixel_budget_comes_from_the_config(offline_hub):
     """lmm.min_pixels / lmm.max_pixels override the checkpoint's preprocessor_config.json (as the release's
-    scripts pass max_pixels to the processor): a 600 x 900 image under max_pixels 28 * 28 * 12 keeps at most
-    12 cells; a 20 x 30 image under min_pixels 28 * 28 * 20 at least 20. Other families and an empty range
-    are config errors naming the key."""
-    budget = 28 * 28
-    capped = load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
-                      device=torch.device("cpu"), max_pixels=12 * budget, min_pixels=2 * budget)
-    assert capped.processor.image_processor.size["longest_edge"] == 12 * budget
-    (layout,) = capped.image_layouts(model_inputs(capped, [noise_image(600, 900)]))
-    assert layout.grid[0] * layout.grid[1] <= 12 and layout.grid == (2, 4)      # 56 x 112: 4 of 6 x 9 cells
-    grown = load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
-                     device=torch.device("cpu"), min_pixels=20 * budget)
-    (layout,) = grown.image_layouts(model_inputs(grown, [noise_image(20, 30)]))
-    assert layout.grid[0] * layout.grid[1] >= 20
+    scripts pass max_pixels to the processor): under a budget of 20 to 24 cells (28 x 28 px each) a 600 x 900
+    image keeps at most 24 cells and a 20 x 30 image gets at least 20. Other families and an empty range are
+    config errors naming the key."""
+    cell = 28 * 28
+    budget = load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
+                      device=torch.device("cpu"), min_pixels=20 * cell, max_pixels=24 * cell)
+    size = budget.processor.image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (20 * cell, 24 * cell)
+    (large,) = budget.image_layouts(model_inputs(budget, [noise_image(600, 900)]))
+    (small,) = budget.image_layouts(model_inputs(budget, [noise_image(20, 30)]))
+    assert large.grid[0] * large.grid[1] <= 24 < 6 * 9 and small.grid[0] * small.grid[1] >= 20 > 2 * 3
     with pytest.raises(ConfigError, match="lmm.max_pixels .* family 'llava'"):
         load_lmm("llava", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
-                 device=torch.device("cpu"), max_pixels=budget)
+                 device=torch.device("cpu"), max_pixels=cell)
     with pytest.raises(ConfigError, match=r"lmm.min_pixels \(10\) is above lmm.max_pixels \(5\)"):
         load_lmm("qwen2_5_vl", REPO_ID, dtype=torch.float32, attn_implementation="sdpa",
                  device=torch.device("cpu"), min_pixels=10, max_pixels=5)

@@ -448,15 +448,14 @@ def test_a_second_run_from_scratch_writes_the_same_artifacts_and_metrics(second_
 def test_referring_and_narrative_data_sets_run_on_the_default_models(default_run, tmp_path):
     """The shipped toy_res and toy_png data sets, added to a copy of the default run (its models and synthetic
     data, one shard): RES asks about every object by its expression and grounds its head noun; PNG forces each
-    true caption with own-position rows, and each point picks one of the world's own segments (attention_only,
-    prompt attention: the thresholded map instead)."""
+    true caption with own-position rows, and each point picks one of the world's own segments. (The controls
+    take the same stages; prompt attention over a proposals data set: tests/test_proposals.py.)"""
     from stages.io.attention import attention_attrs
 
     workdir = copy_run(default_run, tmp_path / "run")
     write_config(workdir, referring=True, shards=1)
     out = workdir / "results"
-    targets = ["results/main/toy_res/metrics/res.json", "results/main/toy_png/metrics/png.json",
-               "results/attention_only/toy_png/metrics/png.json"]
+    targets = ["results/main/toy_res/metrics/res.json", "results/main/toy_png/metrics/png.json"]
     snakemake(workdir, *targets, "--cores", "2")
     synthetic = out / "synthetic"
     instances = json.loads((synthetic / "instances.json").read_text())
@@ -465,9 +464,8 @@ def test_referring_and_narrative_data_sets_run_on_the_default_models(default_run
                   for segment in narrative["segments"])
     res = json.loads((out / "main" / "toy_res" / "metrics" / "res.json").read_text())["res"]
     assert res["num_samples"] == len(instances["annotations"])
-    for run in ("main", "attention_only"):
-        png = json.loads((out / run / "toy_png" / "metrics" / "png.json").read_text())["png"]
-        assert png["num_phrases"] == phrases
+    png = json.loads((out / "main" / "toy_png" / "metrics" / "png.json").read_text())["png"]
+    assert png["num_phrases"] == phrases
     generations = pd.read_parquet(out / "main" / "toy_res" / "generations" / "shard-0.parquet")
     expressions = pd.read_parquet(out / "manifests" / "toy_res.parquet").set_index("sample_id")["expression"]
     assert all(f'Describe the "{expressions[g.sample_id]}".' in g.prompt for g in generations.itertuples())
@@ -479,8 +477,6 @@ def test_referring_and_narrative_data_sets_run_on_the_default_models(default_run
     picked = pd.read_parquet(out / "main" / "toy_png" / "masks" / "shard-0.parquet")
     picked = picked[picked["error"].isna()]
     assert len(picked) and all((row.image_id, row.area) in segment_areas for row in picked.itertuples())
-    thresholded = pd.read_parquet(out / "attention_only" / "toy_png" / "masks" / "shard-0.parquet")
-    assert (thresholded.dropna(subset=["rle_counts"])["score"] == 1.0).all()
     assert not (out / "random_lmm" / "toy_res").exists()
 
 
