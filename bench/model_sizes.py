@@ -33,6 +33,18 @@ def qwen(hidden, intermediate, layers, heads, kv_heads, vocab, tied):
                               "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}}
 
 
+INTERNVIT_300M = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+                  "attention_bias": True, "use_qk_norm": False, "norm_type": "layer_norm"}
+INTERNVIT_6B = {"hidden_size": 3200, "num_hidden_layers": 45, "num_attention_heads": 25, "intermediate_size": 12800,
+                "attention_bias": False, "use_qk_norm": True, "norm_type": "rms_norm"}
+
+
+def internvl(vision: dict, text: dict) -> dict:
+    """An InternVL2.5 checkpoint's sizes: its vision_config and llm_config (InternLM2 counted as the Llama
+    model the internvl2_5 loader converts it into)."""
+    return {"vision_config": vision, "text_config": {**text, "tie_word_embeddings": False}}
+
+
 MODELS = {
     "llava-hf/llava-1.5-7b-hf": ("llava", LLAMA_7B),
     "llava-hf/llava-1.5-13b-hf": ("llava", LLAMA_13B),
@@ -43,17 +55,35 @@ MODELS = {
     "Qwen/Qwen2.5-VL-3B-Instruct": ("qwen", qwen(2048, 11008, 36, 16, 2, 151936, True)),
     "Qwen/Qwen2.5-VL-7B-Instruct": ("qwen", qwen(3584, 18944, 28, 28, 4, 152064, False)),
     "Qwen/Qwen2.5-VL-72B-Instruct": ("qwen", qwen(8192, 29568, 80, 64, 8, 152064, False)),
+    "OpenGVLab/InternVL2_5-1B": ("internvl", internvl(INTERNVIT_300M, {
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151674})),
+    "OpenGVLab/InternVL2_5-8B": ("internvl", internvl(INTERNVIT_300M, {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 92553})),
+    "OpenGVLab/InternVL2_5-26B": ("internvl", internvl(INTERNVIT_6B, {
+        "model_type": "llama", "hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 48,
+        "num_attention_heads": 48, "num_key_value_heads": 8, "vocab_size": 92553})),
+    "OpenGVLab/InternVL2_5-78B": ("internvl", internvl(INTERNVIT_6B, {
+        "model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 151674})),
 }
 
 
 def build(kind: str, text: dict):
-    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+    from transformers import (CLIPVisionConfig, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                               LlavaNextForConditionalGeneration, Qwen2_5_VLConfig,
                               Qwen2_5_VLForConditionalGeneration)
     from transformers.models.auto import CONFIG_MAPPING
 
     if kind == "qwen":
         return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text))
+    if kind == "internvl":
+        language = dict(text["text_config"])
+        return InternVLForConditionalGeneration(InternVLConfig(
+            vision_config=InternVLVisionConfig(**text["vision_config"]),
+            text_config=CONFIG_MAPPING[language.pop("model_type")](**language), tie_word_embeddings=False))
     text = dict(text)
     text_config = CONFIG_MAPPING[text.pop("model_type")](**text)
     common = {"vision_config": CLIPVisionConfig(**CLIP_L_336), "text_config": text_config,

@@ -90,7 +90,8 @@ GENERATIONS = _schema(
         pa.field("grid_h", pa.int32()),
         pa.field("grid_w", pa.int32()),
         # "eos" (end-of-sequence emitted), "length" (max_new_tokens reached), "forced" (a forced answer
-        # scored, nothing generated) or "error".
+        # scored, nothing generated), "error", or in a saved chat (stages.conversation) "stopped" (the user
+        # stopped the answer).
         pa.field("finish_reason", pa.string(), nullable=False),
         pa.field("error", pa.string()),
     ],

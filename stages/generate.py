@@ -5,7 +5,9 @@ the shard: the chat prompt (the model's own template, optional system message, t
 question, with the sample's referring expression where it says ``{expression}``), the image padded
 to a square with the image processor's mean colour (LLaVA-1.5 ``expand2square``) when the model was trained that way (``generate.pad_to_square: auto``
 follows ``LoadedLMM.pad_to_square``; true / false override it), greedy decoding in left-padded
-batches, and for every generated token g_j the attention row of the query that emitted it over the
+batches (or, with ``generate.do_sample``, sampling that each sample's own seeded generator makes
+reproducible whatever its batch or shard: :mod:`stages.sampling`), and for every generated token g_j
+the attention row of the query that emitted it over the
 image tokens, reduced over the configured layers and heads (:mod:`stages.capture`), laid on that
 image's own feature grid (``LoadedLMM.image_layouts``: cell (r, c) of the grid is the token at one
 sequence position; images of one batch may have different grids).
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,8 +64,8 @@ log = logging.getLogger(__name__)
 class LMMConfig:
     """Config section ``lmm``: which model, in which precision, with which attention kernel, over how
     many GPUs (``gpus``: the model is spread over that many when no device is given), with which
-    feature grid (``grid``) and per-image pixel budget (``min_pixels``, ``max_pixels``) where the family
-    has a choice."""
+    feature grid (``grid``), per-image pixel budget (``min_pixels``, ``max_pixels``) and tile range
+    (``min_tiles``, ``max_tiles``) where the family has a choice."""
 
     family: str = schema_default("lmm", "family")
     path: str = schema_default("lmm", "path")
@@ -70,6 +73,8 @@ class LMMConfig:
     grid: str | None = schema_default("lmm", "grid")
     min_pixels: int | None = schema_default("lmm", "min_pixels")
     max_pixels: int | None = schema_default("lmm", "max_pixels")
+    min_tiles: int | None = schema_default("lmm", "min_tiles")
+    max_tiles: int | None = schema_default("lmm", "max_tiles")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = schema_default("lmm", "dtype")
     attn_implementation: Literal["sdpa", "flash_attention_2"] = schema_default("lmm", "attn_implementation")
     gpus: int = schema_default("lmm", "gpus")
@@ -91,6 +96,11 @@ class GenerateConfig:
     layers: Literal["all"] | tuple[int, ...] = schema_default("generate", "layers")
     heads: Literal["all"] | tuple[int, ...] = schema_default("generate", "heads")
     forced_rows: Literal["emitting", "own"] = schema_default("generate", "forced_rows")
+    forced_piece_suffix: str = schema_default("generate", "forced_piece_suffix")
+    do_sample: bool = schema_default("generate", "do_sample")
+    temperature: float = schema_default("generate", "temperature")
+    top_p: float = schema_default("generate", "top_p")
+    seed: int = schema_default("generate", "seed")
 
     def __post_init__(self) -> None:
         if self.pad_to_square != "auto" and not isinstance(self.pad_to_square, bool):
@@ -99,6 +109,20 @@ class GenerateConfig:
         if self.forced_rows not in FORCED_ROWS:
             raise ConfigError(f"generate.forced_rows must be one of {list(FORCED_ROWS)}, "
                               f"got {self.forced_rows!r}")
+        if not isinstance(self.do_sample, bool):
+            raise ConfigError(f"generate.do_sample must be true or false, got {self.do_sample!r}")
+        if not _is_number(self.temperature) or not 0 < self.temperature < math.inf:
+            raise ConfigError(f"generate.temperature must be a finite number > 0 (greedy decoding is do_sample: "
+                              f"false), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p must be a number in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"generate.seed must be an integer >= 0, got {self.seed!r}")
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float that is no bool (YAML's true would otherwise pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 EXPRESSION_FIELD = "{expression}"
@@ -316,19 +340,34 @@ def _layouts(lmm: LoadedLMM, inputs: Any) -> list[ImageLayout]:
 
 
 def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, items: list[_Item], cfg: GenerateConfig,
-                    devices: InputDevices) -> list[_Answer]:
-    """Greedy generation for ``items`` (one left-padded batch, each with its own prompt) with attention
+                    devices: InputDevices, *, streamer: Any = None, stopping_criteria: Any = None) -> list[_Answer]:
+    """Generation for ``items`` (one left-padded batch, each with its own prompt) with attention
     capture; each image's rows are laid on its own grid (``lmm.image_layouts``). Token inputs go to
-    ``devices.tokens`` (where the rows are accumulated), pixel values to ``devices.pixels``."""
+    ``devices.tokens`` (where the rows are accumulated), pixel values to ``devices.pixels``.
+
+    Greedy, or with ``cfg.do_sample`` each item's tokens drawn from its own generator seeded from
+    ``cfg.seed`` and its sample id (:mod:`stages.sampling`), so that an item's answer does not depend on
+    its batch. ``streamer`` and ``stopping_criteria`` (transformers' ``generate`` arguments; the chat's
+    token-by-token output and stop flag, :mod:`stages.conversation`) are passed on; an answer stopped
+    by them before its end-of-sequence token has finish_reason "length"."""
     import torch
 
     from stages.capture import CaptureError
 
     inputs = _model_inputs(lmm, items, devices)
     layouts = _layouts(lmm, inputs)
+    sampler = None
+    if cfg.do_sample:
+        from transformers import LogitsProcessorList
+
+        from stages.sampling import SeededSampler, sample_seed
+
+        sampler = LogitsProcessorList([SeededSampler([sample_seed(cfg.seed, item.sample_id) for item in items],
+                                                     cfg.temperature, cfg.top_p)])
     with torch.inference_mode(), capture.recording([layout.positions for layout in layouts]):
-        sequences = lmm.model.generate(**inputs, do_sample=False, num_beams=1,
-                                       max_new_tokens=cfg.max_new_tokens)
+        sequences = lmm.model.generate(**lmm.model_inputs(inputs), do_sample=False, num_beams=1,
+                                       max_new_tokens=cfg.max_new_tokens, logits_processor=sampler,
+                                       streamer=streamer, stopping_criteria=stopping_criteria)
     item_rows = [rows.float().cpu().numpy() for rows in capture.item_rows()]
     generated = sequences[:, inputs["input_ids"].shape[1]:].cpu()
     if item_rows[0].shape[0] != generated.shape[1]:
@@ -345,14 +384,15 @@ def _generate_batch(lmm: LoadedLMM, capture: AttentionCapture, items: list[_Item
     return answers
 
 
-def forced_answer_ids(tokenizer: Any, pieces: Sequence[str]) -> tuple[list[int], list[int]]:
-    """A forced answer's token ids and each token's piece: every piece tokenised on its own without
-    special tokens (``tokenizer(piece, add_special_tokens=False)``, as the release's PNG scoring does),
-    concatenated. Returns ``(token_ids, token_pieces)``, both of length T."""
+def forced_answer_ids(tokenizer: Any, pieces: Sequence[str], suffix: str = "") -> tuple[list[int], list[int]]:
+    """A forced answer's token ids and each token's piece: every piece, with ``suffix`` appended
+    (``generate.forced_piece_suffix``; the release's InternVL2.5 PNG script appends " "), tokenised on its
+    own without special tokens (``tokenizer(piece + suffix, add_special_tokens=False)``, as the release's
+    PNG scoring does), concatenated. Returns ``(token_ids, token_pieces)``, both of length T."""
     token_ids: list[int] = []
     token_pieces: list[int] = []
     for index, piece in enumerate(pieces):
-        ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(piece + suffix, add_special_tokens=False)["input_ids"]
         token_ids.extend(int(i) for i in ids)
         token_pieces.extend([index] * len(ids))
     return token_ids, token_pieces
@@ -401,7 +441,7 @@ def _forced_batch(lmm: LoadedLMM, capture: AttentionCapture, items: list[_Item],
     from stages.capture import forced_rows
 
     tokenizer = lmm.processor.tokenizer
-    answers = [forced_answer_ids(tokenizer, item.forced_answer) for item in items]
+    answers = [forced_answer_ids(tokenizer, item.forced_answer, cfg.forced_piece_suffix) for item in items]
     image_token = getattr(lmm.model.config, "image_token_id", None)
     for item, (ids, _) in zip(items, answers):
         if not ids:
@@ -415,7 +455,7 @@ def _forced_batch(lmm: LoadedLMM, capture: AttentionCapture, items: list[_Item],
     longest = max(len(ids) for ids, _ in answers)
     with torch.inference_mode(), capture.recording([layout.positions for layout in layouts],
                                                    queries=longest + 1):
-        lmm.model(**inputs, use_cache=False)
+        lmm.model(**lmm.model_inputs(inputs), use_cache=False)
     query_rows = capture.query_rows()
     return [_Answer(ids, forced_rows(query_rows[b], len(ids), cfg.forced_rows).float().cpu().numpy()
                     .reshape(len(ids), *layout.grid), "forced", pieces)
@@ -496,7 +536,8 @@ def run(generate_cfg: GenerateConfig, lmm_cfg: LMMConfig, manifest_path: str | o
     lmm = load_lmm(lmm_cfg.family, lmm_cfg.path, dtype=resolve_dtype(lmm_cfg.dtype, devices[0]),
                    attn_implementation=lmm_cfg.attn_implementation,
                    device=devices[0] if len(devices) == 1 else devices, base=lmm_cfg.base,
-                   grid=lmm_cfg.grid, min_pixels=lmm_cfg.min_pixels, max_pixels=lmm_cfg.max_pixels)
+                   grid=lmm_cfg.grid, min_pixels=lmm_cfg.min_pixels, max_pixels=lmm_cfg.max_pixels,
+                   min_tiles=lmm_cfg.min_tiles, max_tiles=lmm_cfg.max_tiles)
     inputs_at = input_devices(lmm.model)
     try:
         capture = AttentionCapture(lmm.model, layers=generate_cfg.layers, heads=generate_cfg.heads)

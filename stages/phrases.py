@@ -354,6 +354,17 @@ def run(cfg: PhrasesConfig, generations_path: str | os.PathLike, phrases_path: s
     write_table(rows, phrases_path, "phrases", record)
 
 
+def answer_phrases(cfg: PhrasesConfig, generation: dict[str, Any], nlp) -> list[dict[str, Any]]:
+    """PHRASES rows of one GENERATIONS row (a dict) as ``select: noun_chunks`` gives them without ground
+    truth: every noun chunk of the answer with its tokens (``cfg.token_match``), or the error rows
+    :func:`run` writes (a failed generation, no noun phrase, a phrase no token overlaps). ``nlp``: the
+    spaCy pipeline (:func:`load_spacy`). The chat's phrases of one turn (:mod:`stages.conversation`)."""
+    error = _generation_error(generation)
+    if error is not None:
+        return [_error_row(generation, error)]
+    return _noun_chunk_rows(cfg, generation, noun_chunks(nlp(generation["answer"] or "")), None, None)
+
+
 def _manifest_samples(cfg: PhrasesConfig, manifest_path: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
     """The manifest's rows by sample id, for the selections that read it (empty for the others)."""
     if cfg.select not in ("expression_head", "forced_pieces"):

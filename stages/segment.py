@@ -334,6 +334,8 @@ def segment_image(cfg: SegmentConfig, predictor: SamPredictor | None, generation
     """MASKS rows of one sample, in the order of its ``phrases`` (PHRASES rows as dicts).
 
     ``cfg.upsample`` must be resolved ("pad", "crop" or "original"; :func:`run` resolves "auto").
+    ``attention``: the store's flat ``values`` (or any 1-D float array laid out alike, e.g. the chat's
+    one turn, :mod:`stages.conversation`), read at the generation's ``attention_offset``.
 
     A phrase error row, a phrase without tokens or one using a non-finite attention row gives an
     error row; every other phrase gives one mask row (three with ``more_masks``). Raises

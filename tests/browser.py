@@ -55,7 +55,9 @@ class Browser:
         self._closed = False
         self._ids = itertools.count(1)
         self._buffer = b""
-        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
+        # Chromium's helper processes may still write into the profile while it is removed after the browser
+        # exits ("Directory not empty"); what is left is under the temporary folder, which the OS clears.
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True)
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (Chromium's output, kept until close())
         to_browser_r, self._to_browser = map(_high_fd, os.pipe())
         self._from_browser, from_browser_w = map(_high_fd, os.pipe())

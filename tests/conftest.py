@@ -27,6 +27,9 @@ from filelock import FileLock
 # in one process, one after the other, so that no process waits for a run another is making.
 SHARED_RUN_GROUPS = {
     "tests/test_killed_jobs.py": "default_run",
+    "tests/test_web.py": "default_run",
+    "tests/test_chat.py::test_a_greedy_first_answer_is_the_pipelines": "default_run",
+    "tests/test_chat.py::test_terminal_chat": "default_run",
     "tests/test_workflow.py::test_report_opens_in_chromium_with_its_figures_and_tables": "default_run",
     "tests/test_workflow.py::test_default_dag_runs_and_reruns_only_the_deleted_shard": "default_run",
     "tests/test_workflow.py::test_referring_and_narrative_data_sets_run_on_the_default_models": "default_run",

@@ -75,6 +75,8 @@ class LoadedLMM:
     ``unpadded_grid_covers``: what the grid covers when the image is *not* padded: "image" (the
     processor takes the whole image) or "centre_square" (a CLIP-style processor resizes the shorter
     side and crops the centre square, as the LLaVA-1.5 families' do).
+    ``layout_keys``: keys of the processor's output that only ``image_layouts`` reads (InternVL2.5's
+    tile arrangement); :meth:`model_inputs` leaves them out of what the model is called with.
     """
 
     family: str
@@ -85,6 +87,12 @@ class LoadedLMM:
     image_layouts: Callable[[Mapping[str, Any]], list[ImageLayout]]
     pad_to_square: bool
     unpadded_grid_covers: str = "image"
+    layout_keys: tuple[str, ...] = ()
+
+    def model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The processor's batch output without :attr:`layout_keys`: the keyword arguments of the model's
+        forward and generate."""
+        return {key: value for key, value in inputs.items() if key not in self.layout_keys}
 
 
 def uniform_layouts(image_token_id: int,
@@ -149,3 +157,4 @@ class FamilySpec:
     takes_base: bool = False
     grid_choices: tuple[str, ...] = ()
     takes_pixels: bool = False
+    takes_tiles: bool = False

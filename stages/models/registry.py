@@ -24,22 +24,27 @@ LMM_FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("difflmm", "stages.models.difflmm", "load_difflmm", takes_base=True),
     FamilySpec("llava_next", "stages.models.llava_next", "load_llava_next", grid_choices=("highres", "base")),
     FamilySpec("qwen2_5_vl", "stages.models.qwen2_5_vl", "load_qwen2_5_vl", takes_pixels=True),
+    FamilySpec("cambrian", "stages.models.cambrian", "load_cambrian"),
+    FamilySpec("internvl2_5", "stages.models.internvl2_5", "load_internvl2_5", grid_choices=("tiles", "thumbnail"),
+               takes_tiles=True),
 )}
 
 
 def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation: str,
              device: Devices, base: str | None = None, grid: str | None = None,
-             min_pixels: int | None = None, max_pixels: int | None = None) -> LoadedLMM:
+             min_pixels: int | None = None, max_pixels: int | None = None,
+             min_tiles: int | None = None, max_tiles: int | None = None) -> LoadedLMM:
     """Load the LMM of ``family`` from ``path`` (``base``: a LoRA checkpoint's base model, None = the
     checkpoint's own; ``grid``: which feature grid the rows map onto, for families with
     ``grid_choices``, None = the family's default; ``min_pixels`` / ``max_pixels``: the per-image pixel
-    budget of families that take one, None = the checkpoint's).
+    budget of families that take one, None = the checkpoint's; ``min_tiles`` / ``max_tiles``: the tile
+    range of families that tile images, None = the checkpoint's).
 
     ConfigError for an unknown family (listing the known ones), a ``base`` given to a family that loads
     full checkpoints (naming lmm.base), a ``grid`` given to a family with one grid or not among the
     family's choices (naming lmm.grid), a pixel budget given to a family without one or with
-    ``min_pixels > max_pixels`` (naming lmm.min_pixels / lmm.max_pixels); the loader's own ConfigErrors
-    name ``path``.
+    ``min_pixels > max_pixels`` (naming lmm.min_pixels / lmm.max_pixels), a tile range likewise (naming
+    lmm.min_tiles / lmm.max_tiles); the loader's own ConfigErrors name ``path``.
     """
     try:
         spec = LMM_FAMILIES[family]
@@ -68,5 +73,14 @@ def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation:
     if len(pixels) == 2 and min_pixels > max_pixels:
         raise ConfigError(f"lmm.min_pixels ({min_pixels}) is above lmm.max_pixels ({max_pixels})")
     options.update(pixels)
+    tiles = {key: value for key, value in (("min_tiles", min_tiles), ("max_tiles", max_tiles))
+             if value is not None}
+    if tiles and not spec.takes_tiles:
+        with_tiles = sorted(name for name, other in LMM_FAMILIES.items() if other.takes_tiles)
+        raise ConfigError(f"lmm.{next(iter(tiles))} sets how many tiles families {with_tiles} cut an image "
+                          f"into; family {family!r} does not tile images: leave it null")
+    if len(tiles) == 2 and min_tiles > max_tiles:
+        raise ConfigError(f"lmm.min_tiles ({min_tiles}) is above lmm.max_tiles ({max_tiles})")
+    options.update(tiles)
     loader = getattr(importlib.import_module(spec.module), spec.loader)
     return loader(path, dtype=dtype, attn_implementation=attn_implementation, device=device, **options)
