@@ -105,7 +105,7 @@ from stages.config import ConfigError
 from stages.devices import place_model
 from stages.models.base import Devices, ImageLayout, LoadedLMM
 from stages.models.checkpoints import load_weights_only
-from stages.models.llava_v1 import load_tokenizer, read_state_dict, resolve_checkpoint
+from stages.models.llava_v1 import load_tokenizer, read_state_dict, rename_keys, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -878,19 +878,7 @@ def convert_state_dict(original: Mapping[str, torch.Tensor], path: str) -> dict[
     """Published Cambrian keys -> :class:`CambrianForConditionalGeneration` keys (towers excluded).
     ``model.vision_query`` (num_query_group, vision_hidden) is kept as published. Unknown keys raise
     ConfigError naming ``path``."""
-    converted, unknown = {}, []
-    for key, tensor in original.items():
-        if key.startswith(IGNORED_PREFIX):
-            continue
-        for old, new in KEY_PREFIXES:
-            if key.startswith(old):
-                converted[new + key[len(old):]] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ConfigError(f"{path!r}: unexpected keys in a Cambrian checkpoint: {unknown[:5]} ({len(unknown)} in all)")
-    return converted
+    return rename_keys(original, KEY_PREFIXES, IGNORED_PREFIX, f"the Cambrian checkpoint {path!r}")
 
 
 def _check_fields(raw: Mapping[str, Any], path: str) -> None:

@@ -61,7 +61,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from transformers import InternVLProcessor
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
@@ -121,8 +121,8 @@ class InternLM2SentencePieceTokenizer(SentencePieceBackend):
     (``add_bos_token``) and EOS appended only when ``add_eos_token``; decoding joins sentencepiece's
     decoding of the ordinary pieces with the added tokens verbatim."""
 
-    vocab_files_names = {"vocab_file": "tokenizer.model"}
-    model_input_names = ["input_ids", "attention_mask"]
+    vocab_files_names: ClassVar[dict[str, str]] = {"vocab_file": "tokenizer.model"}
+    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, *, add_bos_token: bool = True, add_eos_token: bool = False,
                  **kwargs: Any) -> None:
@@ -225,7 +225,6 @@ def internvl_image_layouts(inputs: Mapping[str, Any], *, image_token_id: int, gr
     columns + c // 16; ``thumbnail``: the last 256 tokens as 16 x 16. ValueError when an item does not
     hold 256 x (tiles [+ 1]) image tokens.
     """
-    import torch
 
     input_ids, tile_grids = inputs["input_ids"], inputs.get(TILE_GRID_KEY)
     if tile_grids is None or tuple(tile_grids.shape) != (input_ids.shape[0], 2):
@@ -393,8 +392,12 @@ def load_internvl2_5(path: str, *, dtype: torch.dtype, attn_implementation: str,
     ``max_dynamic_patch``). Raises ConfigError naming ``path`` for a missing or non-InternVL2.5
     checkpoint, weights that do not fit its config, or a tokenizer without the InternVL tokens.
     """
-    from transformers import (GenerationConfig, InternVLConfig, InternVLForConditionalGeneration,
-                              InternVLVideoProcessor)
+    from transformers import (
+        GenerationConfig,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLVideoProcessor,
+    )
     from transformers.initialization import no_init_weights
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,24 +138,31 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise ConfigError(f"{folder} holds no model.safetensors, pytorch_model.bin or their *.index.json")
 
 
-def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original LLaVA-Llama keys -> ``LlavaForConditionalGeneration`` keys (vision tower excluded).
-
-    Keys under ``model.vision_tower.`` are dropped; any other unknown key raises ConfigError.
-    """
+def rename_keys(original: Mapping[str, torch.Tensor], prefixes: Sequence[tuple[str, str]], ignored: str,
+                what: str) -> dict[str, torch.Tensor]:
+    """``original`` with each key's first matching ``(old, new)`` prefix of ``prefixes`` replaced; keys
+    starting with ``ignored`` are dropped; any other key raises ConfigError naming ``what`` (the checkpoint)."""
     converted, unknown = {}, []
     for key, tensor in original.items():
-        if key.startswith(IGNORED_PREFIX):
+        if key.startswith(ignored):
             continue
-        for old, new in KEY_PREFIXES:
+        for old, new in prefixes:
             if key.startswith(old):
                 converted[new + key[len(old):]] = tensor
                 break
         else:
             unknown.append(key)
     if unknown:
-        raise ConfigError(f"unexpected keys in a LLaVA-1.5 checkpoint: {unknown[:5]} ({len(unknown)} in all)")
+        raise ConfigError(f"unexpected keys in {what}: {unknown[:5]} ({len(unknown)} in all)")
     return converted
+
+
+def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original LLaVA-Llama keys -> ``LlavaForConditionalGeneration`` keys (vision tower excluded).
+
+    Keys under ``model.vision_tower.`` are dropped; any other unknown key raises ConfigError.
+    """
+    return rename_keys(original, KEY_PREFIXES, IGNORED_PREFIX, "a LLaVA-1.5 checkpoint")
 
 
 def llama_text_config(raw: dict[str, Any]):

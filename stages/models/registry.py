@@ -30,6 +30,19 @@ LMM_FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
 )}
 
 
+def _bounds(family: str, unit: str, low: int | None, high: int | None, what: str, why_not: str) -> dict[str, int]:
+    """The loader options ``min_<unit>`` / ``max_<unit>`` of ``lmm.min_<unit>`` / ``lmm.max_<unit>`` (None:
+    left out). ConfigError naming the key when ``family`` does not take them (FamilySpec.takes_<unit>:
+    ``what`` they set, ``why_not`` this family has none) or when ``low > high``."""
+    given = {f"{end}_{unit}": value for end, value in (("min", low), ("max", high)) if value is not None}
+    if given and not getattr(LMM_FAMILIES[family], f"takes_{unit}"):
+        others = sorted(name for name, spec in LMM_FAMILIES.items() if getattr(spec, f"takes_{unit}"))
+        raise ConfigError(f"lmm.{next(iter(given))} {what} {others}; family {family!r} {why_not}: leave it null")
+    if len(given) == 2 and low > high:
+        raise ConfigError(f"lmm.min_{unit} ({low}) is above lmm.max_{unit} ({high})")
+    return given
+
+
 def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation: str,
              device: Devices, base: str | None = None, grid: str | None = None,
              min_pixels: int | None = None, max_pixels: int | None = None,
@@ -64,23 +77,9 @@ def load_lmm(family: str, path: str, *, dtype: torch.dtype, attn_implementation:
             raise ConfigError(f"lmm.grid {grid!r} unknown for family {family!r}; "
                               f"known: {list(spec.grid_choices)}")
         options["grid"] = spec.grid_choices[0] if grid is None else grid
-    pixels = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
-              if value is not None}
-    if pixels and not spec.takes_pixels:
-        with_pixels = sorted(name for name, other in LMM_FAMILIES.items() if other.takes_pixels)
-        raise ConfigError(f"lmm.{next(iter(pixels))} sets the per-image pixel budget of families "
-                          f"{with_pixels}; family {family!r} resizes every image to its fixed input: leave it null")
-    if len(pixels) == 2 and min_pixels > max_pixels:
-        raise ConfigError(f"lmm.min_pixels ({min_pixels}) is above lmm.max_pixels ({max_pixels})")
-    options.update(pixels)
-    tiles = {key: value for key, value in (("min_tiles", min_tiles), ("max_tiles", max_tiles))
-             if value is not None}
-    if tiles and not spec.takes_tiles:
-        with_tiles = sorted(name for name, other in LMM_FAMILIES.items() if other.takes_tiles)
-        raise ConfigError(f"lmm.{next(iter(tiles))} sets how many tiles families {with_tiles} cut an image "
-                          f"into; family {family!r} does not tile images: leave it null")
-    if len(tiles) == 2 and min_tiles > max_tiles:
-        raise ConfigError(f"lmm.min_tiles ({min_tiles}) is above lmm.max_tiles ({max_tiles})")
-    options.update(tiles)
+    options.update(_bounds(family, "pixels", min_pixels, max_pixels, "sets the per-image pixel budget of families",
+                           "resizes every image to its fixed input"))
+    options.update(_bounds(family, "tiles", min_tiles, max_tiles, "sets how many tiles an image is cut into by families",
+                           "does not tile images"))
     loader = getattr(importlib.import_module(spec.module), spec.loader)
     return loader(path, dtype=dtype, attn_implementation=attn_implementation, device=device, **options)
