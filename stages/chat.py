@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
+import select
 import signal
 import sys
 import threading
@@ -135,13 +137,50 @@ def command(conversation: Conversation, line: str) -> bool:
     return True
 
 
+class PromptReader:
+    """``input(prompt)`` that Ctrl-C always interrupts.
+
+    The kernel may hand a SIGINT to any thread of the process that does not block it (zarr's I/O thread
+    once a conversation is saved, torch's pool): Python then only sets a flag, and a main thread blocked
+    in ``input()`` would read on, deaf to Ctrl-C. Here the main thread waits in ``select`` on the input and
+    on the signal wake-up file (every signal with a Python handler writes a byte to it, whichever thread
+    takes it), so it wakes, and the handler (KeyboardInterrupt at the prompt) runs in it. Lines are read
+    from the input's file descriptor (UTF-8; several lines arriving at once are returned one by one);
+    :meth:`read` raises EOFError at the end of the input. Call from the main thread."""
+
+    def __init__(self) -> None:
+        self.input = sys.stdin.fileno()
+        self.pending = b""
+        self.wakeup, writer = os.pipe()
+        os.set_blocking(self.wakeup, False)
+        os.set_blocking(writer, False)
+        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+
+    def read(self, prompt: str) -> str:
+        print(prompt, end="", flush=True)
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.input, self.wakeup], [], [])
+            if self.wakeup in ready:
+                os.read(self.wakeup, 512)          # the handler runs as this thread goes on (KeyboardInterrupt)
+            if self.input in ready:
+                data = os.read(self.input, 4096)
+                if not data:
+                    if not self.pending:
+                        raise EOFError
+                    self.pending += b"\n"
+                self.pending += data
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode(errors="replace")
+
+
 def loop(conversation: Conversation, sampling: Sampling) -> None:
     """Read lines until /quit, Ctrl-D or Ctrl-C at the prompt; a failing request (an image that cannot be
     read, no image yet, a folder that cannot be written, a turn that fails) prints one line and the prompt
     comes back."""
+    prompt = PromptReader()
     while True:
         try:
-            line = input("USER: ").strip()
+            line = prompt.read("USER: ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return
