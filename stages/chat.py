@@ -40,29 +40,37 @@ DEFAULT_CONFIG = "config.yaml"
 COMMANDS = "/image PATH, /save DIR, /reset, /quit"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.chat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None,
-                        help=f"workflow config giving the model sections (default: {DEFAULT_CONFIG} when it exists, "
-                             "else the schema's defaults)")
+def add_model_options(parser: argparse.ArgumentParser, *, config_help: str, temperature_help: str,
+                      seed_help: str) -> None:
+    """The options a chat front end shares (:mod:`stages.chat`, :mod:`stages.web`): the workflow config
+    and its model keys, the conversation template, the decoding settings and the device; what
+    :func:`chat_config` reads."""
+    parser.add_argument("--config", default=None, help=config_help)
     parser.add_argument("--family", help="lmm.family (llava, llava_original, difflmm, llava_next, qwen2_5_vl, ...)")
     parser.add_argument("--path", "--model-path", help="lmm.path: hub id or model folder")
     parser.add_argument("--base", "--model-base", help="lmm.base: the base model of a LoRA checkpoint (difflmm)")
     parser.add_argument("--grid", help="lmm.grid, for families with several feature grids")
-    parser.add_argument("--image", "--image-file", help="the image to talk about (or later: /image PATH)")
     parser.add_argument("--conv-mode", choices=CONV_MODES, default=None,
                         help="template: the family's own chat template; llava_v1: the release's conversation "
                              "(LLaVA-1.5 families). Default: llava_v1 for llava_original and difflmm, template "
                              "otherwise")
-    parser.add_argument("--temperature", type=float, default=0.2, help="0: greedy; default 0.2 (the release's CLI)")
+    parser.add_argument("--temperature", type=float, default=0.2, help=temperature_help)
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top_p, in (0, 1]")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the sampled answers (default: a random one, printed at the start)")
+    parser.add_argument("--seed", type=int, default=None, help=seed_help)
     parser.add_argument("--sam-type", help="sam.type: vit_h, vit_l, vit_b or tiny (the toy SAM)")
     parser.add_argument("--sam-checkpoint", help="sam.checkpoint: a .pth or .safetensors file")
-    parser.add_argument("--out", default="chat", help="folder of the overlays (default: chat/)")
     parser.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda when available)")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.chat", description=__doc__.split("\n\n")[0])
+    add_model_options(parser, config_help=f"workflow config giving the model sections (default: {DEFAULT_CONFIG} "
+                                          "when it exists, else the schema's defaults)",
+                      temperature_help="0: greedy; default 0.2 (the release's CLI)",
+                      seed_help="seed of the sampled answers (default: a random one, printed at the start)")
+    parser.add_argument("--image", "--image-file", help="the image to talk about (or later: /image PATH)")
+    parser.add_argument("--out", default="chat", help="folder of the overlays (default: chat/)")
     return parser.parse_args(argv)
 
 

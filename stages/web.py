@@ -59,9 +59,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.chat import DEFAULT_CONFIG, chat_config
+from stages.chat import DEFAULT_CONFIG, add_model_options, chat_config
 from stages.config import ConfigError, read_sections
-from stages.conversation import CONV_MODES, ChatError, Conversation, Sampling, Turn
+from stages.conversation import ChatError, Conversation, Sampling, Turn
 from stages.io.images import ImageError, image_size, load_rgb_array
 from stages.visualize import HEAT_WEIGHT, PALETTE, heatmap
 
@@ -621,26 +621,11 @@ def create_app(demo: Demo, *, allowed_hosts: Sequence[str] | None) -> Starlette:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.web", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None,
-                        help=f"workflow config giving the model sections and the example images' folders (default: "
-                             f"{DEFAULT_CONFIG} when it exists, else the schema's defaults)")
-    parser.add_argument("--family", help="lmm.family (llava, llava_original, difflmm, llava_next, qwen2_5_vl, ...)")
-    parser.add_argument("--path", "--model-path", help="lmm.path: hub id or model folder")
-    parser.add_argument("--base", "--model-base", help="lmm.base: the base model of a LoRA checkpoint (difflmm)")
-    parser.add_argument("--grid", help="lmm.grid, for families with several feature grids")
-    parser.add_argument("--conv-mode", choices=CONV_MODES, default=None,
-                        help="template: the family's own chat template; llava_v1: the release's conversation "
-                             "(LLaVA-1.5 families). Default: llava_v1 for llava_original and difflmm, template "
-                             "otherwise")
-    parser.add_argument("--temperature", type=float, default=0.2,
-                        help="the page's initial temperature (0: greedy); default 0.2 (the release's CLI)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top_p, in (0, 1]")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the sampled answers (default: a random one, shown in the page)")
-    parser.add_argument("--sam-type", help="sam.type: vit_h, vit_l, vit_b or tiny (the toy SAM)")
-    parser.add_argument("--sam-checkpoint", help="sam.checkpoint: a .pth or .safetensors file")
-    parser.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda when available)")
+    add_model_options(parser, config_help="workflow config giving the model sections and the example images' "
+                                          f"folders (default: {DEFAULT_CONFIG} when it exists, else the schema's "
+                                          "defaults)",
+                      temperature_help="the page's initial temperature (0: greedy); default 0.2 (the release's CLI)",
+                      seed_help="seed of the sampled answers (default: a random one, shown in the page)")
     parser.add_argument("--examples", action="append", default=None, metavar="FOLDER",
                         help="a folder of images offered as examples (repeatable; default: the config's data "
                              f"sets' image folders); the first {MAX_EXAMPLES} are shown")
