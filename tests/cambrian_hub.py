@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 import torch
-from fake_hub import snapshot
+from fake_hub import save_shards, snapshot
 from real_tokenizers import write_llama3_tokenizer
 
 REPO_ID = "nyu-visionx/cambrian-8b"
@@ -123,7 +123,6 @@ def _random(name: str, shape: tuple[int, ...], generator: torch.Generator) -> to
 def write_checkpoint(folder) -> dict[str, torch.Tensor]:
     """config.json, generation_config.json, the tokenizer and three safetensors shards + index; returns the
     weights (published names)."""
-    from safetensors.torch import save_file
 
     write_llama3_tokenizer(folder)
     config = published_config()
@@ -132,14 +131,7 @@ def write_checkpoint(folder) -> dict[str, torch.Tensor]:
         {"bos_token_id": 128000, "eos_token_id": EOS, "transformers_version": "4.37.0"}, indent=2))
     generator = torch.Generator().manual_seed(5)
     state = {name: _random(name, shape, generator) for name, shape in published_shapes(config).items()}
-    names = sorted(state)
-    files = [f"model-{k + 1:05d}-of-00003.safetensors" for k in range(3)]
-    weight_map = {name: files[i * 3 // len(names)] for i, name in enumerate(names)}
-    for file in files:
-        save_file({name: state[name] for name in names if weight_map[name] == file}, folder / file,
-                  metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(t.numel() * 4 for t in state.values())}, "weight_map": weight_map}, indent=2))
+    save_shards(folder, state, 3)
     return state
 
 

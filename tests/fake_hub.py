@@ -26,3 +26,22 @@ def use_offline_cache(monkeypatch, cache) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def save_shards(folder, state, shards: int, shard_of=None) -> None:
+    """Write the tensors of ``state`` as the hub publishes a large checkpoint: ``shards`` files
+    ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` (``weight_map``, ``total_size``
+    in bytes). ``shard_of``: key -> shard index (0-based); default, the sorted keys cut into equal runs."""
+    import json
+
+    from safetensors.torch import save_file
+
+    keys = sorted(state)
+    names = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    weight_map = {key: names[shard_of(key) if shard_of else i * shards // len(keys)] for i, key in enumerate(keys)}
+    for name in names:
+        save_file({key: state[key] for key in keys if weight_map[key] == name}, folder / name,
+                  metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        "weight_map": weight_map}, indent=2))

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fake_hub import save_shards
 
 IMAGE_SIZE, PATCH = 448, 14
 SP_PIECES = 560                                         # sentencepiece vocabulary incl. the six renamed pieces
@@ -381,12 +382,4 @@ def write_internvl_checkpoint(folder: str | os.PathLike, *, llm: str = "internlm
     if llm == "qwen2":
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
         return
-    keys = sorted(state)
-    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    weight_map = {key: names[0] if key.startswith("language_model.") else names[1] for key in keys}
-    for name in names:
-        save_file({key: state[key] for key in keys if weight_map[key] == name}, folder / name,
-                  metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-        "weight_map": weight_map}, indent=2))
+    save_shards(folder, state, 2, shard_of=lambda key: 0 if key.startswith("language_model.") else 1)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from fake_hub import snapshot, use_offline_cache
+from fake_hub import save_shards, snapshot, use_offline_cache
 from real_tokenizers import write_llama3_tokenizer, write_mistral_tokenizer, write_vicuna_tokenizer
 
 from stages import generate
@@ -124,7 +124,6 @@ def legacy_key(key: str) -> str:
 
 
 def write_checkpoint(folder, release: Release, seed: int) -> None:
-    from safetensors.torch import save_file
     from transformers import AddedToken, AutoTokenizer, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     write_tokenizer(folder, release)
@@ -174,15 +173,7 @@ def write_checkpoint(folder, release: Release, seed: int) -> None:
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(LlavaNextConfig.from_pretrained(folder))
     state = {legacy_key(key): value.contiguous() for key, value in model.state_dict().items()}
-    keys = sorted(state)
-    names = [f"model-{k + 1:05d}-of-{release.shards:05d}.safetensors" for k in range(release.shards)]
-    weight_map = {key: names[k * release.shards // len(keys)] for k, key in enumerate(keys)}
-    for name in names:
-        save_file({key: state[key] for key in keys if weight_map[key] == name}, folder / name,
-                  metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-         "weight_map": weight_map}, indent=2))
+    save_shards(folder, state, release.shards)
 
 
 @pytest.fixture(scope="module")

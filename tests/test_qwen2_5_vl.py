@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fake_hub import snapshot, use_offline_cache
+from fake_hub import save_shards, snapshot, use_offline_cache
 from real_tokenizers import write_qwen2_5_tokenizer
 
 from stages.capture import AttentionCapture, eager_reference_rows
@@ -112,7 +112,6 @@ def write_checkpoint(folder) -> None:
     """The 7B's file list: config.json, generation_config.json, preprocessor_config.json,
     chat_template.json, the tokenizer files and model-0000k-of-00005.safetensors + index (bfloat16,
     published key names)."""
-    from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     write_tokenizer(folder)
@@ -134,16 +133,7 @@ def write_checkpoint(folder) -> None:
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
     state = {published_key(key): value.to(torch.bfloat16).contiguous()
              for key, value in model.state_dict().items()}
-    keys = sorted(state)
-    shards = 5
-    names = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
-    weight_map = {key: names[i * shards // len(keys)] for i, key in enumerate(keys)}
-    for name in names:
-        save_file({key: state[key] for key in keys if weight_map[key] == name}, folder / name,
-                  metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-        "weight_map": weight_map}, indent=2))
+    save_shards(folder, state, 5)
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ from stages.config import ConfigError
 from stages.devices import place_model
 from stages.models.base import Devices, ImageLayout, LoadedLMM
 from stages.models.checkpoints import load_weights_only
-from stages.models.llava_v1 import load_tokenizer, read_state_dict, rename_keys, resolve_checkpoint
+from stages.models.llava_v1 import load_tokenizer, read_checkpoint_config, read_state_dict, rename_keys
 
 log = logging.getLogger(__name__)
 
@@ -916,11 +916,7 @@ def load_cambrian(path: str, *, dtype: torch.dtype, attn_implementation: str, de
     naming ``path`` for a missing or incompatible checkpoint or tower."""
     from transformers.initialization import no_init_weights
 
-    folder = resolve_checkpoint(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{path!r} has no config.json")
-    raw = json.loads(config_file.read_text())
+    folder, raw = read_checkpoint_config(path)
     _check_fields(raw, path)
     tokenizer = load_tokenizer(folder, path)
     if tokenizer.pad_token is None:

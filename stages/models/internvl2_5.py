@@ -69,7 +69,7 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from stages.config import ConfigError
 from stages.devices import place_model
 from stages.models.base import Devices, ImageLayout, LoadedLMM
-from stages.models.llava_v1 import read_state_dict, resolve_checkpoint
+from stages.models.llava_v1 import read_checkpoint_config, read_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +153,7 @@ def load_tokenizer(folder: Path, path: str) -> Any:
     else the stock class ``tokenizer_config.json`` names. Its added tokens are those of
     ``tokenizer_config.json`` with their published ids; ConfigError when the InternVL image tokens are
     missing."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
     from transformers.tokenization_utils_base import AddedToken
 
     settings_file = folder / "tokenizer_config.json"
@@ -180,7 +180,6 @@ def load_tokenizer(folder: Path, path: str) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load the tokenizer of {path!r}: {exc}") from None
-    assert isinstance(tokenizer, PreTrainedTokenizerBase)
     missing = [token for token in (START_IMAGE, END_IMAGE, CONTEXT_IMAGE, END_OF_TURN)
                if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)]
     if missing:
@@ -401,11 +400,7 @@ def load_internvl2_5(path: str, *, dtype: torch.dtype, attn_implementation: str,
     from transformers.initialization import no_init_weights
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    folder = resolve_checkpoint(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{path!r} has no config.json")
-    raw = json.loads(config_file.read_text())
+    folder, raw = read_checkpoint_config(path)
     _check_published_fields(raw, path)
     vision_config = _vision_config(raw, path)
     text_config, language_model = _text_config(raw, path)

@@ -45,7 +45,6 @@ by the processor; any other value (or none: the release's default) means no padd
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +53,7 @@ from stages.devices import place_model
 from stages.models.base import Devices, LoadedLMM, uniform_layouts
 from stages.models.llava_v1 import (IMAGE_TOKEN, LLAVA_V1_CHAT_TEMPLATE, LlavaV1Processor, add_image_token,
                                     convert_state_dict, llama_text_config, load_tokenizer, pad_embedding_rows,
-                                    read_state_dict, resolve_checkpoint)
+                                    read_checkpoint_config, read_state_dict)
 
 if TYPE_CHECKING:
     import torch
@@ -89,11 +88,7 @@ def load_llava_original(path: str, *, dtype: torch.dtype, attn_implementation: s
                               LlavaForConditionalGeneration)
     from transformers.initialization import no_init_weights
 
-    folder = resolve_checkpoint(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{path!r} has no config.json")
-    raw = json.loads(config_file.read_text())
+    folder, raw = read_checkpoint_config(path)
     _check_mm_fields(raw, path)
     tower_source = raw["mm_vision_tower"]
     tokenizer = load_tokenizer(folder, path)

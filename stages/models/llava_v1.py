@@ -112,7 +112,17 @@ def resolve_checkpoint(path: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=[
             "*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.txt"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        raise ConfigError(f"cannot find LLaVA checkpoint {path!r} (lmm.path): {exc}") from None
+        raise ConfigError(f"cannot find checkpoint {path!r} (lmm.path): {exc}") from None
+
+
+def read_checkpoint_config(path: str) -> tuple[Path, dict[str, Any]]:
+    """The local folder of ``path`` (:func:`resolve_checkpoint`) and its ``config.json`` as a dict;
+    ConfigError naming ``path`` when it has none."""
+    folder = resolve_checkpoint(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{path!r} has no config.json")
+    return folder, json.loads(config_file.read_text())
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
